@@ -1,0 +1,23 @@
+"""ember.kernels: Triton kernels with forward and backward, each usable alone.
+
+Imports only torch and triton. Every function dispatches on its inputs'
+device (see ``ember.kernels.backend``): Triton on CUDA, the Triton
+interpreter on CPU when ``TRITON_INTERPRET=1``, otherwise a PyTorch
+implementation of the same algorithm.
+"""
+
+from .cross_entropy import (
+    LinearCrossEntropyLoss,
+    cross_entropy,
+    cross_entropy_ref,
+    linear_cross_entropy,
+    linear_cross_entropy_ref,
+)
+
+__all__ = [
+    "LinearCrossEntropyLoss",
+    "cross_entropy",
+    "cross_entropy_ref",
+    "linear_cross_entropy",
+    "linear_cross_entropy_ref",
+]

@@ -1,0 +1,943 @@
+"""Fused linear cross-entropy, and cross-entropy over logits that already exist.
+
+What is fused. The LM-head loss ``cross_entropy(hidden @ weight.T + bias, target)``
+normally materializes the (N, V) logits, their softmax and their gradient: for
+8192 tokens and a 128256-word vocabulary that is 4 GiB per copy in fp32. Here
+the logits only ever exist one (BLOCK_N, BLOCK_V) tile at a time, in registers:
+
+- forward: each program walks a slice of the vocabulary for a block of rows,
+  computing logit tiles with tensor-core dots over H and folding them into an
+  online log-sum-exp, the target logit and the sum of logits (for label
+  smoothing). The vocabulary is split across programs so that small N still
+  fills the GPU; the per-split partials, (SPLITS, N), are combined in PyTorch.
+  Only the per-row log-sum-exp is saved for the backward.
+- backward: one program per (row block, vocab block) tile recomputes the logit
+  tile, forms d(loss)/d(logits) in registers and adds its contributions to
+  d(hidden) = dlogits @ weight and d(weight) = dlogits.T @ hidden with fp32
+  atomics, streaming H in chunks. Row blocks whose rows are all ignored (prompt
+  tokens in supervised fine-tuning) are skipped.
+
+Extra memory is O(N) for the forward and O(N*H) fp32 for d(hidden), plus an
+fp32 (V, H) accumulator for d(weight) when the weight is 16-bit and trainable
+(accumulating a sum over thousands of row blocks in bf16 would lose it).
+
+Cost and where it stops being fast: the backward recomputes the logits, so the
+whole thing is four (N, V, H) matmuls' worth of FLOPs against three for the
+unfused path; the atomics' traffic, (N*V/BLOCK_V + V*N/BLOCK_N)*H*4 bytes, is
+what limits it when H is large against BLOCK_V. fp32 inputs use exact fp32 dots
+(no TF32, as PyTorch's default), which run on CUDA cores and are slow: train
+the LM head in bf16.
+
+Semantics follow ``torch.nn.functional.cross_entropy``: ``ignore_index``,
+``label_smoothing``, and ``reduction`` ("mean" divides by the number of
+non-ignored targets), with three additions: ``normalizer`` (divide a "mean" by
+a given count, e.g. the target tokens of a whole accumulated batch), ``z_loss``
+(PaLM's ``z_loss * logsumexp**2`` per token) and ``softcap`` (Gemma 2's
+``softcap * tanh(logits / softcap)`` before the softmax). All targets ignored
+gives a loss of 0 and zero gradients, never NaN. The loss is always fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from numbers import Number
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+
+from .backend import use_triton
+from .launch import CompileCase, KernelSpec, launch, register
+
+Reduction = Literal["mean", "sum", "none"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+
+
+# ----------------------------------------------------------------------------
+# Reference: plain PyTorch, every intermediate materialized. The tests run it
+# in float64 as ground truth, and in the input dtype as "stock PyTorch".
+# ----------------------------------------------------------------------------
+
+
+def cross_entropy_ref(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    reduction: Reduction = "mean",
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference for ``cross_entropy``: logits (N, V), target (N,)."""
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, 0)
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = logits.gather(-1, safe_target[:, None])[:, 0]
+    loss = (
+        lse
+        - (1.0 - label_smoothing) * target_logit
+        - (label_smoothing / logits.shape[-1]) * logits.sum(-1)
+        + z_loss * lse**2
+    )
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return _reduce(loss, valid, reduction, normalizer)
+
+
+def linear_cross_entropy_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    **options,
+) -> torch.Tensor:
+    """Reference for ``linear_cross_entropy``: materializes the (N, V) logits."""
+    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.T  # (N, V)
+    if bias is not None:
+        logits = logits + bias
+    return cross_entropy_ref(logits, target.reshape(-1), **options)
+
+
+def _reduce(loss_rows, valid, reduction, normalizer):
+    # loss_rows: (N,) fp32, zero where the target is ignored.
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total
+    if normalizer is None:
+        # clamp: with every target ignored the sum is 0 and so is the loss.
+        normalizer = valid.sum().clamp_min(1)
+    return total / normalizer
+
+
+# ----------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _softcap(logits, softcap):
+    # tanh through the sigmoid: tl has no tanh that also runs in the interpreter.
+    return softcap * (2.0 * tl.sigmoid(2.0 * logits / softcap) - 1.0)
+
+
+@triton.jit
+def _linear_logits_tile(
+    hidden_ptr, weight_ptr, bias_ptr,
+    rows, cols, row_mask, col_mask,
+    H,
+    stride_hn, stride_hh, stride_wv, stride_wh,
+    softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    # The (BLOCK_N, BLOCK_V) tile hidden[rows] @ weight[cols].T (+ bias, softcap), fp32.
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h_mask = hs < H
+        x = tl.load(
+            hidden_ptr + rows[:, None] * stride_hn + hs[None, :] * stride_hh,
+            mask=row_mask[:, None] & h_mask[None, :], other=0.0,
+        )  # (BLOCK_N, BLOCK_H)
+        w = tl.load(
+            weight_ptr + cols[None, :] * stride_wv + hs[:, None] * stride_wh,
+            mask=col_mask[None, :] & h_mask[:, None], other=0.0,
+        )  # (BLOCK_H, BLOCK_V)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = _softcap(acc, softcap)
+    return acc
+
+
+@triton.jit
+def _fold_logits(logits, cols, col_mask, target, row_max, row_sumexp, target_logit, logit_sum):
+    # Fold one logit tile into the running per-row max, sum of exp, target logit and sum.
+    logits = tl.where(col_mask[None, :], logits, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+    row_sumexp = row_sumexp * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+    target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], logits, 0.0), axis=1)
+    logit_sum += tl.sum(tl.where(col_mask[None, :], logits, 0.0), axis=1)
+    return new_max, row_sumexp, target_logit, logit_sum
+
+
+@triton.jit
+def _store_partials(
+    row_max_ptr, row_sumexp_ptr, target_logit_ptr, logit_sum_ptr,
+    offsets, mask, row_max, row_sumexp, target_logit, logit_sum,
+):
+    tl.store(row_max_ptr + offsets, row_max, mask=mask)
+    tl.store(row_sumexp_ptr + offsets, row_sumexp, mask=mask)
+    tl.store(target_logit_ptr + offsets, target_logit, mask=mask)
+    tl.store(logit_sum_ptr + offsets, logit_sum, mask=mask)
+
+
+@triton.jit
+def _dlogits(logits, cols, col_mask, target, lse, dloss, V, softcap, label_smoothing, z_loss,
+             HAS_SOFTCAP: tl.constexpr):
+    # d(loss_row * dloss_row) / d(raw logits) for one tile, fp32, zero outside the vocabulary.
+    # loss = lse - (1 - eps) * s_target - eps / V * sum(s) + z * lse**2, s = softcap(logits)
+    probs = tl.exp(logits - lse[:, None])
+    grad = probs * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / V
+    grad = tl.where(cols[None, :] == target[:, None], grad - (1.0 - label_smoothing), grad)
+    grad = grad * dloss[:, None]
+    if HAS_SOFTCAP:
+        capped = logits / softcap
+        grad = grad * (1.0 - capped * capped)
+    return tl.where(col_mask[None, :], grad, 0.0)
+
+
+@triton.jit
+def _linear_ce_fwd_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, target_ptr,
+    row_max_ptr, row_sumexp_ptr, target_logit_ptr, logit_sum_ptr,  # (SPLITS, N) fp32
+    N, V, H, cols_per_split,
+    stride_hn, stride_hh, stride_wv, stride_wh,
+    softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    # Softmax statistics of BLOCK_N rows over one vocabulary split.
+    split = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
+    rows = rows.to(tl.int64)
+    v_start = split * cols_per_split
+    v_end = tl.minimum(v_start + cols_per_split, V)
+
+    row_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    row_sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    logit_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        logits = _linear_logits_tile(
+            hidden_ptr, weight_ptr, bias_ptr, rows, cols.to(tl.int64), row_mask, col_mask, H,
+            stride_hn, stride_hh, stride_wv, stride_wh, softcap,
+            HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+        )
+        row_max, row_sumexp, target_logit, logit_sum = _fold_logits(
+            logits, cols, col_mask, target, row_max, row_sumexp, target_logit, logit_sum
+        )
+    _store_partials(
+        row_max_ptr, row_sumexp_ptr, target_logit_ptr, logit_sum_ptr,
+        split * N + rows, row_mask, row_max, row_sumexp, target_logit, logit_sum,
+    )
+
+
+@triton.jit
+def _linear_ce_bwd_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, target_ptr, lse_ptr, dloss_ptr,
+    dhidden_ptr, dweight_ptr, dbias_ptr,  # fp32 accumulators: (N, H), (V, H), (V,)
+    N, V, H,
+    stride_hn, stride_hh, stride_wv, stride_wh,
+    softcap, label_smoothing, z_loss,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DWEIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    # The gradient contributions of one (BLOCK_N rows, BLOCK_V columns) logit tile.
+    # Tiles are visited GROUP_N row blocks at a time so the weight tiles stay in L2.
+    pid = tl.program_id(0)
+    num_row_blocks = tl.cdiv(N, BLOCK_N)
+    num_col_blocks = tl.cdiv(V, BLOCK_V)
+    tiles_per_group = GROUP_N * num_col_blocks
+    first_row_block = (pid // tiles_per_group) * GROUP_N
+    group_rows = tl.minimum(num_row_blocks - first_row_block, GROUP_N)
+    row_block = first_row_block + (pid % tiles_per_group) % group_rows
+    col_block = (pid % tiles_per_group) // group_rows
+
+    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    dloss = tl.load(dloss_ptr + rows, mask=row_mask, other=0.0)  # zero for ignored rows
+    if tl.max(tl.abs(dloss), axis=0) > 0.0:
+        cols = col_block * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        row_ids = rows.to(tl.int64)
+        col_ids = cols.to(tl.int64)
+        logits = _linear_logits_tile(
+            hidden_ptr, weight_ptr, bias_ptr, row_ids, col_ids, row_mask, col_mask, H,
+            stride_hn, stride_hh, stride_wv, stride_wh, softcap,
+            HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+        )
+        dlogits = _dlogits(logits, cols, col_mask, target, lse, dloss, V, softcap, label_smoothing, z_loss,
+                           HAS_SOFTCAP)
+        if HAS_BIAS:
+            tl.atomic_add(dbias_ptr + col_ids, tl.sum(dlogits, axis=0), mask=col_mask)
+        # Tensor cores take the gradient tile in the input dtype, as the unfused
+        # backward does; the products accumulate in fp32.
+        dlogits = dlogits.to(hidden_ptr.dtype.element_ty)
+        for h0 in range(0, H, BLOCK_H):
+            hs = h0 + tl.arange(0, BLOCK_H)
+            h_mask = hs < H
+            w = tl.load(
+                weight_ptr + col_ids[:, None] * stride_wv + hs[None, :] * stride_wh,
+                mask=col_mask[:, None] & h_mask[None, :], other=0.0,
+            )  # (BLOCK_V, BLOCK_H)
+            dhidden = tl.dot(dlogits, w, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_H)
+            tl.atomic_add(dhidden_ptr + row_ids[:, None] * H + hs[None, :], dhidden,
+                          mask=row_mask[:, None] & h_mask[None, :])
+            if COMPUTE_DWEIGHT:
+                x = tl.load(
+                    hidden_ptr + row_ids[:, None] * stride_hn + hs[None, :] * stride_hh,
+                    mask=row_mask[:, None] & h_mask[None, :], other=0.0,
+                )  # (BLOCK_N, BLOCK_H)
+                dweight = tl.dot(tl.trans(dlogits), x, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
+                tl.atomic_add(dweight_ptr + col_ids[:, None] * H + hs[None, :], dweight,
+                              mask=col_mask[:, None] & h_mask[None, :])
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    logits_ptr, target_ptr,
+    row_max_ptr, row_sumexp_ptr, target_logit_ptr, logit_sum_ptr,  # (SPLITS, N) fp32
+    N, V, cols_per_split,
+    stride_ln, stride_lv,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # Softmax statistics of BLOCK_N rows of existing logits over one vocabulary split.
+    split = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
+    rows = rows.to(tl.int64)
+    v_start = split * cols_per_split
+    v_end = tl.minimum(v_start + cols_per_split, V)
+
+    row_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    row_sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    logit_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        logits = tl.load(
+            logits_ptr + rows[:, None] * stride_ln + cols[None, :] * stride_lv,
+            mask=row_mask[:, None] & col_mask[None, :], other=0.0,
+        ).to(tl.float32)
+        if HAS_SOFTCAP:
+            logits = _softcap(logits, softcap)
+        row_max, row_sumexp, target_logit, logit_sum = _fold_logits(
+            logits, cols, col_mask, target, row_max, row_sumexp, target_logit, logit_sum
+        )
+    _store_partials(
+        row_max_ptr, row_sumexp_ptr, target_logit_ptr, logit_sum_ptr,
+        split * N + rows, row_mask, row_max, row_sumexp, target_logit, logit_sum,
+    )
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    logits_ptr, target_ptr, lse_ptr, dloss_ptr,
+    dlogits_ptr,
+    N, V,
+    stride_ln, stride_lv, stride_dn, stride_dv,
+    softcap, label_smoothing, z_loss,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # d(loss)/d(logits) for one (BLOCK_N, BLOCK_V) tile of existing logits.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    dloss = tl.load(dloss_ptr + rows, mask=row_mask, other=0.0)
+    rows = rows.to(tl.int64)
+    mask = row_mask[:, None] & col_mask[None, :]
+    logits = tl.load(logits_ptr + rows[:, None] * stride_ln + cols[None, :] * stride_lv, mask=mask, other=0.0)
+    logits = logits.to(tl.float32)
+    if HAS_SOFTCAP:
+        logits = _softcap(logits, softcap)
+    dlogits = _dlogits(logits, cols, col_mask, target, lse, dloss, V, softcap, label_smoothing, z_loss,
+                       HAS_SOFTCAP)
+    tl.store(dlogits_ptr + rows[:, None] * stride_dn + cols[None, :] * stride_dv,
+             dlogits.to(dlogits_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------
+# Kernel registry: tuning configs and the compile gate's representative cases
+# ----------------------------------------------------------------------------
+
+
+def _matmul_config(block_n, block_v, block_h, warps, stages, **extra):
+    return triton.Config(
+        dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, **extra), num_warps=warps, num_stages=stages
+    )
+
+
+def _signature(names: str, types: str) -> dict[str, str]:
+    return dict(zip(names.split(), types.split()))
+
+
+# Strides along H are 1 in practice; the compile gate specializes them as the
+# JIT does for an argument equal to 1.
+_UNIT_STRIDES = dict(stride_hh=1, stride_wh=1)
+
+# 16-bit inputs take tensor-core dots and large tiles. fp32 inputs take exact
+# fp32 dots on CUDA cores ("ieee": no TF32, as PyTorch's default), whose
+# operands need twice the shared memory: a spec of their own with smaller tiles.
+_DOT_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "ieee"}  # tf32: unused for 16-bit
+_TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _linear_case(dtype, pointer_args, fp32_args, scalar_args, scalar_types, constexprs):
+    signature = {
+        **{name: f"*{_TRITON_DTYPE[dtype]}" for name in pointer_args.split()},
+        "target_ptr": "*i64",
+        **{name: "*fp32" for name in fp32_args.split()},
+        **_signature(scalar_args, scalar_types),
+    }
+    return CompileCase(
+        name=f"{_TRITON_DTYPE[dtype]},bias,softcap",
+        signature=signature,
+        constexprs=dict(_UNIT_STRIDES, HAS_BIAS=True, HAS_SOFTCAP=True, DOT_PRECISION=_DOT_PRECISION[dtype],
+                        **constexprs),
+        tensor_cores=dtype != torch.float32,
+    )
+
+
+def _register_linear(name, kernel, configs_16bit, configs_fp32, key, case_args, reset_to_zero=()):
+    """Register a linear-CE kernel twice: {False: 16-bit spec, True: fp32 spec}."""
+    variants = ((False, configs_16bit, (torch.bfloat16, torch.float16)), (True, configs_fp32, (torch.float32,)))
+    return {
+        is_fp32: register(KernelSpec(
+            name=name + ("_fp32" if is_fp32 else ""),
+            kernel=kernel,
+            configs=configs,
+            key=key,
+            compile_cases=[_linear_case(dtype, *case_args) for dtype in dtypes],
+            reset_to_zero=reset_to_zero,
+        ))
+        for is_fp32, configs, dtypes in variants
+    }
+
+
+_FP32_TILES = [(32, 64, 32, 4, 2), (64, 64, 32, 4, 3), (64, 128, 32, 8, 3)]  # BLOCK_N, _V, _H, warps, stages
+
+_LINEAR_CE_FWD = _register_linear(
+    "linear_cross_entropy_fwd", _linear_ce_fwd_kernel,
+    configs_16bit=[
+        _matmul_config(64, 128, 64, warps=4, stages=3),
+        _matmul_config(128, 128, 64, warps=8, stages=3),
+        _matmul_config(128, 256, 64, warps=8, stages=3),
+        _matmul_config(64, 256, 64, warps=8, stages=4),
+    ],
+    configs_fp32=[_matmul_config(n, v, h, warps=w, stages=s) for n, v, h, w, s in _FP32_TILES],
+    key=["V", "H", "HAS_BIAS", "HAS_SOFTCAP"],
+    case_args=(
+        "hidden_ptr weight_ptr bias_ptr",
+        "row_max_ptr row_sumexp_ptr target_logit_ptr logit_sum_ptr",
+        "N V H cols_per_split stride_hn stride_wv softcap",
+        "i32 i32 i32 i32 i32 i32 fp32",
+        {},
+    ),
+)
+
+_LINEAR_CE_BWD = _register_linear(
+    "linear_cross_entropy_bwd", _linear_ce_bwd_kernel,
+    configs_16bit=[
+        _matmul_config(64, 128, 64, warps=4, stages=3, GROUP_N=8),
+        _matmul_config(128, 128, 64, warps=8, stages=3, GROUP_N=8),
+        _matmul_config(64, 256, 64, warps=8, stages=3, GROUP_N=8),
+        _matmul_config(128, 128, 128, warps=8, stages=2, GROUP_N=8),
+    ],
+    configs_fp32=[_matmul_config(n, v, h, warps=w, stages=s, GROUP_N=8) for n, v, h, w, s in _FP32_TILES],
+    key=["V", "H", "HAS_BIAS", "HAS_SOFTCAP", "COMPUTE_DWEIGHT"],
+    case_args=(
+        "hidden_ptr weight_ptr bias_ptr",
+        "lse_ptr dloss_ptr dhidden_ptr dweight_ptr dbias_ptr",
+        "N V H stride_hn stride_wv softcap label_smoothing z_loss",
+        "i32 i32 i32 i32 i32 fp32 fp32 fp32",
+        dict(COMPUTE_DWEIGHT=True),
+    ),
+    reset_to_zero=["dhidden_ptr", "dweight_ptr", "dbias_ptr"],
+)
+
+
+def _elementwise_cases(signature_of):
+    return [
+        CompileCase(name=f"{dtype},softcap", signature=signature_of(dtype),
+                    constexprs=dict(HAS_SOFTCAP=True, stride_lv=1), tensor_cores=False)
+        for dtype in ("bf16", "fp32")
+    ]
+
+
+_CE_FWD = register(KernelSpec(
+    name="cross_entropy_fwd",
+    kernel=_ce_fwd_kernel,
+    configs=[
+        triton.Config(dict(BLOCK_N=4, BLOCK_V=1024), num_warps=4),
+        triton.Config(dict(BLOCK_N=16, BLOCK_V=512), num_warps=8),
+        triton.Config(dict(BLOCK_N=1, BLOCK_V=4096), num_warps=8),
+    ],
+    key=["V", "HAS_SOFTCAP"],
+    compile_cases=_elementwise_cases(lambda dtype: _signature(
+        "logits_ptr target_ptr row_max_ptr row_sumexp_ptr target_logit_ptr logit_sum_ptr "
+        "N V cols_per_split stride_ln softcap",
+        f"*{dtype} *i64 *fp32 *fp32 *fp32 *fp32 i32 i32 i32 i32 fp32",
+    )),
+))
+
+_CE_BWD = register(KernelSpec(
+    name="cross_entropy_bwd",
+    kernel=_ce_bwd_kernel,
+    configs=[
+        triton.Config(dict(BLOCK_N=4, BLOCK_V=1024), num_warps=4),
+        triton.Config(dict(BLOCK_N=16, BLOCK_V=512), num_warps=8),
+    ],
+    key=["V", "HAS_SOFTCAP"],
+    compile_cases=[
+        dataclasses.replace(case, constexprs=dict(case.constexprs, stride_dv=1))
+        for case in _elementwise_cases(lambda dtype: _signature(
+            "logits_ptr target_ptr lse_ptr dloss_ptr dlogits_ptr N V stride_ln stride_dn "
+            "softcap label_smoothing z_loss",
+            f"*{dtype} *i64 *fp32 *fp32 *{dtype} i32 i32 i32 i32 fp32 fp32 fp32",
+        ))
+    ],
+))
+
+
+# ----------------------------------------------------------------------------
+# Launchers (Triton) and the PyTorch implementation of the same algorithm
+# ----------------------------------------------------------------------------
+
+# The smallest vocabulary slice one forward program walks; a multiple of every
+# BLOCK_V so a split never starts inside a tile.
+_MIN_COLS_PER_SPLIT = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _programs_to_fill(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter: enough to exercise vocabulary splits, few enough to be quick
+
+
+def _vocab_splits(n_rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """Split the vocabulary so (row blocks x splits) fills the device; (splits, cols_per_split)."""
+    row_blocks = triton.cdiv(n_rows, 128)
+    max_splits = triton.cdiv(vocab, _MIN_COLS_PER_SPLIT)
+    splits = max(1, min(triton.cdiv(_programs_to_fill(device), row_blocks), max_splits))
+    cols_per_split = triton.cdiv(triton.cdiv(vocab, splits), _MIN_COLS_PER_SPLIT) * _MIN_COLS_PER_SPLIT
+    return triton.cdiv(vocab, cols_per_split), cols_per_split
+
+
+def _linear_ce_fwd(hidden, weight, bias, target, opts: _Options):
+    # hidden (N, H), weight (V, H) -> partial statistics (4, SPLITS, N) fp32
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    splits, cols_per_split = _vocab_splits(n_rows, vocab, hidden.device)
+    partials = torch.empty((4, splits, n_rows), device=hidden.device, dtype=torch.float32)
+    launch(
+        _LINEAR_CE_FWD[hidden.dtype == torch.float32], lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), splits),
+        hidden, weight, weight if bias is None else bias, target,
+        partials[0], partials[1], partials[2], partials[3],
+        n_rows, vocab, hidden_size, cols_per_split,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        opts.softcap or 1.0,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
+        DOT_PRECISION=_DOT_PRECISION[hidden.dtype],
+    )
+    return partials
+
+
+def _linear_ce_bwd(hidden, weight, bias, target, lse, dloss, opts: _Options, compute_dweight: bool):
+    # -> fp32 accumulators d(hidden) (N, H), d(weight) (V, H) or None, d(bias) (V,) or None
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    fp32 = dict(device=hidden.device, dtype=torch.float32)
+    dhidden = torch.zeros((n_rows, hidden_size), **fp32)
+    dweight = torch.zeros((vocab, hidden_size), **fp32) if compute_dweight else None
+    dbias = torch.zeros((vocab,), **fp32) if bias is not None else None
+    launch(
+        _LINEAR_CE_BWD[hidden.dtype == torch.float32],
+        lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]) * triton.cdiv(vocab, meta["BLOCK_V"]),),
+        hidden, weight, weight if bias is None else bias, target, lse, dloss,
+        dhidden, dhidden if dweight is None else dweight, dhidden if dbias is None else dbias,
+        n_rows, vocab, hidden_size,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        opts.softcap or 1.0, opts.label_smoothing, opts.z_loss,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, COMPUTE_DWEIGHT=compute_dweight,
+        DOT_PRECISION=_DOT_PRECISION[hidden.dtype],
+    )
+    return dhidden, dweight, dbias
+
+
+def _ce_fwd(logits, target, opts: _Options):
+    # logits (N, V) -> partial statistics (4, SPLITS, N) fp32
+    n_rows, vocab = logits.shape
+    splits, cols_per_split = _vocab_splits(n_rows, vocab, logits.device)
+    partials = torch.empty((4, splits, n_rows), device=logits.device, dtype=torch.float32)
+    launch(
+        _CE_FWD, lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), splits),
+        logits, target, partials[0], partials[1], partials[2], partials[3],
+        n_rows, vocab, cols_per_split, logits.stride(0), logits.stride(1),
+        opts.softcap or 1.0, HAS_SOFTCAP=opts.softcap is not None,
+    )
+    return partials
+
+
+def _ce_bwd(logits, target, lse, dloss, opts: _Options):
+    n_rows, vocab = logits.shape
+    dlogits = torch.empty_like(logits)
+    launch(
+        _CE_BWD, lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"])),
+        logits, target, lse, dloss, dlogits,
+        n_rows, vocab, logits.stride(0), logits.stride(1), dlogits.stride(0), dlogits.stride(1),
+        opts.softcap or 1.0, opts.label_smoothing, opts.z_loss, HAS_SOFTCAP=opts.softcap is not None,
+    )
+    return dlogits
+
+
+# The PyTorch path walks the same tiles, larger ones since each is a library call.
+_TORCH_TILE_ROWS = 1024
+_TORCH_TILE_COLS = 8192
+
+
+def _torch_tiles(n_rows: int, vocab: int):
+    for n0 in range(0, n_rows, _TORCH_TILE_ROWS):
+        for v0 in range(0, vocab, _TORCH_TILE_COLS):
+            yield slice(n0, n0 + _TORCH_TILE_ROWS), slice(v0, v0 + _TORCH_TILE_COLS)
+
+
+def _torch_linear_logits(hidden, weight, bias, rows, cols, opts: _Options):
+    logits = hidden[rows].float() @ weight[cols].float().T  # (tile rows, tile cols)
+    if bias is not None:
+        logits += bias[cols].float()
+    return _torch_softcap(logits, opts)
+
+
+def _torch_softcap(logits, opts: _Options):
+    return logits if opts.softcap is None else opts.softcap * torch.tanh(logits / opts.softcap)
+
+
+def _torch_fwd(logits_tile, target, n_rows, vocab, device):
+    # The forward kernels' algorithm with one vocabulary split -> (4, 1, N) fp32.
+    partials = torch.zeros((4, 1, n_rows), device=device, dtype=torch.float32)
+    row_max, row_sumexp, target_logit, logit_sum = partials[:, 0]
+    row_max.fill_(float("-inf"))
+    for rows, cols in _torch_tiles(n_rows, vocab):
+        logits = logits_tile(rows, cols)  # (tile rows, tile cols) fp32
+        col_ids = torch.arange(cols.start, cols.start + logits.shape[1], device=device)
+        new_max = torch.maximum(row_max[rows], logits.amax(dim=1))
+        row_sumexp[rows] = row_sumexp[rows] * torch.exp(row_max[rows] - new_max) + torch.exp(
+            logits - new_max[:, None]
+        ).sum(dim=1)
+        row_max[rows] = new_max
+        target_logit[rows] += torch.where(col_ids[None, :] == target[rows, None], logits, 0.0).sum(dim=1)
+        logit_sum[rows] += logits.sum(dim=1)
+    return partials
+
+
+def _torch_dlogits(logits, rows, cols, target, lse, dloss, vocab, opts: _Options):
+    # Mirror of the Triton _dlogits for one tile (softcap applied in `logits`).
+    grad = torch.exp(logits - lse[rows, None]) * (1.0 + 2.0 * opts.z_loss * lse[rows])[:, None]
+    grad -= opts.label_smoothing / vocab
+    col_ids = torch.arange(cols.start, cols.start + logits.shape[1], device=logits.device)
+    grad -= (1.0 - opts.label_smoothing) * (col_ids[None, :] == target[rows, None])  # one-hot of the target
+    grad *= dloss[rows, None]
+    if opts.softcap is not None:
+        grad *= 1.0 - (logits / opts.softcap) ** 2
+    return grad
+
+
+def _finish_rows(partials, target, vocab, opts: _Options):
+    """Combine per-split statistics into per-row losses and log-sum-exp, (N,) fp32 each."""
+    row_max, row_sumexp, target_logit, logit_sum = partials  # (SPLITS, N) each
+    top = row_max.amax(dim=0)
+    lse = top + torch.log((row_sumexp * torch.exp(row_max - top)).sum(dim=0))
+    loss = (
+        lse
+        - (1.0 - opts.label_smoothing) * target_logit.sum(dim=0)
+        - (opts.label_smoothing / vocab) * logit_sum.sum(dim=0)
+        + opts.z_loss * lse**2
+    )
+    return torch.where(target != opts.ignore_index, loss, 0.0), lse
+
+
+# ----------------------------------------------------------------------------
+# Autograd: per-row losses; the reduction is plain PyTorch on top.
+# ----------------------------------------------------------------------------
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, opts: _Options):
+        # hidden (N, H), weight (V, H), bias (V,) or None, target (N,) -> loss (N,) fp32
+        vocab = weight.shape[0]
+        if use_triton(hidden):
+            partials = _linear_ce_fwd(hidden, weight, bias, target, opts)
+        else:
+            partials = _torch_fwd(
+                lambda rows, cols: _torch_linear_logits(hidden, weight, bias, rows, cols, opts),
+                target, hidden.shape[0], vocab, hidden.device,
+            )
+        loss, lse = _finish_rows(partials, target, vocab, opts)
+        ctx.save_for_backward(hidden, weight, bias, target, lse)
+        ctx.opts = opts
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        hidden, weight, bias, target, lse = ctx.saved_tensors
+        opts: _Options = ctx.opts
+        dloss = torch.where(target != opts.ignore_index, dloss.float(), 0.0).contiguous()  # (N,)
+        compute_dweight = ctx.needs_input_grad[1]
+        if use_triton(hidden):
+            dhidden, dweight, dbias = _linear_ce_bwd(hidden, weight, bias, target, lse, dloss, opts, compute_dweight)
+        else:
+            dhidden, dweight, dbias = _torch_linear_ce_bwd(hidden, weight, bias, target, lse, dloss, opts,
+                                                           compute_dweight)
+        return (
+            dhidden.to(hidden.dtype),
+            dweight.to(weight.dtype) if dweight is not None else None,
+            dbias.to(bias.dtype) if dbias is not None else None,
+            None,
+            None,
+        )
+
+
+def _torch_linear_ce_bwd(hidden, weight, bias, target, lse, dloss, opts: _Options, compute_dweight: bool):
+    vocab = weight.shape[0]
+    dhidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
+    dweight = torch.zeros(weight.shape, device=hidden.device, dtype=torch.float32) if compute_dweight else None
+    dbias = torch.zeros((vocab,), device=hidden.device, dtype=torch.float32) if bias is not None else None
+    for rows, cols in _torch_tiles(hidden.shape[0], vocab):
+        logits = _torch_linear_logits(hidden, weight, bias, rows, cols, opts)
+        dlogits = _torch_dlogits(logits, rows, cols, target, lse, dloss, vocab, opts)
+        dhidden[rows] += dlogits @ weight[cols].float()
+        if dweight is not None:
+            dweight[cols] += dlogits.T @ hidden[rows].float()
+        if dbias is not None:
+            dbias[cols] += dlogits.sum(dim=0)
+    return dhidden, dweight, dbias
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, opts: _Options):
+        # logits (N, V), target (N,) -> loss (N,) fp32
+        vocab = logits.shape[1]
+        if use_triton(logits):
+            partials = _ce_fwd(logits, target, opts)
+        else:
+            partials = _torch_fwd(
+                lambda rows, cols: _torch_softcap(logits[rows, cols].float(), opts),
+                target, logits.shape[0], vocab, logits.device,
+            )
+        loss, lse = _finish_rows(partials, target, vocab, opts)
+        ctx.save_for_backward(logits, target, lse)
+        ctx.opts = opts
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        logits, target, lse = ctx.saved_tensors
+        opts: _Options = ctx.opts
+        dloss = torch.where(target != opts.ignore_index, dloss.float(), 0.0).contiguous()  # (N,)
+        if use_triton(logits):
+            return _ce_bwd(logits, target, lse, dloss, opts), None, None
+        dlogits = torch.empty_like(logits)
+        for rows, cols in _torch_tiles(*logits.shape):
+            tile = _torch_softcap(logits[rows, cols].float(), opts)
+            dlogits[rows, cols] = _torch_dlogits(tile, rows, cols, target, lse, dloss, logits.shape[1], opts)
+        return dlogits, None, None
+
+
+# ----------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_options(label_smoothing, z_loss, softcap, reduction, normalizer) -> None:
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not softcap > 0.0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if normalizer is not None:
+        if reduction != "mean":
+            raise ValueError(f"normalizer is only used with reduction='mean', got reduction={reduction!r}")
+        if isinstance(normalizer, Number) and not normalizer > 0:
+            raise ValueError(f"normalizer must be > 0, got {normalizer}")
+        if not isinstance(normalizer, (Number, torch.Tensor)):
+            raise TypeError(f"normalizer must be a number or a tensor, got {type(normalizer).__name__}")
+
+
+def _check_float(name: str, tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
+
+
+def _check_target(target, n_rows: int, vocab: int, device: torch.device, ignore_index: int) -> torch.Tensor:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must hold int64 (or int32) class indices, got {target.dtype}")
+    if target.numel() != n_rows:
+        raise ValueError(f"target must have one entry per row: expected {n_rows} entries, got shape "
+                         f"{tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but the inputs are on {device}")
+    target = target.reshape(-1)
+    in_range = ((target >= 0) & (target < vocab)) | (target == ignore_index)
+    message = f"target values must be in [0, {vocab}) or equal ignore_index={ignore_index}"
+    if target.is_cuda:
+        # Checked on the device: raising here would stall the host on every call.
+        torch._assert_async(in_range.all(), message)
+    elif not bool(in_range.all()):
+        bad = target[~in_range][0].item()
+        raise ValueError(f"{message}; found {bad}")
+    return target
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    reduction: Reduction = "mean",
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``target``, without the logits.
+
+    Args:
+        hidden: (..., H) float32/float16/bfloat16, the final hidden states; flattened
+            to N = prod(...) rows.
+        weight: (V, H), same dtype and device, the LM head (``lm_head.weight``).
+        target: N int64 class indices (any shape with N elements, e.g. (N,) or
+            hidden.shape[:-1]); ``ignore_index`` marks rows that do not count.
+        bias: optional (V,), same dtype.
+        ignore_index: target value whose rows contribute nothing.
+        label_smoothing: in [0, 1], as in ``torch.nn.functional.cross_entropy``.
+        z_loss: adds ``z_loss * logsumexp(logits)**2`` per counted row (PaLM).
+        softcap: if given, the softmax sees ``softcap * tanh(logits / softcap)`` (Gemma 2).
+        reduction: "mean" (sum over counted rows divided by their number, or by
+            ``normalizer``), "sum", or "none" (per-row losses shaped like ``target``,
+            0 on ignored rows).
+        normalizer: for "mean" only: divide the sum by this number or 0-dim tensor
+            instead, e.g. the target-token count of a whole accumulated batch.
+
+    Returns:
+        fp32 loss: a scalar, or per-row losses for reduction="none". With every
+        target ignored the loss and the gradients are 0.
+
+    Gradients flow to ``hidden``, ``weight`` and ``bias``. The (N, V) logits are
+    never materialized, in the forward or the backward. On CUDA an out-of-range
+    target is reported by a device-side assertion at the next synchronization
+    (as in PyTorch's own cross-entropy); on CPU it raises ValueError at once.
+    """
+    _check_float("hidden", hidden)
+    _check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, H), got shape {tuple(weight.shape)}")
+    if hidden.dim() == 0 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden must be (..., H) with H = weight.shape[1] = {weight.shape[1]}, "
+                         f"got shape {tuple(hidden.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and weight must have the same dtype, got {hidden.dtype} and {weight.dtype}")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
+    if bias is not None:
+        _check_float("bias", bias)
+        if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype or bias.device != weight.device:
+            raise ValueError(f"bias must be ({weight.shape[0]},) with the dtype and device of weight, got "
+                             f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    _check_options(label_smoothing, z_loss, softcap, reduction, normalizer)
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])  # (N, H), a view when possible
+    rows_target = _check_target(target, hidden_2d.shape[0], weight.shape[0], hidden.device, ignore_index)
+
+    opts = _Options(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    if hidden_2d.shape[0] == 0:
+        loss_rows = hidden_2d.sum(dim=1).float() + 0.0 * weight.sum()  # keeps the graph for empty batches
+    else:
+        loss_rows = LinearCrossEntropyFunction.apply(hidden_2d, weight, bias, rows_target, opts)
+    loss = _reduce(loss_rows, rows_target != ignore_index, reduction, normalizer)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    reduction: Reduction = "mean",
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy over logits that already exist (classification and tagging heads).
+
+    Args:
+        logits: (..., V) float32/float16/bfloat16; flattened to N rows.
+        target: N int64 class indices, ``ignore_index`` for rows that do not count.
+        Other options as in ``linear_cross_entropy``.
+
+    Returns:
+        fp32 loss, as ``linear_cross_entropy``. The gradient has the dtype of ``logits``.
+    """
+    _check_float("logits", logits)
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be (..., V) with V >= 1, got shape {tuple(logits.shape)}")
+    _check_options(label_smoothing, z_loss, softcap, reduction, normalizer)
+    logits_2d = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    rows_target = _check_target(target, logits_2d.shape[0], logits.shape[-1], logits.device, ignore_index)
+
+    opts = _Options(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    if logits_2d.shape[0] == 0:
+        loss_rows = logits_2d.sum(dim=1).float()
+    else:
+        loss_rows = CrossEntropyFunction.apply(logits_2d, rows_target, opts)
+    loss = _reduce(loss_rows, rows_target != ignore_index, reduction, normalizer)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """``linear_cross_entropy`` as a module holding its options (a drop-in for an LM-head loss)."""
+
+    def __init__(self, *, ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 softcap: float | None = None, reduction: Reduction = "mean") -> None:
+        super().__init__()
+        _check_options(label_smoothing, z_loss, softcap, reduction, None)
+        self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                            softcap=softcap, reduction=reduction)
+
+    def forward(self, hidden, weight, target, bias=None, normalizer=None):
+        return linear_cross_entropy(hidden, weight, target, bias=bias, normalizer=normalizer, **self.options)
