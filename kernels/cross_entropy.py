@@ -172,7 +172,9 @@ def _fold_logits(logits, cols, col_mask, target, row_max, row_sumexp, target_log
     logits = tl.where(col_mask[None, :], logits, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(logits, axis=1))
     row_sumexp = row_sumexp * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
-    target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], logits, 0.0), axis=1)
+    # col_mask too: a tile may reach past its split, into a column that is the target.
+    is_target = (cols[None, :] == target[:, None]) & col_mask[None, :]
+    target_logit += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
     logit_sum += tl.sum(tl.where(col_mask[None, :], logits, 0.0), axis=1)
     return new_max, row_sumexp, target_logit, logit_sum
 

@@ -1,0 +1,117 @@
+"""Test tiers and shared helpers.
+
+Without a GPU the Triton kernels run through Triton's interpreter: the variable
+is read when kernels are decorated, so it is set here, before anything imports
+ember.kernels. With a GPU the same tests run on CUDA tensors (the GPU tier) and
+the CPU runs the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime import interpreter as triton_interpreter  # noqa: E402
+
+from ember.kernels.backend import forced_backend, interpreting  # noqa: E402
+
+# ----------------------------------------------------------------------------
+# The bf16 dot shim (test-only). Triton's interpreter (3.9 and earlier) feeds
+# bf16 tl.dot operands to numpy as their raw uint16 bit patterns (triton issue
+# 11584), so every bf16 matmul comes out as garbage. Inside the interpreter
+# only, bf16 operands are widened to fp32 first: exact, since bf16 -> fp32 is.
+# Kernels are never changed to work around it.
+# ----------------------------------------------------------------------------
+
+
+class _Bf16DotShim:
+    enabled = True
+    _original = triton_interpreter.InterpreterBuilder.create_dot
+
+    @staticmethod
+    def _widen(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        widened = triton_interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return triton_interpreter.TensorHandle(widened, tl.float32)
+
+    @classmethod
+    def create_dot(cls, builder, a, b, d, input_precision, max_num_imprecise_acc):
+        if cls.enabled:
+            a, b = cls._widen(a), cls._widen(b)
+        return cls._original(builder, a, b, d, input_precision, max_num_imprecise_acc)
+
+
+triton_interpreter.InterpreterBuilder.create_dot = (
+    lambda self, *args: _Bf16DotShim.create_dot(self, *args)
+)
+
+
+@contextlib.contextmanager
+def bf16_dot_shim_disabled():
+    """Run the block with the interpreter's own (broken) bf16 dot."""
+    _Bf16DotShim.enabled = False
+    try:
+        yield
+    finally:
+        _Bf16DotShim.enabled = True
+
+
+# ----------------------------------------------------------------------------
+# Backends: every kernel test runs on each of these.
+# ----------------------------------------------------------------------------
+
+BACKENDS = [
+    pytest.param("interpreter", id="interpreter"),
+    pytest.param("torch", id="torch"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def device(request):
+    """The device to put inputs on; pins the backend the kernel will use."""
+    backend = request.param
+    if backend == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("GPU tier: no CUDA device")
+        yield "cuda"
+    elif backend == "interpreter":
+        if not interpreting():
+            pytest.skip("interpreter tier: TRITON_INTERPRET is not set (a CUDA device is present)")
+        yield "cpu"
+    else:
+        with forced_backend("torch"):
+            yield "cpu"
+
+
+# ----------------------------------------------------------------------------
+# The tolerance rule (flash-attention's): against a float64 reference, ember's
+# error may be at most twice the error of stock PyTorch computing the same thing
+# in the same dtype, plus a small atol relative to the reference's magnitude.
+# ----------------------------------------------------------------------------
+
+RELATIVE_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def assert_within_tolerance(name, actual, reference64, stock, dtype):
+    """actual and stock (PyTorch in `dtype`) against reference64 (PyTorch in float64)."""
+    assert actual.shape == reference64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference64.shape)}"
+    actual = actual.detach().double().cpu()
+    reference64 = reference64.detach().cpu()
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    ours = (actual - reference64).abs().max().item() if actual.numel() else 0.0
+    theirs = (stock.detach().double().cpu() - reference64).abs().max().item() if actual.numel() else 0.0
+    atol = RELATIVE_ATOL[dtype] * max(reference64.abs().max().item() if reference64.numel() else 0.0, 1e-3)
+    assert ours <= 2 * theirs + atol, (
+        f"{name}: max error {ours:.3g} exceeds 2 x stock PyTorch's {theirs:.3g} + atol {atol:.3g}"
+    )

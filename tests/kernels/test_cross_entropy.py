@@ -1,0 +1,350 @@
+"""Fused linear cross-entropy and cross-entropy over logits: all tiers.
+
+Every case runs on each backend of the `device` fixture (interpreter, PyTorch
+path, CUDA) against a float64 reference, with the tolerance rule measured
+against stock PyTorch in the same dtype.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ember.bench.memory import TensorSizeTracker
+from ember.kernels import cross_entropy, cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_ref
+from ember.kernels.backend import forced_backend, interpreting
+
+from ..conftest import assert_within_tolerance, bf16_dot_shim_disabled
+
+# The module, not the function of the same name that ember.kernels exports.
+module = importlib.import_module("ember.kernels.cross_entropy")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+OPTION_SETS = {
+    "plain": dict(),
+    "ignore+smoothing": dict(label_smoothing=0.1, ignore_rows=True),
+    "zloss+softcap+bias": dict(z_loss=1e-3, softcap=7.0, bias=True),
+    "sum+everything": dict(reduction="sum", label_smoothing=0.05, z_loss=1e-4, softcap=20.0, bias=True,
+                           ignore_rows=True),
+    "none": dict(reduction="none", ignore_rows=True),
+    "normalizer": dict(normalizer=1000.0, ignore_rows=True),
+}
+
+# (N rows, H, V): a single row, odd row counts, vocabularies that are not
+# multiples of any block (and, with 300, split across programs).
+LINEAR_SHAPES = [(1, 16, 17), (37, 48, 300), (77, 40, 1000)]
+
+
+def _make_case(n_rows, hidden_size, vocab, dtype, device, options, seed):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n_rows, hidden_size, generator=generator)
+    weight = torch.randn(vocab, hidden_size, generator=generator) / hidden_size**0.5 * 2
+    bias = torch.randn(vocab, generator=generator) if options.get("bias") else None
+    target = torch.randint(0, vocab, (n_rows,), generator=generator)
+    if options.get("ignore_rows") and n_rows > 1:
+        target[torch.rand(n_rows, generator=generator) < 0.3] = -100
+        target[0] = -100
+    kwargs = {k: v for k, v in options.items() if k not in ("bias", "ignore_rows")}
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias), target.to(device), kwargs
+
+
+def _grads(loss, tensors):
+    # Backprop a random cotangent for "none", so each row's gradient is weighted differently.
+    if loss.dim() > 0:
+        cotangent = torch.rand(loss.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        loss = (loss * cotangent.to(device=loss.device, dtype=loss.dtype)).sum()
+    present = [t for t in tensors if t is not None]
+    return torch.autograd.grad(loss, present)
+
+
+def _reference_pair(fn, inputs, kwargs):
+    """(float64 result and grads, stock PyTorch in the inputs' dtype)."""
+    results = []
+    for dtype in (torch.float64, None):
+        leaves = [None if t is None else t.detach().cpu().to(dtype or t.dtype).requires_grad_() for t in inputs]
+        with forced_backend("torch"):
+            loss = fn(*leaves)
+        results.append((loss, _grads(loss, leaves)))
+    return results
+
+
+@pytest.mark.parametrize("options_name", list(OPTION_SETS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "N{}xH{}xV{}".format(*s))
+def test_linear_cross_entropy_matches_reference(device, shape, dtype, options_name):
+    options = OPTION_SETS[options_name]
+    hidden, weight, bias, target, kwargs = _make_case(*shape, dtype, device, options, seed=hash(options_name) % 1000)
+
+    loss = linear_cross_entropy(hidden, weight, target, bias=bias, **kwargs)
+    grads = _grads(loss, [hidden, weight, bias])
+
+    def reference(h, w, b):
+        return linear_cross_entropy_ref(h, w, target.cpu(), bias=b, **kwargs)
+
+    (loss64, grads64), (stock, stock_grads) = _reference_pair(reference, [hidden, weight, bias], kwargs)
+    assert loss.dtype == torch.float32
+    assert_within_tolerance("loss", loss, loss64, stock, dtype)
+    for name, grad, grad64, stock_grad in zip(("d_hidden", "d_weight", "d_bias"), grads, grads64, stock_grads):
+        assert grad.dtype == dtype
+        assert_within_tolerance(name, grad, grad64, stock_grad, dtype)
+
+
+@pytest.mark.parametrize("vocab", [50257, 151936])
+def test_linear_cross_entropy_real_vocabularies(device, vocab):
+    if device == "cpu" and interpreting() and vocab > 60000:
+        pytest.skip("the interpreter covers one real vocabulary; the largest runs on the PyTorch path and GPU")
+    hidden, weight, bias, target, kwargs = _make_case(5, 16, vocab, torch.float16, device,
+                                                      dict(bias=True, label_smoothing=0.1), seed=vocab)
+    loss = linear_cross_entropy(hidden, weight, target, bias=bias, **kwargs)
+    grads = _grads(loss, [hidden, weight, bias])
+    (loss64, grads64), (stock, stock_grads) = _reference_pair(
+        lambda h, w, b: linear_cross_entropy_ref(h, w, target.cpu(), bias=b, **kwargs), [hidden, weight, bias], kwargs
+    )
+    assert_within_tolerance("loss", loss, loss64, stock, torch.float16)
+    for name, grad, grad64, stock_grad in zip(("d_hidden", "d_weight", "d_bias"), grads, grads64, stock_grads):
+        assert_within_tolerance(name, grad, grad64, stock_grad, torch.float16)
+
+
+def test_reference_agrees_with_torch_cross_entropy():
+    # Anchors the reference's semantics to PyTorch's: smoothing, ignore_index, reductions.
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 33, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, 33, (50,), generator=generator)
+    target[::4] = -100
+    for reduction in ("mean", "sum", "none"):
+        for smoothing in (0.0, 0.2):
+            ours = cross_entropy_ref(logits, target, label_smoothing=smoothing, reduction=reduction)
+            theirs = F.cross_entropy(logits, target, label_smoothing=smoothing, reduction=reduction)
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_all_targets_ignored_gives_zero_loss_and_gradients(device):
+    hidden, weight, bias, _, _ = _make_case(9, 16, 70, torch.float32, device, dict(bias=True), seed=1)
+    target = torch.full((9,), -100, device=device)
+    for reduction in ("mean", "sum", "none"):
+        loss = linear_cross_entropy(hidden, weight, target, bias=bias, reduction=reduction, z_loss=1e-3)
+        grads = _grads(loss, [hidden, weight, bias])
+        assert torch.all(loss == 0)
+        assert all(torch.all(g == 0) for g in grads)
+
+
+def test_empty_batch(device):
+    hidden, weight, _, _, _ = _make_case(1, 16, 70, torch.float32, device, {}, seed=2)
+    empty = hidden[:0]
+    target = torch.zeros(0, dtype=torch.long, device=device)
+    loss = linear_cross_entropy(empty, weight, target)
+    assert loss.item() == 0.0
+    (d_weight,) = torch.autograd.grad(loss, [weight])
+    assert torch.all(d_weight == 0)
+    assert linear_cross_entropy(empty, weight, target, reduction="none").shape == (0,)
+
+
+def test_batched_hidden_and_strided_views(device):
+    # (B, S, H) hidden sliced out of a wider buffer: row stride != H, no copy needed.
+    generator = torch.Generator().manual_seed(3)
+    wide = torch.randn(2, 9, 40, generator=generator).to(device)
+    hidden = wide[..., :24].requires_grad_()
+    weight = torch.randn(130, 24, generator=generator).to(device).requires_grad_()
+    target = torch.randint(0, 130, (2, 9), generator=generator).to(device)
+    loss = linear_cross_entropy(hidden, weight, target, reduction="none")
+    assert loss.shape == (2, 9)
+    reference = linear_cross_entropy_ref(hidden.double(), weight.double(), target, reduction="none")
+    torch.testing.assert_close(loss.double(), reference.reshape(2, 9), rtol=1e-5, atol=1e-5)
+    d_hidden, d_weight = torch.autograd.grad(loss.sum(), [hidden, weight])
+    ref_hidden, ref_weight = torch.autograd.grad(reference.sum(), [hidden, weight])
+    torch.testing.assert_close(d_hidden, ref_hidden.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d_weight, ref_weight.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_weight_gets_no_gradient(device):
+    # A frozen LM head (LoRA fine-tuning): the kernel skips d(weight) entirely.
+    hidden, weight, _, target, _ = _make_case(11, 16, 90, torch.float32, device, {}, seed=4)
+    weight.requires_grad_(False)
+    loss = linear_cross_entropy(hidden, weight, target)
+    loss.backward()
+    assert weight.grad is None
+    hidden64 = hidden.detach().double().requires_grad_()
+    linear_cross_entropy_ref(hidden64, weight.double(), target).backward()
+    torch.testing.assert_close(hidden.grad.double(), hidden64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_normalizer_makes_accumulated_micro_batches_equal_one_batch(device):
+    # Two micro-batches normalized by the token count of both equal one big batch.
+    hidden, weight, _, target, _ = _make_case(20, 16, 50, torch.float32, device, dict(ignore_rows=True), seed=5)
+    count = (target != -100).sum()
+    accumulated = sum(
+        linear_cross_entropy(hidden[rows], weight, target[rows], normalizer=count)
+        for rows in (slice(0, 7), slice(7, 20))
+    )
+    whole = linear_cross_entropy(hidden, weight, target)
+    torch.testing.assert_close(accumulated, whole, rtol=1e-5, atol=1e-6)
+    g_accumulated = torch.autograd.grad(accumulated, [hidden, weight])
+    g_whole = torch.autograd.grad(whole, [hidden, weight])
+    for a, b in zip(g_accumulated, g_whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_never_materializes_the_logits(device, monkeypatch):
+    # The largest tensor created in forward + backward must be far below (N, V).
+    # The PyTorch path's tiles are shrunk so that one tile is well below the logits here.
+    monkeypatch.setattr(module, "_TORCH_TILE_ROWS", 32)
+    monkeypatch.setattr(module, "_TORCH_TILE_COLS", 1024)
+    n_rows, hidden_size, vocab = 96, 16, 8192
+    hidden, weight, bias, target, _ = _make_case(n_rows, hidden_size, vocab, torch.float32, device,
+                                                 dict(bias=True), seed=6)
+    with TensorSizeTracker() as tracker:
+        loss = linear_cross_entropy(hidden, weight, target, bias=bias, label_smoothing=0.1)
+        loss.backward()
+    logits_bytes = n_rows * vocab * 4
+    assert tracker.largest_bytes < logits_bytes / 4, (
+        f"largest tensor {tracker.largest_shape} ({tracker.largest_op}) is a sizable fraction of the logits"
+    )
+    # Sanity: the same tracker does see the logits of the unfused reference.
+    with TensorSizeTracker() as stock:
+        linear_cross_entropy_ref(hidden, weight, target, bias=bias).backward()
+    assert stock.largest_bytes >= logits_bytes
+
+
+@pytest.mark.skipif(not interpreting(), reason="the shim exists only for the interpreter")
+def test_bf16_dot_shim_is_what_makes_bf16_right():
+    hidden, weight, _, target, _ = _make_case(37, 48, 300, torch.bfloat16, "cpu", {}, seed=8)
+    reference = linear_cross_entropy_ref(hidden.detach().double(), weight.detach().double(), target)
+    with_shim = linear_cross_entropy(hidden, weight, target)
+    with bf16_dot_shim_disabled():
+        without_shim = linear_cross_entropy(hidden, weight, target)
+    assert abs(with_shim.item() - reference.item()) < 0.05
+    assert not abs(without_shim.item() - reference.item()) < 1.0, "the interpreter's bf16 dot is no longer broken?"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_rows=st.integers(1, 40),
+    hidden_size=st.sampled_from([8, 16, 24, 40]),
+    vocab=st.integers(2, 600),
+    smoothing=st.sampled_from([0.0, 0.3]),
+    softcap=st.sampled_from([None, 3.0]),
+)
+def test_torch_path_property(n_rows, hidden_size, vocab, smoothing, softcap):
+    # Random shapes on the PyTorch path in float64; tiles forced small so every
+    # shape crosses tile edges.
+    generator = torch.Generator().manual_seed(n_rows * 1000 + vocab)
+    hidden = torch.randn(n_rows, hidden_size, generator=generator, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, vocab, (n_rows,), generator=generator)
+    old_tiles = module._TORCH_TILE_ROWS, module._TORCH_TILE_COLS
+    module._TORCH_TILE_ROWS, module._TORCH_TILE_COLS = 7, 33
+    try:
+        opts = module._Options(-100, smoothing, 1e-3, softcap)
+        with forced_backend("torch"):
+            loss = module.LinearCrossEntropyFunction.apply(
+                hidden.requires_grad_(), weight.requires_grad_(), None, target, opts
+            )
+            grads = torch.autograd.grad(loss.sum(), [hidden, weight])
+    finally:
+        module._TORCH_TILE_ROWS, module._TORCH_TILE_COLS = old_tiles
+    reference = linear_cross_entropy_ref(hidden, weight, target, label_smoothing=smoothing, z_loss=1e-3,
+                                         softcap=softcap, reduction="none")
+    # The PyTorch path computes in fp32 whatever the input dtype, as the kernels do.
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(grads, torch.autograd.grad(reference.sum(), [hidden, weight])):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# cross_entropy over existing logits
+# ----------------------------------------------------------------------------
+
+LOGIT_SHAPES = [(1, 2), (17, 3), (77, 300), (6, 1500)]
+
+
+@pytest.mark.parametrize("options_name", ["plain", "ignore+smoothing", "sum+everything", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LOGIT_SHAPES, ids=lambda s: "N{}xV{}".format(*s))
+def test_cross_entropy_matches_reference(device, shape, dtype, options_name):
+    options = {k: v for k, v in OPTION_SETS[options_name].items() if k != "bias"}
+    n_rows, vocab = shape
+    generator = torch.Generator().manual_seed(vocab)
+    logits = (3 * torch.randn(n_rows, vocab, generator=generator)).to(device=device, dtype=dtype).requires_grad_()
+    target = torch.randint(0, vocab, (n_rows,), generator=generator)
+    if options.pop("ignore_rows", False) and n_rows > 1:
+        target[::3] = -100
+    target = target.to(device)
+
+    loss = cross_entropy(logits, target, **options)
+    (grad,) = _grads(loss, [logits])
+    (loss64, (grad64,)), (stock, (stock_grad,)) = _reference_pair(
+        lambda x: cross_entropy_ref(x, target.cpu(), **options), [logits], options
+    )
+    assert_within_tolerance("loss", loss, loss64, stock, dtype)
+    assert grad.dtype == dtype
+    assert_within_tolerance("d_logits", grad, grad64, stock_grad, dtype)
+
+
+def test_cross_entropy_token_classification_shape(device):
+    logits = torch.randn(3, 5, 9, device=device, requires_grad=True)
+    target = torch.randint(0, 9, (3, 5), device=device)
+    target[0, :2] = -100
+    loss = cross_entropy(logits, target, reduction="none")
+    assert loss.shape == (3, 5)
+    assert torch.all(loss[0, :2] == 0)
+    torch.testing.assert_close(cross_entropy(logits, target), F.cross_entropy(logits.reshape(-1, 9), target.reshape(-1)))
+
+
+# ----------------------------------------------------------------------------
+# Bad input: a clear error naming the argument
+# ----------------------------------------------------------------------------
+
+
+def _good():
+    return torch.randn(4, 8), torch.randn(10, 8), torch.tensor([0, 3, 9, 1])
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda h, w, t, kw: (h.long(), w, t, kw), TypeError, "hidden must be float32"),
+        (lambda h, w, t, kw: (h, w.half(), t, kw), TypeError, "same dtype"),
+        (lambda h, w, t, kw: (h[:, :6], w, t, kw), ValueError, "hidden must be"),
+        (lambda h, w, t, kw: (h, w[0], t, kw), ValueError, "weight must be"),
+        (lambda h, w, t, kw: (h, w, t.float(), kw), TypeError, "target must hold int64"),
+        (lambda h, w, t, kw: (h, w, t[:3], kw), ValueError, "one entry per row"),
+        (lambda h, w, t, kw: (h, w, t + 10, kw), ValueError, r"target values must be in \[0, 10\)"),
+        (lambda h, w, t, kw: (h, w, t - 5, kw), ValueError, "target values"),
+        (lambda h, w, t, kw: (h, w, t, dict(reduction="avg")), ValueError, "reduction must be"),
+        (lambda h, w, t, kw: (h, w, t, dict(label_smoothing=1.5)), ValueError, "label_smoothing"),
+        (lambda h, w, t, kw: (h, w, t, dict(z_loss=-1.0)), ValueError, "z_loss"),
+        (lambda h, w, t, kw: (h, w, t, dict(softcap=0.0)), ValueError, "softcap"),
+        (lambda h, w, t, kw: (h, w, t, dict(reduction="sum", normalizer=3)), ValueError, "normalizer"),
+        (lambda h, w, t, kw: (h, w, t, dict(normalizer=0)), ValueError, "normalizer must be > 0"),
+        (lambda h, w, t, kw: (h, w, t, dict(bias=torch.randn(9))), ValueError, "bias must be"),
+        (lambda h, w, t, kw: (h.to("meta"), w, t, kw), ValueError, "hidden is on meta"),
+    ],
+)
+def test_linear_cross_entropy_bad_input(mutate, error, match):
+    hidden, weight, target, kwargs = mutate(*_good(), {})
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(hidden, weight, target, **kwargs)
+
+
+def test_cross_entropy_bad_input():
+    with pytest.raises(TypeError, match="logits must be"):
+        cross_entropy(torch.zeros(3, 4, dtype=torch.int32), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="target values"):
+        cross_entropy(torch.zeros(3, 4), torch.tensor([0, 4, 1]))
+    with pytest.raises(ValueError, match="one entry per row"):
+        cross_entropy(torch.zeros(3, 4), torch.tensor([0, 1]))
+
+
+def test_kernels_import_nothing_of_the_engine():
+    code = "import sys, ember.kernels; print(sorted(m for m in sys.modules if m.startswith(('ember.engine', 'ember.bench', 'transformers'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
