@@ -16,8 +16,10 @@ from torch.utils._pytree import tree_flatten
 class TensorSizeTracker(TorchDispatchMode):
     """Tracks the largest tensor (in bytes) created by any operator inside the block."""
 
-    def __init__(self) -> None:
+    def __init__(self, ignore_shapes=()) -> None:
+        """ignore_shapes: shapes not to count, e.g. a weight's own gradient, which any method creates."""
         super().__init__()
+        self.ignore_shapes = {tuple(shape) for shape in ignore_shapes}
         self.largest_bytes = 0
         self.largest_shape: tuple[int, ...] = ()
         self.largest_op = ""
@@ -25,7 +27,7 @@ class TensorSizeTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
+            if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) not in self.ignore_shapes:
                 size = tensor.numel() * tensor.element_size()
                 if size > self.largest_bytes:
                     self.largest_bytes, self.largest_shape, self.largest_op = size, tuple(tensor.shape), str(func)

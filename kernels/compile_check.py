@@ -7,7 +7,7 @@ cuobjdump bundled with Triton reads registers, shared and local memory and the
 instruction mix off the cubin. One row per kernel x case x config x arch; the
 exit status is non-zero when any row fails:
 
-- LOCAL > 0: registers spilled to local memory;
+- LOCAL or STACK > 0: registers spilled to local memory;
 - shared memory over the architecture's per-block limit;
 - a case that must use tensor cores has no HMMA (sm_80) or HMMA/HGMMA (sm_90).
 
@@ -59,7 +59,7 @@ def _cuobjdump() -> str:
 
 
 def _inspect_cubin(cubin: bytes) -> tuple[int, int, int, int, int]:
-    """(registers, static shared bytes, local bytes, HMMA count, HGMMA count) of a one-kernel cubin."""
+    """(registers, static shared bytes, local/stack bytes, HMMA count, HGMMA count) of a one-kernel cubin."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
@@ -73,7 +73,8 @@ def _inspect_cubin(cubin: bytes) -> tuple[int, int, int, int, int]:
 
     hgmma = len(re.findall(r"\bHGMMA\.", sass))
     hmma = len(re.findall(r"\bHMMA\.", sass))
-    return field("REG"), field("SHARED"), field("LOCAL"), hmma, hgmma
+    # ptxas puts spilled registers in the stack frame (STACK), also local memory.
+    return field("REG"), field("SHARED"), field("LOCAL") + field("STACK"), hmma, hgmma
 
 
 def _config_label(config) -> str:
@@ -88,6 +89,9 @@ def check_kernel(spec, case, config, arch: int) -> Row:
 
     row = Row(spec.name, case.name, _config_label(config), arch)
     fn = spec.kernel
+    if not isinstance(fn, triton.runtime.JITFunction):
+        row.problems.append("kernel was decorated under TRITON_INTERPRET=1: run the gate without it")
+        return row
     # Pointers are 16-byte aligned (PyTorch's allocator guarantees more), as the
     # JIT would specialize them at a real launch.
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]

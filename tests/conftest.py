@@ -57,13 +57,18 @@ triton_interpreter.InterpreterBuilder.create_dot = (
 
 
 @contextlib.contextmanager
-def bf16_dot_shim_disabled():
-    """Run the block with the interpreter's own (broken) bf16 dot."""
+def _bf16_dot_shim_disabled():
     _Bf16DotShim.enabled = False
     try:
         yield
     finally:
         _Bf16DotShim.enabled = True
+
+
+@pytest.fixture
+def bf16_dot_shim_disabled():
+    """A context manager: run its block with the interpreter's own (broken) bf16 dot."""
+    return _bf16_dot_shim_disabled
 
 
 # ----------------------------------------------------------------------------
@@ -103,7 +108,7 @@ def device(request):
 RELATIVE_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-def assert_within_tolerance(name, actual, reference64, stock, dtype):
+def _assert_within_tolerance(name, actual, reference64, stock, dtype):
     """actual and stock (PyTorch in `dtype`) against reference64 (PyTorch in float64)."""
     assert actual.shape == reference64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference64.shape)}"
     actual = actual.detach().double().cpu()
@@ -115,3 +120,9 @@ def assert_within_tolerance(name, actual, reference64, stock, dtype):
     assert ours <= 2 * theirs + atol, (
         f"{name}: max error {ours:.3g} exceeds 2 x stock PyTorch's {theirs:.3g} + atol {atol:.3g}"
     )
+
+
+@pytest.fixture
+def assert_within_tolerance():
+    """The tolerance rule: (name, actual, reference64, stock, dtype) -> None or AssertionError."""
+    return _assert_within_tolerance

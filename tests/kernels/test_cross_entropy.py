@@ -21,8 +21,6 @@ from ember.bench.memory import TensorSizeTracker
 from ember.kernels import cross_entropy, cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_ref
 from ember.kernels.backend import forced_backend, interpreting
 
-from ..conftest import assert_within_tolerance, bf16_dot_shim_disabled
-
 # The module, not the function of the same name that ember.kernels exports.
 module = importlib.import_module("ember.kernels.cross_entropy")
 
@@ -80,7 +78,7 @@ def _reference_pair(fn, inputs, kwargs):
 @pytest.mark.parametrize("options_name", list(OPTION_SETS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "N{}xH{}xV{}".format(*s))
-def test_linear_cross_entropy_matches_reference(device, shape, dtype, options_name):
+def test_linear_cross_entropy_matches_reference(device, shape, dtype, options_name, assert_within_tolerance):
     options = OPTION_SETS[options_name]
     hidden, weight, bias, target, kwargs = _make_case(*shape, dtype, device, options, seed=hash(options_name) % 1000)
 
@@ -99,7 +97,7 @@ def test_linear_cross_entropy_matches_reference(device, shape, dtype, options_na
 
 
 @pytest.mark.parametrize("vocab", [50257, 151936])
-def test_linear_cross_entropy_real_vocabularies(device, vocab):
+def test_linear_cross_entropy_real_vocabularies(device, vocab, assert_within_tolerance):
     if device == "cpu" and interpreting() and vocab > 60000:
         pytest.skip("the interpreter covers one real vocabulary; the largest runs on the PyTorch path and GPU")
     hidden, weight, bias, target, kwargs = _make_case(5, 16, vocab, torch.float16, device,
@@ -215,7 +213,7 @@ def test_never_materializes_the_logits(device, monkeypatch):
 
 
 @pytest.mark.skipif(not interpreting(), reason="the shim exists only for the interpreter")
-def test_bf16_dot_shim_is_what_makes_bf16_right():
+def test_bf16_dot_shim_is_what_makes_bf16_right(bf16_dot_shim_disabled):
     hidden, weight, _, target, _ = _make_case(37, 48, 300, torch.bfloat16, "cpu", {}, seed=8)
     reference = linear_cross_entropy_ref(hidden.detach().double(), weight.detach().double(), target)
     with_shim = linear_cross_entropy(hidden, weight, target)
@@ -269,7 +267,7 @@ LOGIT_SHAPES = [(1, 2), (17, 3), (77, 300), (6, 1500)]
 @pytest.mark.parametrize("options_name", ["plain", "ignore+smoothing", "sum+everything", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LOGIT_SHAPES, ids=lambda s: "N{}xV{}".format(*s))
-def test_cross_entropy_matches_reference(device, shape, dtype, options_name):
+def test_cross_entropy_matches_reference(device, shape, dtype, options_name, assert_within_tolerance):
     options = {k: v for k, v in OPTION_SETS[options_name].items() if k != "bias"}
     n_rows, vocab = shape
     generator = torch.Generator().manual_seed(vocab)
