@@ -137,15 +137,19 @@ def _softcap(logits, softcap):
 
 @triton.jit
 def _linear_logits_tile(
-    hidden_ptr, weight_ptr, bias_ptr,
-    rows, cols, row_mask, col_mask,
+    hidden_ptr, weight_ptr, bias_ptr,  # at the tile's first row / first column
+    row_mask, col_mask,
     H,
     stride_hn, stride_hh, stride_wv, stride_wh,
     softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    # The (BLOCK_N, BLOCK_V) tile hidden[rows] @ weight[cols].T (+ bias, softcap), fp32.
+    # The (BLOCK_N, BLOCK_V) tile hidden @ weight.T (+ bias, softcap), fp32.
+    # Offsets inside a tile are int32 (the callers move the base pointers in
+    # int64): per-element 64-bit addresses would take registers and spill.
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_V)
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
@@ -169,13 +173,15 @@ def _linear_logits_tile(
 @triton.jit
 def _fold_logits(logits, cols, col_mask, target, row_max, row_sumexp, target_logit, logit_sum):
     # Fold one logit tile into the running per-row max, sum of exp, target logit and sum.
+    # Columns outside the slice hold exactly 0 (every load feeding them is masked
+    # to 0, and softcap(0) = 0), so they add nothing to the target logit or the
+    # sum without a mask of their own; only the softmax must not see them. Fewer
+    # tile-sized temporaries is what keeps this free of register spills.
+    target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], logits, 0.0), axis=1)
+    logit_sum += tl.sum(logits, axis=1)
     logits = tl.where(col_mask[None, :], logits, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(logits, axis=1))
     row_sumexp = row_sumexp * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
-    # col_mask too: a tile may reach past its split, into a column that is the target.
-    is_target = (cols[None, :] == target[:, None]) & col_mask[None, :]
-    target_logit += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
-    logit_sum += tl.sum(tl.where(col_mask[None, :], logits, 0.0), axis=1)
     return new_max, row_sumexp, target_logit, logit_sum
 
 
@@ -217,10 +223,11 @@ def _linear_ce_fwd_kernel(
 ):
     # Softmax statistics of BLOCK_N rows over one vocabulary split.
     split = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_start = tl.program_id(0) * BLOCK_N
+    rows = row_start + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
-    rows = rows.to(tl.int64)
+    hidden_ptr += row_start.to(tl.int64) * stride_hn
     v_start = split * cols_per_split
     v_end = tl.minimum(v_start + cols_per_split, V)
 
@@ -232,7 +239,7 @@ def _linear_ce_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
         logits = _linear_logits_tile(
-            hidden_ptr, weight_ptr, bias_ptr, rows, cols.to(tl.int64), row_mask, col_mask, H,
+            hidden_ptr, weight_ptr + v0.to(tl.int64) * stride_wv, bias_ptr + v0, row_mask, col_mask, H,
             stride_hn, stride_hh, stride_wv, stride_wh, softcap,
             HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )
@@ -275,37 +282,44 @@ def _linear_ce_bwd_kernel(
         col_mask = cols < V
         target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        row_ids = rows.to(tl.int64)
-        col_ids = cols.to(tl.int64)
+        # Base pointers at the tile's first row and column; int32 offsets inside.
+        row_offset = (row_block * BLOCK_N).to(tl.int64)
+        col_offset = (col_block * BLOCK_V).to(tl.int64)
+        hidden_ptr += row_offset * stride_hn
+        weight_ptr += col_offset * stride_wv
+        dhidden_ptr += row_offset * H
+        dweight_ptr += col_offset * H
         logits = _linear_logits_tile(
-            hidden_ptr, weight_ptr, bias_ptr, row_ids, col_ids, row_mask, col_mask, H,
+            hidden_ptr, weight_ptr, bias_ptr + col_offset, row_mask, col_mask, H,
             stride_hn, stride_hh, stride_wv, stride_wh, softcap,
             HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )
         dlogits = _dlogits(logits, cols, col_mask, target, lse, dloss, V, softcap, label_smoothing, z_loss,
                            HAS_SOFTCAP)
         if HAS_BIAS:
-            tl.atomic_add(dbias_ptr + col_ids, tl.sum(dlogits, axis=0), mask=col_mask)
+            tl.atomic_add(dbias_ptr + cols, tl.sum(dlogits, axis=0), mask=col_mask)
         # Tensor cores take the gradient tile in the input dtype, as the unfused
         # backward does; the products accumulate in fp32.
         dlogits = dlogits.to(hidden_ptr.dtype.element_ty)
+        tile_rows = tl.arange(0, BLOCK_N)
+        tile_cols = tl.arange(0, BLOCK_V)
         for h0 in range(0, H, BLOCK_H):
             hs = h0 + tl.arange(0, BLOCK_H)
             h_mask = hs < H
             w = tl.load(
-                weight_ptr + col_ids[:, None] * stride_wv + hs[None, :] * stride_wh,
+                weight_ptr + tile_cols[:, None] * stride_wv + hs[None, :] * stride_wh,
                 mask=col_mask[:, None] & h_mask[None, :], other=0.0,
             )  # (BLOCK_V, BLOCK_H)
             dhidden = tl.dot(dlogits, w, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_H)
-            tl.atomic_add(dhidden_ptr + row_ids[:, None] * H + hs[None, :], dhidden,
+            tl.atomic_add(dhidden_ptr + tile_rows[:, None] * H + hs[None, :], dhidden,
                           mask=row_mask[:, None] & h_mask[None, :])
             if COMPUTE_DWEIGHT:
                 x = tl.load(
-                    hidden_ptr + row_ids[:, None] * stride_hn + hs[None, :] * stride_hh,
+                    hidden_ptr + tile_rows[:, None] * stride_hn + hs[None, :] * stride_hh,
                     mask=row_mask[:, None] & h_mask[None, :], other=0.0,
                 )  # (BLOCK_N, BLOCK_H)
                 dweight = tl.dot(tl.trans(dlogits), x, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
-                tl.atomic_add(dweight_ptr + col_ids[:, None] * H + hs[None, :], dweight,
+                tl.atomic_add(dweight_ptr + tile_cols[:, None] * H + hs[None, :], dweight,
                               mask=col_mask[:, None] & h_mask[None, :])
 
 
@@ -438,17 +452,19 @@ def _register_linear(name, kernel, configs_16bit, configs_fp32, key, case_args, 
     }
 
 
-_FP32_TILES = [(32, 64, 32, 4, 2), (64, 64, 32, 4, 3), (64, 128, 32, 8, 3)]  # BLOCK_N, _V, _H, warps, stages
+# Every config passes the compile gate (no spills) on sm_80 and sm_90. Larger
+# tiles (BLOCK_H 64 with 4 warps, 128x128) spill: the online softmax's and the
+# gradient's tile-sized temporaries come on top of the accumulator.
+_FP32_FWD_TILES = [(32, 64, 16, 4, 2), (16, 64, 32, 4, 2)]  # BLOCK_N, _V, _H, warps, stages
+_FP32_BWD_TILES = [(32, 64, 32, 8, 2), (32, 32, 32, 4, 2)]
 
 _LINEAR_CE_FWD = _register_linear(
     "linear_cross_entropy_fwd", _linear_ce_fwd_kernel,
     configs_16bit=[
-        _matmul_config(64, 128, 64, warps=4, stages=3),
-        _matmul_config(128, 128, 64, warps=8, stages=3),
-        _matmul_config(128, 256, 64, warps=8, stages=3),
-        _matmul_config(64, 256, 64, warps=8, stages=4),
+        _matmul_config(64, 128, 32, warps=8, stages=3),
+        _matmul_config(128, 64, 32, warps=8, stages=3),
     ],
-    configs_fp32=[_matmul_config(n, v, h, warps=w, stages=s) for n, v, h, w, s in _FP32_TILES],
+    configs_fp32=[_matmul_config(n, v, h, warps=w, stages=s) for n, v, h, w, s in _FP32_FWD_TILES],
     key=["V", "H", "HAS_BIAS", "HAS_SOFTCAP"],
     case_args=(
         "hidden_ptr weight_ptr bias_ptr",
@@ -462,12 +478,12 @@ _LINEAR_CE_FWD = _register_linear(
 _LINEAR_CE_BWD = _register_linear(
     "linear_cross_entropy_bwd", _linear_ce_bwd_kernel,
     configs_16bit=[
-        _matmul_config(64, 128, 64, warps=4, stages=3, GROUP_N=8),
-        _matmul_config(128, 128, 64, warps=8, stages=3, GROUP_N=8),
-        _matmul_config(64, 256, 64, warps=8, stages=3, GROUP_N=8),
-        _matmul_config(128, 128, 128, warps=8, stages=2, GROUP_N=8),
+        _matmul_config(64, 128, 32, warps=8, stages=3, GROUP_N=8),
+        _matmul_config(128, 64, 32, warps=8, stages=3, GROUP_N=8),
+        _matmul_config(64, 64, 64, warps=8, stages=3, GROUP_N=8),
+        _matmul_config(64, 64, 32, warps=8, stages=3, GROUP_N=8),
     ],
-    configs_fp32=[_matmul_config(n, v, h, warps=w, stages=s, GROUP_N=8) for n, v, h, w, s in _FP32_TILES],
+    configs_fp32=[_matmul_config(n, v, h, warps=w, stages=s, GROUP_N=8) for n, v, h, w, s in _FP32_BWD_TILES],
     key=["V", "H", "HAS_BIAS", "HAS_SOFTCAP", "COMPUTE_DWEIGHT"],
     case_args=(
         "hidden_ptr weight_ptr bias_ptr",
