@@ -227,7 +227,7 @@ def _linear_ce_fwd_kernel(
     rows = row_start + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
-    hidden_ptr += row_start.to(tl.int64) * stride_hn
+    hidden_ptr += tl.cast(row_start, tl.int64) * stride_hn
     v_start = split * cols_per_split
     v_end = tl.minimum(v_start + cols_per_split, V)
 
@@ -239,7 +239,7 @@ def _linear_ce_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
         logits = _linear_logits_tile(
-            hidden_ptr, weight_ptr + v0.to(tl.int64) * stride_wv, bias_ptr + v0, row_mask, col_mask, H,
+            hidden_ptr, weight_ptr + tl.cast(v0, tl.int64) * stride_wv, bias_ptr + v0, row_mask, col_mask, H,
             stride_hn, stride_hh, stride_wv, stride_wh, softcap,
             HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )
@@ -283,8 +283,8 @@ def _linear_ce_bwd_kernel(
         target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         # Base pointers at the tile's first row and column; int32 offsets inside.
-        row_offset = (row_block * BLOCK_N).to(tl.int64)
-        col_offset = (col_block * BLOCK_V).to(tl.int64)
+        row_offset = tl.cast(row_block * BLOCK_N, tl.int64)
+        col_offset = tl.cast(col_block * BLOCK_V, tl.int64)
         hidden_ptr += row_offset * stride_hn
         weight_ptr += col_offset * stride_wv
         dhidden_ptr += row_offset * H
