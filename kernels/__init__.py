@@ -6,6 +6,7 @@ interpreter on CPU when ``TRITON_INTERPRET=1``, otherwise a PyTorch
 implementation of the same algorithm.
 """
 
+from .attention import attention_ref, flash_attention, flash_attention_varlen
 from .cross_entropy import (
     LinearCrossEntropyLoss,
     cross_entropy,
@@ -15,6 +16,9 @@ from .cross_entropy import (
 )
 
 __all__ = [
+    "attention_ref",
+    "flash_attention",
+    "flash_attention_varlen",
     "LinearCrossEntropyLoss",
     "cross_entropy",
     "cross_entropy_ref",

@@ -1,0 +1,1001 @@
+"""Fused attention, forward and backward, in the FlashAttention-2 manner.
+
+What is fused. Attention ``softmax(q k^T * scale + mask) v`` normally
+materializes the (Sq, Sk) scores and probabilities per head, and keeps the
+probabilities for the backward: at S=8192 that is 256 MiB per head in fp32.
+Here they only ever exist one (BLOCK_M, BLOCK_N) tile at a time, in registers:
+
+- forward: one program per (BLOCK_M queries, sequence, query head) walks the
+  key blocks its queries may see, folding each score tile into an online
+  softmax in fp32 (running max, running sum, rescaled output accumulator). Only
+  the per-row log-sum-exp is stored for the backward.
+- backward, deterministic (no atomics, so two runs give bitwise-equal
+  gradients): a dq pass, one program per query block, recomputes the score
+  tiles from q, k and the saved log-sum-exp and accumulates dq in registers; it
+  also stores delta = rowsum(dO * O). Then a dk/dv pass, one program per (key
+  block, kv head), walks every query block of every query head of its group and
+  accumulates dk and dv in registers: grouped-query attention never repeats
+  k/v, and the group's sum for dk/dv is formed in place.
+
+Masks are computed from positions, never stored: padding (a (B, Sk) key mask,
+or packed sequences through cu_seqlens), causal, and a sliding window, all
+expressed as one band around the diagonal. Dropout bits come from a
+counter-based generator (Philox, keyed by a seed and the (head, query, key)
+position), so the backward regenerates the mask without storing it.
+
+Extra memory is O(B * H * S): the log-sum-exp and delta, fp32.
+
+Cost and where it stops being fast: the backward recomputes the scores twice
+(once per pass), so it costs about 3.5x the forward where a single pass with
+atomic dq costs 2.5x; that is the price of bitwise determinism. The key-side
+masks are applied on every tile rather than only on the diagonal ones. fp32
+inputs take three TF32 tensor-core passes per dot (tf32x3, close to fp32
+accuracy) with small tiles: correct, slow; train in 16-bit.
+Head dims that are not powers of two (80, 96) are padded to the next one in
+registers, so they cost as much as 128.
+
+The kernels carry one constexpr per mask or score option (varlen, band, key
+padding, softcap, dropout). Each is a few lines at a fixed place in the same
+loop; splitting them would give near-identical kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .backend import use_triton
+from .launch import CompileCase, KernelSpec, launch, register
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+MAX_FP32_HEAD_DIM = 64
+
+# A window side with no limit: far past any sequence, far from int32 overflow
+# when added to positions inside the kernels.
+_UNBOUNDED = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    softmax_scale: float
+    # (left, right): query i sees keys j with -left <= j - (i + Sk - Sq) <= right;
+    # causal is (unbounded, 0). None: every key.
+    band: tuple[int, int] | None
+    softcap: float | None
+    dropout_p: float
+
+
+@dataclasses.dataclass
+class _Problem:
+    """Where the sequences are: a padded batch (B, H, S, D), or packed tokens (T, H, D)."""
+
+    batch: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    seqlen_q: int  # the (maximum) query length
+    seqlen_k: int  # the (maximum) key length
+    cu_seqlens_q: torch.Tensor | None = None  # (batch + 1,) int32, packed only
+    cu_seqlens_k: torch.Tensor | None = None
+    key_padding_mask: torch.Tensor | None = None  # (batch, seqlen_k) bool, padded only
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+
+# ----------------------------------------------------------------------------
+# Reference: plain PyTorch, every (Sq, Sk) matrix materialized. The tests run it
+# in float64 as ground truth, and in the input dtype as "stock PyTorch".
+# ----------------------------------------------------------------------------
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of (B, Hq, Sq, D) queries over (B, Hkv, Sk, D) keys, computed plainly.
+
+    Same semantics as ``flash_attention``; ``dropout_mask`` (B, Hq, Sq, Sk) bool
+    (True = keep) stands in for the generator. Rows with no visible key give 0.
+    """
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)  # (B, Hq, Sk, D)
+    v = v.repeat_interleave(group, dim=1)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    allowed = _allowed_ref(q.shape[2], k.shape[2], _band(causal, window), key_padding_mask, q.device)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key: 0, not NaN
+    if dropout_mask is not None:
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    return probs @ v
+
+
+def _allowed_ref(seqlen_q, seqlen_k, band, key_padding_mask, device, rows=None):
+    """(B or 1, 1, rows, Sk) bool: which keys each query may see. ``rows``: query positions (default all)."""
+    rows = torch.arange(seqlen_q, device=device) if rows is None else rows
+    cols = torch.arange(seqlen_k, device=device)
+    allowed = torch.ones(len(rows), seqlen_k, dtype=torch.bool, device=device)
+    if band is not None:
+        relative = cols[None, :] - (rows[:, None] + seqlen_k - seqlen_q)
+        allowed = (relative <= band[1]) & (relative >= -band[0])
+    allowed = allowed[None, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    return allowed
+
+
+def _band(causal: bool, window: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Causal and a window as one band around the (bottom-right aligned) diagonal."""
+    if not causal and window is None:
+        return None
+    left, right = window if window is not None else (-1, -1)
+    left = _UNBOUNDED if left < 0 else left
+    right = _UNBOUNDED if right < 0 else right
+    if causal:
+        right = min(right, 0)
+    return left, right
+
+
+# ----------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _tanh(x):
+    # Through the sigmoid: tl has no tanh that also runs in the interpreter.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    # (first token, length) of sequence b's queries and keys.
+    if IS_VARLEN:
+        q_start = tl.load(cu_seqlens_q_ptr + b)
+        q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
+        k_start = tl.load(cu_seqlens_k_ptr + b)
+        k_len = tl.load(cu_seqlens_k_ptr + b + 1) - k_start
+    else:
+        q_start = 0
+        q_len = seqlen_q
+        k_start = 0
+        k_len = seqlen_k
+    return q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def _head_base(ptr, b, h, start, stride_b, stride_h, stride_m):
+    # Offsets in int64: B * H * S * D passes 2**31 elements at real sizes.
+    return (ptr + tl.cast(b, tl.int64) * stride_b + tl.cast(h, tl.int64) * stride_h
+            + tl.cast(start, tl.int64) * stride_m)
+
+
+@triton.jit
+def _load_rows(base, num_rows, stride_row, first_row, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    # Rows first_row.. of one head's (num_rows, HEAD_DIM) matrix as a (BLOCK_ROWS, BLOCK_D) tile, zero outside.
+    rows = first_row + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    return tl.load(base + rows[:, None] * stride_row + cols[None, :],
+                   mask=(rows[:, None] < num_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_rows(base, tile, num_rows, stride_row, first_row, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    rows = first_row + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    tl.store(base + rows[:, None] * stride_row + cols[None, :], tile.to(base.dtype.element_ty),
+             mask=(rows[:, None] < num_rows) & (cols[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _allowed(q_pos, k_pos, q_len, k_len, window_left, window_right, kpm_row_ptr,
+             HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr):
+    # Which (query, key) pairs of a tile count. q_pos and k_pos broadcast to the
+    # tile: (M, 1) and (1, N) in the forward and dq passes, transposed in dk/dv.
+    allowed = (q_pos < q_len) & (k_pos < k_len)
+    if HAS_BAND:
+        relative = k_pos - (q_pos + (k_len - q_len))  # causal aligns to the bottom right
+        allowed = allowed & (relative <= window_right) & (relative >= -window_left)
+    if HAS_KPM:
+        allowed = allowed & (tl.load(kpm_row_ptr + k_pos, mask=k_pos < k_len, other=0) != 0)
+    return allowed
+
+
+@triton.jit
+def _dropout_keep(seed, head, q_pos, k_pos, seqlen_k, dropout_p):
+    # One Philox draw per (head, query, key): the forward and both backward
+    # passes regenerate the same bits. Positions wrap past 2**31 pairs per head.
+    return tl.rand(seed + head, q_pos * seqlen_k + k_pos) >= dropout_p
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kpm_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km, stride_vb, stride_vh, stride_vm,
+    stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_kpm_b,
+    seqlen_q, seqlen_k, num_heads, group_size,
+    softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program: the output and log-sum-exp of BLOCK_M queries of one (sequence, query head).
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    q_start, q_len, k_start, k_len = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, seqlen_q, seqlen_k, IS_VARLEN)
+    if start_m >= q_len:
+        return
+    kv_head = h // group_size
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_base = _head_base(q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm)
+    k_base = _head_base(k_ptr, b, kv_head, k_start, stride_kb, stride_kh, stride_km)
+    v_base = _head_base(v_ptr, b, kv_head, k_start, stride_vb, stride_vh, stride_vm)
+    kpm_row_ptr = kpm_ptr + tl.cast(b, tl.int64) * stride_kpm_b
+    q = _load_rows(q_base, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+
+    # Scores are kept in log2 units so the exponentials are exp2.
+    qk_scale = softmax_scale * _LOG2E
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = 0
+    hi = k_len
+    if HAS_BAND:  # only the key blocks that intersect the band
+        lo = tl.maximum(start_m + (k_len - q_len) - window_left, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(start_m + BLOCK_M + (k_len - q_len) + window_right, k_len)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if HAS_SOFTCAP:
+            scores = _tanh(qk * (softmax_scale / softcap)) * (softcap * _LOG2E)
+        else:
+            scores = qk * qk_scale
+        allowed = _allowed(offs_m[:, None], offs_n[None, :], q_len, k_len, window_left, window_right, kpm_row_ptr,
+                           HAS_BAND, HAS_KPM)
+        scores = tl.where(allowed, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        # Rows that have seen no key yet keep max -inf; exponentiate against 0 so they stay 0, not NaN.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp2(row_max - safe_max)
+        probs = tl.exp2(scores - safe_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(probs, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p)
+            probs = tl.where(keep, probs, 0.0)
+        v = _load_rows(v_base, k_len, stride_vm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    # A row that sees no key at all (padding, or causal with Sq > Sk) gives 0 and lse -inf.
+    seen = row_sum > 0.0
+    safe_sum = tl.where(seen, row_sum, 1.0)
+    out = acc / safe_sum[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    lse = tl.where(seen, (row_max + tl.log2(safe_sum)) * _LN2, float("-inf"))
+    out_base = _head_base(out_ptr, b, h, q_start, stride_ob, stride_oh, stride_om)
+    _store_rows(out_base, out, q_len, stride_om, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+    lse_base = lse_ptr + tl.cast(b, tl.int64) * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start
+    tl.store(lse_base + offs_m, lse, mask=offs_m < q_len)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, kpm_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km, stride_vb, stride_vh, stride_vm,
+    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
+    stride_lb, stride_lh, stride_kpm_b,
+    seqlen_q, seqlen_k, num_heads, group_size,
+    softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program: dq for BLOCK_M queries of one (sequence, query head), and
+    # their delta = rowsum(dO * O), which the dk/dv pass reads.
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    q_start, q_len, k_start, k_len = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, seqlen_q, seqlen_k, IS_VARLEN)
+    if start_m >= q_len:
+        return
+    kv_head = h // group_size
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_base = _head_base(q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm)
+    k_base = _head_base(k_ptr, b, kv_head, k_start, stride_kb, stride_kh, stride_km)
+    v_base = _head_base(v_ptr, b, kv_head, k_start, stride_vb, stride_vh, stride_vm)
+    kpm_row_ptr = kpm_ptr + tl.cast(b, tl.int64) * stride_kpm_b
+    q = _load_rows(q_base, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+    out = _load_rows(_head_base(out_ptr, b, h, q_start, stride_ob, stride_oh, stride_om), q_len, stride_om,
+                     start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+    dout = _load_rows(_head_base(dout_ptr, b, h, q_start, stride_dob, stride_doh, stride_dom), q_len, stride_dom,
+                      start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+    delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), 1)  # (BLOCK_M,)
+    row_offset = tl.cast(b, tl.int64) * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start
+    tl.store(delta_ptr + row_offset + offs_m, delta, mask=offs_m < q_len)
+    lse = tl.load(lse_ptr + row_offset + offs_m, mask=offs_m < q_len, other=0.0)
+    # Rows that saw no key have lse -inf; +inf makes every probability exp2(-inf) = 0.
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+
+    qk_scale = softmax_scale * _LOG2E
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = 0
+    hi = k_len
+    if HAS_BAND:
+        lo = tl.maximum(start_m + (k_len - q_len) - window_left, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(start_m + BLOCK_M + (k_len - q_len) + window_right, k_len)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+        v = _load_rows(v_base, k_len, stride_vm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if HAS_SOFTCAP:
+            capped = _tanh(qk * (softmax_scale / softcap))
+            scores = capped * (softcap * _LOG2E)
+        else:
+            scores = qk * qk_scale
+        allowed = _allowed(offs_m[:, None], offs_n[None, :], q_len, k_len, window_left, window_right, kpm_row_ptr,
+                           HAS_BAND, HAS_KPM)
+        probs = tl.exp2(tl.where(allowed, scores, float("-inf")) - lse[:, None])
+        dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p)
+            dprobs = tl.where(keep, dprobs * (1.0 / (1.0 - dropout_p)), 0.0)
+        dscores = probs * (dprobs - delta[:, None])
+        if HAS_SOFTCAP:
+            dscores = dscores * (1.0 - capped * capped)
+        dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq = dq * softmax_scale
+    dq_base = _head_base(dq_ptr, b, h, q_start, stride_dqb, stride_dqh, stride_dqm)
+    _store_rows(dq_base, dq, q_len, stride_dqm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kpm_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km, stride_vb, stride_vh, stride_vm,
+    stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkm, stride_dvb, stride_dvh, stride_dvm,
+    stride_lb, stride_lh, stride_kpm_b,
+    seqlen_q, seqlen_k, num_heads, group_size,
+    softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program: dk and dv for BLOCK_N keys of one (sequence, kv head),
+    # summed over the query heads of its group and every query that sees them.
+    # Tiles are transposed, (BLOCK_N, BLOCK_M), so dk and dv come out of plain dots.
+    start_n = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1)
+    num_kv_heads = num_heads // group_size
+    b = bkv // num_kv_heads
+    kv_head = bkv % num_kv_heads
+    q_start, q_len, k_start, k_len = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, seqlen_q, seqlen_k, IS_VARLEN)
+    if start_n >= k_len:
+        return
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(_head_base(k_ptr, b, kv_head, k_start, stride_kb, stride_kh, stride_km), k_len, stride_km,
+                   start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+    v = _load_rows(_head_base(v_ptr, b, kv_head, k_start, stride_vb, stride_vh, stride_vm), k_len, stride_vm,
+                   start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+    kpm_row_ptr = kpm_ptr + tl.cast(b, tl.int64) * stride_kpm_b
+
+    qk_scale = softmax_scale * _LOG2E
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    hi = q_len
+    if HAS_BAND:  # only the query blocks whose band reaches these keys
+        lo = tl.maximum(start_n - (k_len - q_len) - window_right, 0) // BLOCK_M * BLOCK_M
+        hi = tl.minimum(start_n + BLOCK_N - (k_len - q_len) + window_left, q_len)
+    for g in range(group_size):
+        h = kv_head * group_size + g
+        q_base = _head_base(q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm)
+        dout_base = _head_base(dout_ptr, b, h, q_start, stride_dob, stride_doh, stride_dom)
+        row_offset = tl.cast(b, tl.int64) * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = _load_rows(q_base, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+            dout = _load_rows(dout_base, q_len, stride_dom, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+            lse = tl.load(lse_ptr + row_offset + offs_m, mask=offs_m < q_len, other=0.0)
+            lse = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+            delta = tl.load(delta_ptr + row_offset + offs_m, mask=offs_m < q_len, other=0.0)
+            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            if HAS_SOFTCAP:
+                capped_t = _tanh(qk_t * (softmax_scale / softcap))
+                scores_t = capped_t * (softcap * _LOG2E)
+            else:
+                scores_t = qk_t * qk_scale
+            allowed_t = _allowed(offs_m[None, :], offs_n[:, None], q_len, k_len, window_left, window_right,
+                                 kpm_row_ptr, HAS_BAND, HAS_KPM)
+            probs_t = tl.exp2(tl.where(allowed_t, scores_t, float("-inf")) - lse[None, :])
+            dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                keep_t = _dropout_keep(seed, b * num_heads + h, offs_m[None, :], offs_n[:, None], seqlen_k,
+                                       dropout_p)
+                dropped_t = tl.where(keep_t, probs_t * (1.0 / (1.0 - dropout_p)), 0.0)
+                dv += tl.dot(dropped_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
+                dprobs_t = tl.where(keep_t, dprobs_t * (1.0 / (1.0 - dropout_p)), 0.0)
+            else:
+                dv += tl.dot(probs_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
+            dscores_t = probs_t * (dprobs_t - delta[None, :])
+            if HAS_SOFTCAP:
+                dscores_t = dscores_t * (1.0 - capped_t * capped_t)
+            dk += tl.dot(dscores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    dk = dk * softmax_scale
+    _store_rows(_head_base(dk_ptr, b, kv_head, k_start, stride_dkb, stride_dkh, stride_dkm), dk, k_len, stride_dkm,
+                start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+    _store_rows(_head_base(dv_ptr, b, kv_head, k_start, stride_dvb, stride_dvh, stride_dvm), dv, k_len, stride_dvm,
+                start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------
+# Kernel specs: configs as data (see launch.py). Variants per kernel: 16-bit
+# with head dims up to 128 or up to 256 (smaller tiles, or the accumulators
+# spill), each with and without dropout (Philox keeps four 32-bit words per
+# score in flight: dropout takes smaller tiles), and fp32. fp32 dots run as
+# three TF32 tensor-core passes (tf32x3, close to fp32 accuracy): exact
+# CUDA-core dots need each thread to hold whole rows of D and spill at any tile.
+# Every config passes the compile gate on sm_80 and sm_90.
+# ----------------------------------------------------------------------------
+
+_TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_DOT_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "tf32x3"}  # tf32: unused for 16-bit
+
+_COMMON_ARGS = (
+    "seqlen_q seqlen_k num_heads group_size softmax_scale softcap window_left window_right dropout_p seed",
+    "i32 i32 i32 i32 fp32 fp32 i32 i32 fp32 i64",
+)
+_KERNEL_ARGS = {
+    "fwd": ("q_ptr k_ptr v_ptr out_ptr lse_ptr kpm_ptr cu_seqlens_q_ptr cu_seqlens_k_ptr", "T T T T fp32 i8 i32 i32",
+            "q k v o l kpm"),
+    "dq": ("q_ptr k_ptr v_ptr out_ptr dout_ptr lse_ptr delta_ptr dq_ptr kpm_ptr cu_seqlens_q_ptr cu_seqlens_k_ptr",
+           "T T T T T fp32 fp32 T i8 i32 i32", "q k v o do dq l kpm"),
+    "dkdv": ("q_ptr k_ptr v_ptr dout_ptr lse_ptr delta_ptr dk_ptr dv_ptr kpm_ptr cu_seqlens_q_ptr cu_seqlens_k_ptr",
+             "T T T T fp32 fp32 T T i8 i32 i32", "q k v do dk dv l kpm"),
+}
+
+
+def _stride_names(tensors: str) -> list[str]:
+    suffixes = {"l": ("b", "h"), "kpm": ("_b",)}
+    return [f"stride_{t}{s}" for t in tensors.split() for s in suffixes.get(t, ("b", "h", "m"))]
+
+
+def _compile_case(kernel: str, dtype: torch.dtype, head_dim: int, **flags: bool) -> CompileCase:
+    pointers, pointer_types, strided = _KERNEL_ARGS[kernel]
+    element = _TRITON_DTYPE[dtype]
+    signature = {name: "*" + ty.replace("T", element) for name, ty in zip(pointers.split(), pointer_types.split())}
+    signature.update({name: "i32" for name in _stride_names(strided)})
+    signature.update(zip(_COMMON_ARGS[0].split(), _COMMON_ARGS[1].split()))
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), DOT_PRECISION=_DOT_PRECISION[dtype],
+                      IS_VARLEN=False, HAS_BAND=False, HAS_KPM=False, HAS_SOFTCAP=False, HAS_DROPOUT=False)
+    constexprs.update({name.upper(): value for name, value in flags.items()})
+    label = ",".join([element, f"d{head_dim}"] + [name.removeprefix("has_") for name, value in flags.items() if value])
+    return CompileCase(name=label, signature=signature, constexprs=constexprs, tensor_cores=True)
+
+
+def _cases(kernel: str, variant: str) -> list[CompileCase]:
+    # The plainest and the heaviest specializations of each variant.
+    masks = dict(has_band=True, has_kpm=True, has_softcap=True)
+    case = functools.partial(_compile_case, kernel)
+    return {
+        "d128": [case(torch.bfloat16, 128, has_band=True), case(torch.float16, 128, **masks),
+                 case(torch.bfloat16, 96, is_varlen=True, has_band=True)],
+        "d128_dropout": [case(torch.float16, 128, **masks, has_dropout=True),
+                         case(torch.bfloat16, 64, has_dropout=True)],
+        "d256": [case(torch.bfloat16, 256, has_band=True), case(torch.float16, 256, **masks)],
+        "d256_dropout": [case(torch.float16, 256, **masks, has_dropout=True)],
+        "fp32": [case(torch.float32, 64, **masks, has_dropout=True), case(torch.float32, 32, has_band=True)],
+    }[variant]
+
+
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n), num_warps=warps, num_stages=stages)
+
+
+_CONFIGS = {
+    ("fwd", "d128"): [_config(64, 64, 8, 3)],
+    ("fwd", "d128_dropout"): [_config(64, 32, 4, 3)],
+    ("fwd", "d256"): [_config(32, 32, 4, 2)],
+    ("fwd", "d256_dropout"): [_config(32, 32, 4, 2)],
+    ("fwd", "fp32"): [_config(16, 16, 4, 1)],
+    ("dq", "d128"): [_config(32, 64, 4, 2), _config(32, 32, 4, 2)],
+    ("dq", "d128_dropout"): [_config(32, 32, 4, 2)],
+    ("dq", "d256"): [_config(32, 64, 8, 1)],
+    ("dq", "d256_dropout"): [_config(32, 64, 8, 1)],
+    ("dq", "fp32"): [_config(16, 16, 4, 1)],
+    ("dkdv", "d128"): [_config(64, 32, 8, 2), _config(32, 32, 8, 2)],
+    ("dkdv", "d128_dropout"): [_config(32, 32, 8, 2)],
+    ("dkdv", "d256"): [_config(32, 32, 8, 1)],
+    ("dkdv", "d256_dropout"): [_config(16, 32, 8, 1)],
+    ("dkdv", "fp32"): [_config(16, 16, 4, 1)],
+}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}
+# Not keyed on sequence lengths: packed batches change their maximum length every step.
+_AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "HAS_BAND", "HAS_KPM", "HAS_SOFTCAP", "HAS_DROPOUT"]
+
+_SPECS = {
+    (kernel, variant): register(KernelSpec(
+        name=f"attention_{kernel}_{variant}",
+        kernel=_KERNELS[kernel],
+        configs=configs,
+        key=_AUTOTUNE_KEY,
+        compile_cases=_cases(kernel, variant),
+    ))
+    for (kernel, variant), configs in _CONFIGS.items()
+}
+
+
+def _spec(kernel: str, dtype: torch.dtype, head_dim: int, dropout: bool) -> KernelSpec:
+    if dtype == torch.float32:
+        return _SPECS[kernel, "fp32"]
+    variant = ("d128" if head_dim <= 128 else "d256") + ("_dropout" if dropout else "")
+    return _SPECS[kernel, variant]
+
+
+# ----------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------
+
+
+def _bhm_strides(t: torch.Tensor, problem: _Problem) -> tuple[int, int, int]:
+    """(batch, head, position) strides: (B, H, S, D) padded, or (T, H, D) packed (batch stride 0)."""
+    if problem.varlen:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _lse_strides(problem: _Problem, lse: torch.Tensor) -> tuple[int, int]:
+    """(batch, head) strides of the log-sum-exp; its positions are contiguous."""
+    return (0, lse.stride(0)) if problem.varlen else (lse.stride(0), lse.stride(1))
+
+
+def _lse_shape(problem: _Problem, q: torch.Tensor) -> tuple[int, ...]:
+    if problem.varlen:
+        return (problem.num_heads, q.shape[0])  # (Hq, T), as flash-attn
+    return (problem.batch, problem.num_heads, problem.seqlen_q)
+
+
+def _shared_args(problem: _Problem, opts: _Options, seed: int, q: torch.Tensor) -> tuple[list, dict]:
+    """Arguments after the strided tensors: mask strides, shapes, options, and the constexpr flags."""
+    left, right = opts.band if opts.band is not None else (_UNBOUNDED, _UNBOUNDED)
+    kpm = problem.key_padding_mask
+    scalars = [
+        kpm.stride(0) if kpm is not None else 0,
+        problem.seqlen_q, problem.seqlen_k, problem.num_heads, problem.num_heads // problem.num_kv_heads,
+        opts.softmax_scale, opts.softcap or 1.0, left, right, opts.dropout_p, seed,
+    ]
+    flags = dict(
+        HEAD_DIM=problem.head_dim, IS_VARLEN=problem.varlen, HAS_BAND=opts.band is not None,
+        HAS_KPM=kpm is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_DROPOUT=opts.dropout_p > 0,
+        DOT_PRECISION=_DOT_PRECISION[q.dtype], BLOCK_D=triton.next_power_of_2(problem.head_dim),
+    )
+    return scalars, flags
+
+
+def _mask_pointers(problem: _Problem, q: torch.Tensor) -> list[torch.Tensor]:
+    # Unused pointer arguments get q: the kernels never read them.
+    kpm = problem.key_padding_mask
+    kpm = kpm.view(torch.int8) if kpm is not None else q
+    return [kpm, problem.cu_seqlens_q if problem.varlen else q, problem.cu_seqlens_k if problem.varlen else q]
+
+
+def _triton_fwd(q, k, v, problem: _Problem, opts: _Options, seed: int):
+    out = torch.empty_like(q)  # keeps q's memory layout: HF's (B, S, H, D) transposed views stay free
+    lse = torch.empty(_lse_shape(problem, q), dtype=torch.float32, device=q.device)
+    scalars, flags = _shared_args(problem, opts, seed, q)
+    launch(
+        _spec("fwd", q.dtype, problem.head_dim, opts.dropout_p > 0),
+        lambda meta: (triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), problem.batch * problem.num_heads),
+        q, k, v, out, lse, *_mask_pointers(problem, q),
+        *_bhm_strides(q, problem), *_bhm_strides(k, problem), *_bhm_strides(v, problem),
+        *_bhm_strides(out, problem), *_lse_strides(problem, lse),
+        *scalars, **flags,
+    )
+    return out, lse
+
+
+def _triton_bwd(dout, q, k, v, out, lse, problem: _Problem, opts: _Options, seed: int):
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    scalars, flags = _shared_args(problem, opts, seed, q)
+    lse_strides = _lse_strides(problem, lse)
+    strides = {name: _bhm_strides(t, problem) for name, t in
+               dict(q=q, k=k, v=v, out=out, dout=dout, dq=dq, dk=dk, dv=dv).items()}
+    launch(
+        _spec("dq", q.dtype, problem.head_dim, opts.dropout_p > 0),
+        lambda meta: (triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), problem.batch * problem.num_heads),
+        q, k, v, out, dout, lse, delta, dq, *_mask_pointers(problem, q),
+        *strides["q"], *strides["k"], *strides["v"], *strides["out"], *strides["dout"], *strides["dq"],
+        *lse_strides, *scalars, **flags,
+    )
+    if k.numel() == 0:  # no keys: dk and dv are empty, and a grid of 0 programs is not launched
+        return dq, dk, dv
+    launch(
+        _spec("dkdv", q.dtype, problem.head_dim, opts.dropout_p > 0),
+        lambda meta: (triton.cdiv(problem.seqlen_k, meta["BLOCK_N"]), problem.batch * problem.num_kv_heads),
+        q, k, v, dout, lse, delta, dk, dv, *_mask_pointers(problem, q),
+        *strides["q"], *strides["k"], *strides["v"], *strides["dout"], *strides["dk"], *strides["dv"],
+        *lse_strides, *scalars, **flags,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------
+# The PyTorch path (CPU without the interpreter): the same algorithm over
+# blocks of queries, so memory is O(block * Sk), never O(Sq * Sk). Its dropout
+# bits come from torch's generator, seeded per block: repeatable, but not the
+# same bits as the Triton kernels' Philox.
+# ----------------------------------------------------------------------------
+
+_TORCH_BLOCK_ELEMENTS = 1 << 22  # scores per query block, over all heads: 16 MiB in fp32
+
+
+def _torch_blocks(q, k):
+    """Query blocks [start, stop) whose (B, H, block, Sk) scores stay under the budget."""
+    batch, heads, seqlen_q = q.shape[:3]
+    rows = max(1, _TORCH_BLOCK_ELEMENTS // max(1, batch * heads * k.shape[2]))
+    return [(start, min(start + rows, seqlen_q)) for start in range(0, seqlen_q, rows)]
+
+
+def _torch_block_probs(q_block, k, start, seqlen_q, key_padding_mask, opts, seed, generator_key):
+    """Probabilities (B, Hkv, G, rows, Sk) fp32 of one query block, the tanh of the softcap, and the dropout keep mask."""
+    scores = q_block @ k.transpose(-1, -2) * opts.softmax_scale
+    capped = None
+    if opts.softcap is not None:
+        capped = torch.tanh(scores / opts.softcap)
+        scores = capped * opts.softcap
+    rows = torch.arange(start, start + q_block.shape[3], device=q_block.device)
+    allowed = _allowed_ref(seqlen_q, k.shape[-2], opts.band, key_padding_mask, q_block.device, rows)
+    scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))  # (B, 1, 1, rows, Sk) broadcast
+    return scores, capped, _torch_keep(scores.shape, opts, seed, generator_key + (start,), q_block.device)
+
+
+def _torch_keep(shape, opts, seed, key, device):
+    if opts.dropout_p == 0:
+        return None
+    generator = torch.Generator(device=device).manual_seed(hash((seed,) + key) & ((1 << 63) - 1))
+    return torch.rand(shape, generator=generator, device=device) >= opts.dropout_p
+
+
+def _grouped(t, num_kv_heads):
+    """(B, Hq, S, D) -> (B, Hkv, G, S, D) fp32: query heads grouped under their kv head, no copy of k/v."""
+    batch, heads, seqlen, dim = t.shape
+    return t.float().reshape(batch, num_kv_heads, heads // num_kv_heads, seqlen, dim)
+
+
+def _torch_dense_fwd(q, k, v, key_padding_mask, opts, seed, generator_key):
+    # q (B, Hq, Sq, D); k, v (B, Hkv, Sk, D)
+    num_kv_heads = k.shape[1]
+    kf, vf = k.float()[:, :, None], v.float()[:, :, None]  # (B, Hkv, 1, Sk, D)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    for start, stop in _torch_blocks(q, k):
+        q_block = _grouped(q[:, :, start:stop], num_kv_heads)
+        scores, _, keep = _torch_block_probs(q_block, kf, start, q.shape[2], key_padding_mask, opts, seed,
+                                             generator_key)
+        block_lse = torch.logsumexp(scores, dim=-1)  # (B, Hkv, G, rows); -inf where no key is seen
+        probs = torch.exp(scores - _finite_lse(block_lse)[..., None])
+        if keep is not None:
+            probs = probs * keep / (1.0 - opts.dropout_p)
+        out[:, :, start:stop] = (probs @ vf).flatten(1, 2).to(q.dtype)
+        lse[:, :, start:stop] = block_lse.flatten(1, 2)
+    return out, lse
+
+
+def _finite_lse(lse):
+    # Rows that see no key: +inf makes every probability exp(-inf) = 0.
+    return torch.where(lse == float("-inf"), float("inf"), lse)
+
+
+def _torch_dense_bwd(dout, q, k, v, out, lse, key_padding_mask, opts, seed, generator_key):
+    num_kv_heads = k.shape[1]
+    kf, vf = k.float()[:, :, None], v.float()[:, :, None]
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    for start, stop in _torch_blocks(q, k):
+        q_block = _grouped(q[:, :, start:stop], num_kv_heads)
+        dout_block = _grouped(dout[:, :, start:stop], num_kv_heads)
+        scores, capped, keep = _torch_block_probs(q_block, kf, start, q.shape[2], key_padding_mask, opts, seed,
+                                                  generator_key)
+        block_lse = _finite_lse(lse[:, :, start:stop].reshape(scores.shape[:-1]))
+        probs = torch.exp(scores - block_lse[..., None])
+        delta = (dout_block * _grouped(out[:, :, start:stop], num_kv_heads)).sum(-1, keepdim=True)
+        dprobs = dout_block @ vf.transpose(-1, -2)
+        dropped = probs
+        if keep is not None:
+            dropped = probs * keep / (1.0 - opts.dropout_p)
+            dprobs = dprobs * keep / (1.0 - opts.dropout_p)
+        dv += (dropped.transpose(-1, -2) @ dout_block).sum(2)
+        dscores = probs * (dprobs - delta) * opts.softmax_scale
+        if capped is not None:
+            dscores = dscores * (1.0 - capped * capped)
+        dq[:, :, start:stop] = (dscores @ kf).flatten(1, 2).to(q.dtype)
+        dk += (dscores.transpose(-1, -2) @ q_block).sum(2)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _packed_sequences(problem: _Problem):
+    """(index, q slice, k slice) per packed sequence; host reads are fine on the CPU path."""
+    cu_q, cu_k = problem.cu_seqlens_q.tolist(), problem.cu_seqlens_k.tolist()
+    return [(i, slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])) for i in range(problem.batch)]
+
+
+def _as_batch(t):
+    return t.transpose(0, 1)[None]  # (T, H, D) -> (1, H, T, D), a view
+
+
+def _torch_fwd(q, k, v, problem: _Problem, opts: _Options, seed: int):
+    if not problem.varlen:
+        return _torch_dense_fwd(q, k, v, problem.key_padding_mask, opts, seed, ())
+    out = torch.empty_like(q)
+    lse = torch.empty(_lse_shape(problem, q), dtype=torch.float32, device=q.device)
+    for index, rows_q, rows_k in _packed_sequences(problem):
+        seq_out, seq_lse = _torch_dense_fwd(_as_batch(q[rows_q]), _as_batch(k[rows_k]), _as_batch(v[rows_k]), None,
+                                            opts, seed, (index,))
+        out[rows_q] = seq_out[0].transpose(0, 1)
+        lse[:, rows_q] = seq_lse[0]
+    return out, lse
+
+
+def _torch_bwd(dout, q, k, v, out, lse, problem: _Problem, opts: _Options, seed: int):
+    if not problem.varlen:
+        return _torch_dense_bwd(dout, q, k, v, out, lse, problem.key_padding_mask, opts, seed, ())
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for index, rows_q, rows_k in _packed_sequences(problem):
+        grads = _torch_dense_bwd(_as_batch(dout[rows_q]), _as_batch(q[rows_q]), _as_batch(k[rows_k]),
+                                 _as_batch(v[rows_k]), _as_batch(out[rows_q]), lse[None, :, rows_q], None, opts,
+                                 seed, (index,))
+        for full, part, rows in zip((dq, dk, dv), grads, (rows_q, rows_k, rows_k)):
+            full[rows] = part[0].transpose(0, 1)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, problem: _Problem, opts: _Options):
+        # A fresh seed per call from torch's (CPU) generator: torch.manual_seed
+        # makes runs repeatable, and drawing it needs no device sync.
+        seed = int(torch.randint(1 << 32, 1 << 62, ()).item()) if opts.dropout_p > 0 else 0
+        if use_triton(q):
+            out, lse = _triton_fwd(q, k, v, problem, opts, seed)
+        else:
+            out, lse = _torch_fwd(q, k, v, problem, opts, seed)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.problem, ctx.opts, ctx.seed = problem, opts, seed
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout.stride(-1) != 1:  # the kernels read rows of D contiguous elements
+            dout = dout.contiguous()
+        if use_triton(q):
+            dq, dk, dv = _triton_bwd(dout, q, k, v, out, lse, ctx.problem, ctx.opts, ctx.seed)
+        else:
+            dq, dk, dv = _torch_bwd(dout, q, k, v, out, lse, ctx.problem, ctx.opts, ctx.seed)
+        return dq, dk, dv, None, None
+
+
+# ----------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------
+
+
+def _check_qkv(q, k, v, rank: int, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"q and k must have the same head dim, got {head_dim} and {k.shape[-1]}")
+    if not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0):
+        raise ValueError(f"head dim must be a multiple of 8 from {MIN_HEAD_DIM} to {MAX_HEAD_DIM} "
+                         f"(32, 64, 80, 96, 128 and 256 are tested), got {head_dim}")
+    if q.dtype == torch.float32 and head_dim > MAX_FP32_HEAD_DIM:
+        # The backward's fp32 tiles of 128 columns spill registers at any tile size (see the compile gate).
+        raise ValueError(f"float32 attention supports head dims up to {MAX_FP32_HEAD_DIM}, got {head_dim}: "
+                         f"use float16 or bfloat16")
+
+
+def _check_heads(num_heads: int, num_kv_heads: int) -> None:
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"the query heads ({num_heads}) must be a multiple of the key/value heads ({num_kv_heads})")
+
+
+def _options(head_dim, causal, softmax_scale, dropout_p, window, softcap) -> _Options:
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    elif not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if window is not None:
+        if len(window) != 2 or not all(isinstance(w, int) and w >= -1 for w in window):
+            raise ValueError(f"window must be (left, right) ints >= 0, or -1 for no limit, got {window!r}")
+        if tuple(window) == (-1, -1):
+            window = None
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    return _Options(float(softmax_scale), _band(bool(causal), window and tuple(window)),
+                    None if softcap is None else float(softcap), float(dropout_p))
+
+
+def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
+    # The kernels read each head's D elements as one contiguous row; any other layout is kept as it is.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _result(q, k, v, problem, opts, return_lse):
+    if q.numel() == 0:  # nothing to compute, and a grid of 0 programs is not launched
+        out, lse = q * 0, torch.full(_lse_shape(problem, q), float("-inf"), device=q.device)
+        return (out, lse) if return_lse else out
+    out, lse = FlashAttentionFunction.apply(_unit_stride_last(q), _unit_stride_last(k), _unit_stride_last(v),
+                                            problem, opts)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+):
+    """Attention ``softmax(q k^T * softmax_scale) v`` without an (Sq, Sk) matrix in memory.
+
+    Args:
+        q: (B, Hq, Sq, D) float16, bfloat16 or float32 (D <= 64; on CUDA fp32
+            dots run as three TF32 passes, close to fp32 accuracy, and slowly:
+            use 16-bit). The layout Hugging Face models use; any strides with
+            the last one 1 (e.g. a transposed (B, S, H, D) tensor) are read as they are.
+        k, v: (B, Hkv, Sk, D), same dtype and device. Hq must be a multiple of
+            Hkv (grouped-query / multi-query attention); k and v are never
+            repeated, and their gradients are summed over the query heads of
+            each group.
+        causal: query i sees keys j <= i + Sk - Sq. When Sq != Sk the mask is
+            aligned to the bottom right, as in FlashAttention 2: the last query
+            sees the last key, and with Sq > Sk the first Sq - Sk queries see
+            nothing (their output is 0).
+        softmax_scale: default 1 / sqrt(D).
+        key_padding_mask: (B, Sk) bool, True = keep (BERT-style padded batches).
+            A query row that sees no key gives output 0 and zero gradients.
+        dropout_p: dropout on the attention probabilities. The bits come from a
+            counter-based generator keyed by a seed drawn from torch's default
+            (CPU) generator, so ``torch.manual_seed`` makes runs repeatable and
+            the backward regenerates the forward's mask. The PyTorch (CPU)
+            path draws different bits from the Triton path.
+        window: (left, right) sliding window: query i sees keys j with
+            i' - left <= j <= i' + right, where i' = i + Sk - Sq; -1 is no
+            limit on that side. Combined with ``causal``, right is at most 0.
+        softcap: if given, scores become ``softcap * tanh(scores / softcap)``
+            before the softmax (Gemma 2).
+        return_lse: also return the (B, Hq, Sq) fp32 log-sum-exp of the scores
+            (natural log, -inf for rows that see no key); it has no gradient.
+
+    Returns:
+        (B, Hq, Sq, D) in q's dtype and memory layout, or (out, lse).
+
+    Head dims: multiples of 8 from 16 to 256; 32, 64, 80, 96, 128 and 256 are
+    tested. Any sequence length from 1 up. The backward is deterministic.
+    """
+    _check_qkv(q, k, v, 4, "(B, H, S, D)")
+    batch, num_heads, seqlen_q, head_dim = q.shape
+    if k.shape[0] != batch:
+        raise ValueError(f"q and k must have the same batch size, got {batch} and {k.shape[0]}")
+    _check_heads(num_heads, k.shape[1])
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a bool tensor (True = keep)")
+        if key_padding_mask.shape != (batch, k.shape[2]) or key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be (B, Sk) = ({batch}, {k.shape[2]}) on {q.device}, "
+                             f"got {tuple(key_padding_mask.shape)} on {key_padding_mask.device}")
+        key_padding_mask = key_padding_mask.contiguous()
+    opts = _options(head_dim, causal, softmax_scale, dropout_p, window, softcap)
+    problem = _Problem(batch, num_heads, k.shape[1], head_dim, seqlen_q, k.shape[2],
+                       key_padding_mask=key_padding_mask)
+    return _result(q, k, v, problem, opts, return_lse)
+
+
+def flash_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+):
+    """Attention over packed sequences: no token attends across a sequence boundary.
+
+    Args:
+        q: (Tq, Hq, D), the queries of all sequences one after another.
+        k, v: (Tk, Hkv, D).
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 (int64 is converted)
+            cumulative lengths: sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1].
+            Sequences of length 0 and 1 are fine.
+        max_seqlen_q, max_seqlen_k: the longest sequence (an upper bound is fine).
+        Other options as in ``flash_attention`` (``causal`` aligns each
+        sequence's queries to the bottom right of its keys).
+
+    Returns:
+        (Tq, Hq, D), or (out, lse) with lse (Hq, Tq) fp32.
+    """
+    _check_qkv(q, k, v, 3, "(T, H, D)")
+    _check_heads(q.shape[1], k.shape[1])
+    cu_seqlens = []
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype not in (torch.int32,
+                                                                                                   torch.int64):
+            raise ValueError(f"{name} must be a 1-D int32 tensor of B + 1 cumulative lengths")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+        cu_seqlens.append(cu.to(torch.int32).contiguous())
+    if cu_seqlens[0].numel() != cu_seqlens[1].numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                         f"{cu_seqlens[0].numel()} and {cu_seqlens[1].numel()}")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    opts = _options(q.shape[-1], causal, softmax_scale, dropout_p, window, softcap)
+    problem = _Problem(cu_seqlens[0].numel() - 1, q.shape[1], k.shape[1], q.shape[-1], max_seqlen_q, max_seqlen_k,
+                       cu_seqlens_q=cu_seqlens[0], cu_seqlens_k=cu_seqlens[1])
+    return _result(q, k, v, problem, opts, return_lse)

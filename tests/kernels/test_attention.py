@@ -1,0 +1,297 @@
+"""Fused attention: all tiers.
+
+Every case runs on each backend of the `device` fixture (interpreter, PyTorch
+path, CUDA) against a float64 reference, with the tolerance rule measured
+against stock PyTorch (the same reference computed in the inputs' dtype).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.bench.memory import TensorSizeTracker
+from ember.kernels import attention_ref, flash_attention, flash_attention_varlen
+from ember.kernels.backend import backend_for
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _padding_mask(batch, seqlen, generator):
+    """Random holes, right padding, and one fully padded row (last)."""
+    keep = torch.rand(batch, seqlen, generator=generator) > 0.25
+    keep[0, seqlen * 2 // 3:] = False
+    keep[0, 0] = True
+    keep[-1] = False
+    return keep
+
+
+# (B, Hq, Hkv, Sq, Sk, D, options). GQA ratios 1, 3, 4 and 8; every head dim;
+# lengths 1, 17, 77, 128, 300 and Sq != Sk both ways; padding with a fully
+# padded row; window and softcap, alone and with the rest.
+CASES = {
+    "len1-d32": (2, 2, 2, 1, 1, 32, {}),
+    "gqa3-causal-77-d64": (2, 6, 2, 77, 77, 64, dict(causal=True)),
+    "gqa4-causal-17x300-d80": (1, 4, 1, 17, 300, 80, dict(causal=True)),
+    "causal-300x17-d96": (1, 2, 2, 300, 17, 96, dict(causal=True)),
+    "gqa8-128-d128": (1, 8, 1, 128, 128, 128, {}),
+    "softcap-17x77-d256": (1, 2, 1, 17, 77, 256, dict(softcap=5.0)),
+    "window-300-d64": (1, 4, 2, 300, 300, 64, dict(window=(40, 7))),
+    "window-causal-softcap-77x128-d32": (2, 3, 1, 77, 128, 32, dict(window=(20, -1), causal=True, softcap=3.0)),
+    "padding-77-d64": (3, 2, 2, 77, 77, 64, dict(padding=True)),
+    "padding-causal-gqa4-17x77-d128": (3, 4, 1, 17, 77, 128, dict(padding=True, causal=True)),
+    "scale-300x128-d32": (1, 2, 1, 300, 128, 32, dict(softmax_scale=0.3)),
+}
+
+
+def _make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, device, seed):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, seqlen_q, head_dim, generator=generator)
+    k = torch.randn(batch, kv_heads, seqlen_k, head_dim, generator=generator)
+    v = torch.randn(batch, kv_heads, seqlen_k, head_dim, generator=generator)
+    dout = torch.randn(batch, heads, seqlen_q, head_dim, generator=generator)
+    cast = lambda t: t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+    return cast(q), cast(k), cast(v), dout.to(device=device, dtype=dtype)
+
+
+def _outputs_and_grads(fn, q, k, v, dout, dtype=None):
+    """fn's output and (dq, dk, dv) on fresh leaves, in ``dtype`` (default: the inputs')."""
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
+    return [out, *grads]
+
+
+def _check_against_reference(fn, ref_fn, q, k, v, dout, dtype, assert_within_tolerance):
+    actual = _outputs_and_grads(fn, q, k, v, dout)
+    cpu = [t.detach().cpu() for t in (q, k, v, dout)]
+    reference = _outputs_and_grads(ref_fn, *cpu, dtype=torch.float64)
+    stock = _outputs_and_grads(ref_fn, *cpu)
+    # One scale for all four: with one visible key dq is exactly 0, though its terms are not.
+    scale = max(r.abs().max().item() if r.numel() else 0.0 for r in reference)
+    for name, a, r, s in zip(("out", "dq", "dk", "dv"), actual, reference, stock):
+        assert_within_tolerance(name, a, r, s, dtype, scale=scale)
+    return actual
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, dtype, device, assert_within_tolerance):
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, options = CASES[case]
+    if dtype == torch.float32 and head_dim > 64:
+        pytest.skip("float32 supports head dims up to 64 (test_bad_input covers the error)")
+    q, k, v, dout = _make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, device, seed=1)
+    options = dict(options)
+    if options.pop("padding", False):
+        options["key_padding_mask"] = _padding_mask(batch, seqlen_k, torch.Generator().manual_seed(2))
+    mask = options.get("key_padding_mask")
+    on_device = dict(options, key_padding_mask=mask.to(device)) if mask is not None else options
+    out, dq, dk, dv = _check_against_reference(
+        lambda *t: flash_attention(*t, **on_device),
+        lambda *t: attention_ref(*t, **options),
+        q, k, v, dout, dtype, assert_within_tolerance,
+    )
+    if mask is not None:  # the fully padded row sees nothing: output 0, no gradient through it
+        assert out[-1].abs().max() == 0 and dq[-1].abs().max() == 0
+        assert dk[-1].abs().max() == 0 and dv[-1].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen_matches_reference_per_sequence(causal, dtype, device, assert_within_tolerance):
+    # Packed sequences, lengths 1 included; keys longer than queries in some.
+    lengths_q = [1, 17, 77, 1, 40]
+    lengths_k = [1, 30, 77, 5, 40]
+    heads, kv_heads, head_dim = 4, 2, 64
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(sum(lengths_q), heads, head_dim, generator=generator)
+    k = torch.randn(sum(lengths_k), kv_heads, head_dim, generator=generator)
+    v = torch.randn(sum(lengths_k), kv_heads, head_dim, generator=generator)
+    dout = torch.randn_like(q)
+    cu = lambda lengths: torch.tensor([0] + lengths).cumsum(0).to(torch.int32)  # noqa: E731
+    cu_q, cu_k = cu(lengths_q), cu(lengths_k)
+
+    def per_sequence_reference(q, k, v):
+        outs = []
+        for i in range(len(lengths_q)):
+            rows_q, rows_k = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+            as_batch = lambda t: t.transpose(0, 1)[None]  # noqa: E731
+            outs.append(attention_ref(as_batch(q[rows_q]), as_batch(k[rows_k]), as_batch(v[rows_k]),
+                                      causal=causal)[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    _check_against_reference(
+        lambda *t: flash_attention_varlen(*t, cu_q.to(device), cu_k.to(device), max(lengths_q), max(lengths_k),
+                                          causal=causal),
+        per_sequence_reference,
+        cast(q), cast(k), cast(v), cast(dout), dtype, assert_within_tolerance,
+    )
+
+
+def test_varlen_never_attends_across_sequences(device):
+    # Two packed sequences against one batch of two: identical outputs and lse.
+    generator = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 33, 32, generator=generator).to(device) for _ in range(3))
+    padded, padded_lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    pack = lambda t: t.transpose(1, 2).reshape(66, 2, 32)  # noqa: E731
+    cu = torch.tensor([0, 33, 66], dtype=torch.int32, device=device)
+    packed, packed_lse = flash_attention_varlen(pack(q), pack(k), pack(v), cu, cu, 33, 33, causal=True,
+                                                return_lse=True)
+    torch.testing.assert_close(packed, pack(padded), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_lse, padded_lse.transpose(0, 1).reshape(2, 66), rtol=1e-5, atol=1e-5)
+
+
+def test_lse_is_the_log_sum_exp_of_the_scores(device):
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 17, 32, generator=generator) for _ in range(3))
+    mask = torch.ones(2, 17, dtype=torch.bool)
+    mask[1] = False
+    _, lse = flash_attention(q.to(device), k.to(device), v.to(device), key_padding_mask=mask.to(device),
+                             return_lse=True)
+    expected = torch.logsumexp((q.double() @ k.double().transpose(-1, -2)) / 32**0.5, dim=-1)
+    torch.testing.assert_close(lse[0].cpu().double(), expected[0], rtol=1e-5, atol=1e-5)
+    assert (lse[1] == float("-inf")).all()
+
+
+def test_layout_of_q_is_kept_and_read_in_place(device, assert_within_tolerance):
+    # Hugging Face hands over (B, S, H, D) tensors transposed to (B, H, S, D).
+    generator = torch.Generator().manual_seed(6)
+    q, k, v, dout = (torch.randn(2, 40, 4, 32, generator=generator).to(device).transpose(1, 2) for _ in range(4))
+    out = flash_attention(q, k, v, causal=True)
+    assert out.stride() == q.stride()
+    reference = attention_ref(q.double().cpu(), k.double().cpu(), v.double().cpu(), causal=True)
+    stock = attention_ref(q.cpu(), k.cpu(), v.cpu(), causal=True)
+    assert_within_tolerance("out", out, reference, stock, torch.float32)
+
+
+def test_backward_is_bitwise_deterministic(device):
+    q, k, v, dout = _make_case(2, 4, 2, 130, 130, 64, torch.float16, device, seed=7)
+    runs = [_outputs_and_grads(lambda *t: flash_attention(*t, causal=True), q, k, v, dout) for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_empty_batch(device):
+    q = torch.randn(0, 2, 5, 32, device=device, requires_grad=True)
+    out = flash_attention(q, q, q)
+    assert out.shape == q.shape
+    out.sum().backward()
+
+
+# ----------------------------------------------------------------------------
+# Dropout
+# ----------------------------------------------------------------------------
+
+
+def _dropout_mask(device, dtype, shape, dropout_p, seed, **options):
+    """The keep mask a call draws, read off its output: with v = identity, out = dropped probabilities * (1 - p)^-1."""
+    batch, heads, seqlen, head_dim = shape
+    q = torch.randn(shape, generator=torch.Generator().manual_seed(11)).to(device=device, dtype=dtype)
+    identity = torch.eye(seqlen, head_dim, dtype=dtype, device=device).expand(batch, heads, seqlen, head_dim)
+    torch.manual_seed(seed)
+    out = flash_attention(q, q, identity, dropout_p=dropout_p, **options)
+    return out[..., :seqlen] != 0  # (B, H, Sq, Sk); every probability is > 0 here
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dropout_matches_reference_with_the_same_mask(dtype, device, assert_within_tolerance):
+    shape, dropout_p = (2, 2, 64, 64), 0.3
+    keep = _dropout_mask(device, dtype, shape, dropout_p, seed=12, causal=False).cpu()
+    q, k, v, dout = _make_case(*shape[:2], 2, 64, 64, 64, dtype, device, seed=13)
+    torch.manual_seed(12)  # the same seed draws the same mask for any inputs: forward and backward see it
+    _check_against_reference(
+        lambda *t: flash_attention(*t, dropout_p=dropout_p),
+        lambda *t: attention_ref(*t, dropout_p=dropout_p, dropout_mask=keep),
+        q, k, v, dout, dtype, assert_within_tolerance,
+    )
+
+
+def test_dropout_keep_rate_and_seeding(device):
+    shape, dropout_p = (2, 2, 64, 64), 0.25
+    first = _dropout_mask(device, torch.float32, shape, dropout_p, seed=14)
+    again = _dropout_mask(device, torch.float32, shape, dropout_p, seed=14)
+    other = _dropout_mask(device, torch.float32, shape, dropout_p, seed=15)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    # 16384 draws: the keep rate's standard deviation is 0.0034.
+    assert abs(first.float().mean().item() - (1 - dropout_p)) < 0.02
+    # Heads and query rows draw different bits.
+    assert not torch.equal(first[0, 0], first[0, 1]) and not torch.equal(first[0, 0, 0], first[0, 0, 1])
+
+
+def test_dropout_zero_output_mean_is_unbiased(device):
+    # E[dropout(P) V] = P V: averaging many seeds approaches the undropped output.
+    q, k, v, _ = _make_case(1, 1, 1, 16, 16, 32, torch.float32, device, seed=16)
+    expected = flash_attention(q, k, v)
+    mean = sum(flash_attention(q, k, v, dropout_p=0.5) for _ in range(200)) / 200
+    assert (mean - expected).abs().max() < 0.25 * expected.abs().max()
+
+
+# ----------------------------------------------------------------------------
+# Memory: no (S, S) buffer
+# ----------------------------------------------------------------------------
+
+
+def test_no_seqlen_squared_buffer(device):
+    # The interpreter is slow at S=4096, and its tiles live in numpy, out of the tracker's sight anyway.
+    seqlen = 512 if device == "cpu" and backend_for(torch.empty(0)) == "triton" else 4096
+    q, k, v, dout = _make_case(1, 2, 2, seqlen, seqlen, 32, torch.float32, device, seed=17)
+    square_bytes = 2 * seqlen * seqlen * 4
+    with TensorSizeTracker() as tracker:
+        out = flash_attention(q, k, v, causal=True)
+        out.backward(dout)
+    assert tracker.largest_bytes < square_bytes / 4, (
+        f"largest tensor {tracker.largest_shape} ({tracker.largest_op}) is a sizable fraction of (B, H, S, S)"
+    )
+    with TensorSizeTracker() as stock:
+        attention_ref(q.detach(), k.detach(), v.detach(), causal=True)
+    assert stock.largest_bytes >= square_bytes  # the tracker does see a materialized score matrix
+
+
+# ----------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------
+
+_q = torch.randn(2, 4, 8, 32)
+_kv = torch.randn(2, 2, 8, 32)
+
+BAD_INPUTS = {
+    "k-v-shapes": (lambda: flash_attention(_q, _kv, _kv[:, :, :4]), ValueError, "k and v must have the same shape"),
+    "head-dim-mismatch": (lambda: flash_attention(_q, _kv[..., :16], _kv[..., :16]), ValueError, "same head dim"),
+    "heads-do-not-divide": (lambda: flash_attention(_q, *(torch.randn(2, 3, 8, 32),) * 2), ValueError,
+                            "multiple of the key/value heads"),
+    "head-dim-300": (lambda: flash_attention(*(torch.randn(1, 1, 4, 300),) * 3), ValueError, "head dim must be"),
+    "head-dim-20": (lambda: flash_attention(*(torch.randn(1, 1, 4, 20),) * 3), ValueError, "head dim must be"),
+    "int-dtype": (lambda: flash_attention(*(torch.ones(1, 1, 4, 32, dtype=torch.int32),) * 3), TypeError,
+                  "must be float16, bfloat16 or float32"),
+    "fp32-head-dim-80": (lambda: flash_attention(*(torch.randn(1, 1, 4, 80),) * 3), ValueError,
+                         "float32 attention supports head dims up to 64"),
+    "float64": (lambda: flash_attention(*(torch.ones(1, 1, 4, 32, dtype=torch.float64),) * 3), TypeError,
+                "must be float16, bfloat16 or float32"),
+    "mixed-dtypes": (lambda: flash_attention(_q.half(), _kv, _kv), TypeError, "one dtype"),
+    "rank-3": (lambda: flash_attention(_q[0], _kv[0], _kv[0]), ValueError, r"q must be \(B, H, S, D\)"),
+    "batch-mismatch": (lambda: flash_attention(_q, _kv[:1], _kv[:1]), ValueError, "same batch size"),
+    "mask-dtype": (lambda: flash_attention(_q, _kv, _kv, key_padding_mask=torch.ones(2, 8)), TypeError, "bool"),
+    "mask-shape": (lambda: flash_attention(_q, _kv, _kv, key_padding_mask=torch.ones(2, 7, dtype=torch.bool)),
+                   ValueError, r"key_padding_mask must be \(B, Sk\)"),
+    "dropout-1": (lambda: flash_attention(_q, _kv, _kv, dropout_p=1.0), ValueError, "dropout_p"),
+    "window": (lambda: flash_attention(_q, _kv, _kv, window=(4,)), ValueError, "window must be"),
+    "softcap": (lambda: flash_attention(_q, _kv, _kv, softcap=0.0), ValueError, "softcap"),
+    "varlen-cu-dtype": (lambda: flash_attention_varlen(_q[0], _kv[0], _kv[0], torch.tensor([0.0, 4.0]),
+                                                       torch.tensor([0, 8]), 4, 8), ValueError, "cu_seqlens_q"),
+    "varlen-cu-lengths": (lambda: flash_attention_varlen(_q[0], _kv[0], _kv[0], torch.tensor([0, 2, 4]),
+                                                         torch.tensor([0, 8]), 4, 8), ValueError, "same length"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_a_clear_error(case):
+    call, error, message = BAD_INPUTS[case]
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_devices_that_differ():
+    with pytest.raises(ValueError, match="one device"):
+        flash_attention(_q, _kv.to("meta"), _kv)
