@@ -87,3 +87,24 @@ def test_a_prepared_4d_mask_is_refused_clearly(device):
     q = torch.randn(1, 2, 4, 32, device=device)
     with pytest.raises(ValueError, match="2-D mask"):
         ember_attention_forward(torch.nn.Module(), q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool, device=device))
+
+
+@pytest.mark.parametrize("source", ["position_ids", "cu_seq_lens"])
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_packed_documents_do_not_attend_to_each_other(name, source, device):
+    # Two documents in one row, told apart by position ids that restart, or by
+    # the cu_seq_lens_* arguments of DataCollatorWithFlattening: each document's
+    # hidden states equal those of the document run alone.
+    lengths = (12, 8)
+    input_ids = torch.randint(3, 128, (1, sum(lengths)), generator=torch.Generator().manual_seed(1)).to(device)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    cu_seq_lens = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32, device=device)
+    packing = (dict(position_ids=position_ids) if source == "position_ids" else
+               dict(position_ids=position_ids, cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens,
+                    max_length_q=max(lengths), max_length_k=max(lengths)))
+    model = _model(name, "ember", device)
+    with torch.no_grad():
+        packed = model(input_ids=input_ids, **packing).last_hidden_state[0]
+        alone = [model(input_ids=part).last_hidden_state[0] for part in input_ids.split(lengths, dim=1)]
+    # Were the second document to see the first, its states would differ from it alone.
+    torch.testing.assert_close(packed, torch.cat(alone), rtol=2e-4, atol=2e-4)
