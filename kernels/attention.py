@@ -233,6 +233,38 @@ def _dropout_keep(seed, head, q_pos, k_pos, seqlen_k, dropout_p):
 
 
 @triton.jit
+def _scores(qk, softmax_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    # Scores in log2 units (the exponentials are exp2), and tanh(scores / softcap)
+    # for the softcap's derivative in the backward (qk itself when there is none).
+    if HAS_SOFTCAP:
+        capped = _tanh(qk * (softmax_scale / softcap))
+        scores = capped * (softcap * _LOG2E)
+    else:
+        capped = qk
+        scores = qk * (softmax_scale * _LOG2E)
+    return scores, capped
+
+
+@triton.jit
+def _lse_log2(lse):
+    # The saved log-sum-exp in log2 units. Rows that saw no key saved -inf:
+    # +inf makes every probability of theirs exp2(-inf) = 0.
+    return tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+
+
+@triton.jit
+def _key_range(start_m, q_len, k_len, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_BAND: tl.constexpr):
+    # [lo, hi): the keys that queries start_m.. may see; with a band, only the blocks that intersect it.
+    lo = 0
+    hi = k_len
+    if HAS_BAND:
+        lo = tl.maximum(start_m + (k_len - q_len) - window_left, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(start_m + BLOCK_M + (k_len - q_len) + window_right, k_len)
+    return lo, hi
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kpm_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km, stride_vb, stride_vh, stride_vm,
@@ -259,24 +291,15 @@ def _attn_fwd_kernel(
     kpm_row_ptr = kpm_ptr + tl.cast(b, tl.int64) * stride_kpm_b
     q = _load_rows(q_base, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
 
-    # Scores are kept in log2 units so the exponentials are exp2.
-    qk_scale = softmax_scale * _LOG2E
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo = 0
-    hi = k_len
-    if HAS_BAND:  # only the key blocks that intersect the band
-        lo = tl.maximum(start_m + (k_len - q_len) - window_left, 0) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(start_m + BLOCK_M + (k_len - q_len) + window_right, k_len)
+    lo, hi = _key_range(start_m, q_len, k_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_BAND)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        if HAS_SOFTCAP:
-            scores = _tanh(qk * (softmax_scale / softcap)) * (softcap * _LOG2E)
-        else:
-            scores = qk * qk_scale
+        scores, _ = _scores(qk, softmax_scale, softcap, HAS_SOFTCAP)
         allowed = _allowed(offs_m[:, None], offs_n[None, :], q_len, k_len, window_left, window_right, kpm_row_ptr,
                            HAS_BAND, HAS_KPM)
         scores = tl.where(allowed, scores, float("-inf"))
@@ -341,27 +364,16 @@ def _attn_bwd_dq_kernel(
     delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), 1)  # (BLOCK_M,)
     row_offset = tl.cast(b, tl.int64) * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start
     tl.store(delta_ptr + row_offset + offs_m, delta, mask=offs_m < q_len)
-    lse = tl.load(lse_ptr + row_offset + offs_m, mask=offs_m < q_len, other=0.0)
-    # Rows that saw no key have lse -inf; +inf makes every probability exp2(-inf) = 0.
-    lse = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+    lse = _lse_log2(tl.load(lse_ptr + row_offset + offs_m, mask=offs_m < q_len, other=0.0))
 
-    qk_scale = softmax_scale * _LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo = 0
-    hi = k_len
-    if HAS_BAND:
-        lo = tl.maximum(start_m + (k_len - q_len) - window_left, 0) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(start_m + BLOCK_M + (k_len - q_len) + window_right, k_len)
+    lo, hi = _key_range(start_m, q_len, k_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_BAND)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
         v = _load_rows(v_base, k_len, stride_vm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        if HAS_SOFTCAP:
-            capped = _tanh(qk * (softmax_scale / softcap))
-            scores = capped * (softcap * _LOG2E)
-        else:
-            scores = qk * qk_scale
+        scores, capped = _scores(qk, softmax_scale, softcap, HAS_SOFTCAP)
         allowed = _allowed(offs_m[:, None], offs_n[None, :], q_len, k_len, window_left, window_right, kpm_row_ptr,
                            HAS_BAND, HAS_KPM)
         probs = tl.exp2(tl.where(allowed, scores, float("-inf")) - lse[:, None])
@@ -408,7 +420,6 @@ def _attn_bwd_dkdv_kernel(
                    start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
     kpm_row_ptr = kpm_ptr + tl.cast(b, tl.int64) * stride_kpm_b
 
-    qk_scale = softmax_scale * _LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
@@ -425,15 +436,10 @@ def _attn_bwd_dkdv_kernel(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_rows(q_base, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
             dout = _load_rows(dout_base, q_len, stride_dom, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
-            lse = tl.load(lse_ptr + row_offset + offs_m, mask=offs_m < q_len, other=0.0)
-            lse = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+            lse = _lse_log2(tl.load(lse_ptr + row_offset + offs_m, mask=offs_m < q_len, other=0.0))
             delta = tl.load(delta_ptr + row_offset + offs_m, mask=offs_m < q_len, other=0.0)
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-            if HAS_SOFTCAP:
-                capped_t = _tanh(qk_t * (softmax_scale / softcap))
-                scores_t = capped_t * (softcap * _LOG2E)
-            else:
-                scores_t = qk_t * qk_scale
+            scores_t, capped_t = _scores(qk_t, softmax_scale, softcap, HAS_SOFTCAP)
             allowed_t = _allowed(offs_m[None, :], offs_n[:, None], q_len, k_len, window_left, window_right,
                                  kpm_row_ptr, HAS_BAND, HAS_KPM)
             probs_t = tl.exp2(tl.where(allowed_t, scores_t, float("-inf")) - lse[None, :])
