@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .backend import use_triton
-from .launch import CompileCase, KernelSpec, launch, register
+from .launch import TRITON_DTYPE, CompileCase, KernelSpec, launch, register
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -473,7 +473,6 @@ def _attn_bwd_dkdv_kernel(
 # Every config passes the compile gate on sm_80 and sm_90.
 # ----------------------------------------------------------------------------
 
-_TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _DOT_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "tf32x3"}  # tf32: unused for 16-bit
 
 _COMMON_ARGS = (
@@ -497,7 +496,7 @@ def _stride_names(tensors: str) -> list[str]:
 
 def _compile_case(kernel: str, dtype: torch.dtype, head_dim: int, **flags: bool) -> CompileCase:
     pointers, pointer_types, strided = _KERNEL_ARGS[kernel]
-    element = _TRITON_DTYPE[dtype]
+    element = TRITON_DTYPE[dtype]
     signature = {name: "*" + ty.replace("T", element) for name, ty in zip(pointers.split(), pointer_types.split())}
     signature.update({name: "i32" for name in _stride_names(strided)})
     signature.update(zip(_COMMON_ARGS[0].split(), _COMMON_ARGS[1].split()))
@@ -560,10 +559,11 @@ _SPECS = {
 }
 
 
-def _spec(kernel: str, dtype: torch.dtype, head_dim: int, dropout: bool) -> KernelSpec:
+def _spec(kernel: str, dtype: torch.dtype, flags: dict) -> KernelSpec:
+    """The spec for a launch with these constexpr flags (see _shared_args)."""
     if dtype == torch.float32:
         return _SPECS[kernel, "fp32"]
-    variant = ("d128" if head_dim <= 128 else "d256") + ("_dropout" if dropout else "")
+    variant = ("d128" if flags["HEAD_DIM"] <= 128 else "d256") + ("_dropout" if flags["HAS_DROPOUT"] else "")
     return _SPECS[kernel, variant]
 
 
@@ -619,7 +619,7 @@ def _triton_fwd(q, k, v, problem: _Problem, opts: _Options, seed: int):
     lse = torch.empty(_lse_shape(problem, q), dtype=torch.float32, device=q.device)
     scalars, flags = _shared_args(problem, opts, seed, q)
     launch(
-        _spec("fwd", q.dtype, problem.head_dim, opts.dropout_p > 0),
+        _spec("fwd", q.dtype, flags),
         lambda meta: (triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), problem.batch * problem.num_heads),
         q, k, v, out, lse, *_mask_pointers(problem, q),
         *_bhm_strides(q, problem), *_bhm_strides(k, problem), *_bhm_strides(v, problem),
@@ -637,7 +637,7 @@ def _triton_bwd(dout, q, k, v, out, lse, problem: _Problem, opts: _Options, seed
     strides = {name: _bhm_strides(t, problem) for name, t in
                dict(q=q, k=k, v=v, out=out, dout=dout, dq=dq, dk=dk, dv=dv).items()}
     launch(
-        _spec("dq", q.dtype, problem.head_dim, opts.dropout_p > 0),
+        _spec("dq", q.dtype, flags),
         lambda meta: (triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), problem.batch * problem.num_heads),
         q, k, v, out, dout, lse, delta, dq, *_mask_pointers(problem, q),
         *strides["q"], *strides["k"], *strides["v"], *strides["out"], *strides["dout"], *strides["dq"],
@@ -646,7 +646,7 @@ def _triton_bwd(dout, q, k, v, out, lse, problem: _Problem, opts: _Options, seed
     if k.numel() == 0:  # no keys: dk and dv are empty, and a grid of 0 programs is not launched
         return dq, dk, dv
     launch(
-        _spec("dkdv", q.dtype, problem.head_dim, opts.dropout_p > 0),
+        _spec("dkdv", q.dtype, flags),
         lambda meta: (triton.cdiv(problem.seqlen_k, meta["BLOCK_N"]), problem.batch * problem.num_kv_heads),
         q, k, v, dout, lse, delta, dk, dv, *_mask_pointers(problem, q),
         *strides["q"], *strides["k"], *strides["v"], *strides["dout"], *strides["dk"], *strides["dv"],
@@ -672,8 +672,9 @@ def _torch_blocks(q, k):
     return [(start, min(start + rows, seqlen_q)) for start in range(0, seqlen_q, rows)]
 
 
-def _torch_block_probs(q_block, k, start, seqlen_q, key_padding_mask, opts, seed, generator_key):
-    """Probabilities (B, Hkv, G, rows, Sk) fp32 of one query block, the tanh of the softcap, and the dropout keep mask."""
+def _torch_block_scores(q_block, k, start, seqlen_q, key_padding_mask, opts, seed, generator_key):
+    """Masked scores (B, Hkv, G, rows, Sk) fp32 of one query block (-inf where not allowed), the softcap's
+    tanh (None without one), and the dropout keep mask (None without dropout)."""
     scores = q_block @ k.transpose(-1, -2) * opts.softmax_scale
     capped = None
     if opts.softcap is not None:
@@ -706,7 +707,7 @@ def _torch_dense_fwd(q, k, v, key_padding_mask, opts, seed, generator_key):
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     for start, stop in _torch_blocks(q, k):
         q_block = _grouped(q[:, :, start:stop], num_kv_heads)
-        scores, _, keep = _torch_block_probs(q_block, kf, start, q.shape[2], key_padding_mask, opts, seed,
+        scores, _, keep = _torch_block_scores(q_block, kf, start, q.shape[2], key_padding_mask, opts, seed,
                                              generator_key)
         block_lse = torch.logsumexp(scores, dim=-1)  # (B, Hkv, G, rows); -inf where no key is seen
         probs = torch.exp(scores - _finite_lse(block_lse)[..., None])
@@ -731,7 +732,7 @@ def _torch_dense_bwd(dout, q, k, v, out, lse, key_padding_mask, opts, seed, gene
     for start, stop in _torch_blocks(q, k):
         q_block = _grouped(q[:, :, start:stop], num_kv_heads)
         dout_block = _grouped(dout[:, :, start:stop], num_kv_heads)
-        scores, capped, keep = _torch_block_probs(q_block, kf, start, q.shape[2], key_padding_mask, opts, seed,
+        scores, capped, keep = _torch_block_scores(q_block, kf, start, q.shape[2], key_padding_mask, opts, seed,
                                                   generator_key)
         block_lse = _finite_lse(lse[:, :, start:stop].reshape(scores.shape[:-1]))
         probs = torch.exp(scores - block_lse[..., None])

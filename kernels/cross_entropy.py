@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .backend import use_triton
-from .launch import CompileCase, KernelSpec, launch, register
+from .launch import TRITON_DTYPE, CompileCase, KernelSpec, launch, register
 
 Reduction = Literal["mean", "sum", "none"]
 
@@ -417,18 +417,17 @@ _UNIT_STRIDES = dict(stride_hh=1, stride_wh=1)
 # fp32 dots on CUDA cores ("ieee": no TF32, as PyTorch's default), whose
 # operands need twice the shared memory: a spec of their own with smaller tiles.
 _DOT_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "ieee"}  # tf32: unused for 16-bit
-_TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _linear_case(dtype, pointer_args, fp32_args, scalar_args, scalar_types, constexprs):
     signature = {
-        **{name: f"*{_TRITON_DTYPE[dtype]}" for name in pointer_args.split()},
+        **{name: f"*{TRITON_DTYPE[dtype]}" for name in pointer_args.split()},
         "target_ptr": "*i64",
         **{name: "*fp32" for name in fp32_args.split()},
         **_signature(scalar_args, scalar_types),
     }
     return CompileCase(
-        name=f"{_TRITON_DTYPE[dtype]},bias,softcap",
+        name=f"{TRITON_DTYPE[dtype]},bias,softcap",
         signature=signature,
         constexprs=dict(_UNIT_STRIDES, HAS_BIAS=True, HAS_SOFTCAP=True, DOT_PRECISION=_DOT_PRECISION[dtype],
                         **constexprs),

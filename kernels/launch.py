@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+import torch
 import triton
 
 from .backend import interpreting
@@ -55,6 +56,9 @@ class KernelSpec:
         if not self.configs:
             raise ValueError(f"kernel {self.name}: configs must not be empty")
 
+
+# Triton's type names for the dtypes ember's kernels take, for compile-case signatures.
+TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 REGISTRY: dict[str, KernelSpec] = {}
 _autotuned: dict[str, Callable] = {}
