@@ -14,6 +14,8 @@ from .cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_ref,
 )
+from .lora import lora_linear, lora_linear_ref
+from .nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 __all__ = [
     "attention_ref",
@@ -24,4 +26,9 @@ __all__ = [
     "cross_entropy_ref",
     "linear_cross_entropy",
     "linear_cross_entropy_ref",
+    "lora_linear",
+    "lora_linear_ref",
+    "NF4Weight",
+    "quantize_nf4",
+    "dequantize_nf4",
 ]

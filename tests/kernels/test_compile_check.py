@@ -34,10 +34,11 @@ def test_every_registered_kernel_passes_the_gate():
             assert any(row.startswith(spec.name + " ") and f" {arch} " in row for row in rows), (spec.name, arch)
     # Tensor cores where the gate demands them: HMMA on sm_80, HGMMA on sm_90 for the 16-bit matmuls.
     # HGMMA (wgmma) needs 64 rows per warp group: the attention backward's 32-row tiles take HMMA on sm_90.
-    hgmma_rows = [r.split() for r in rows if r.split()[0] in ("linear_cross_entropy_fwd", "attention_fwd_d128")
-                  and (" bf16," in r or " fp16," in r)]
+    hgmma_kernels = ("linear_cross_entropy_fwd", "attention_fwd_d128", "lora_matmul_dense", "lora_matmul_nf4")
+    hgmma_rows = [r.split() for r in rows if r.split()[0] in hgmma_kernels and (" bf16," in r or " fp16," in r)]
     assert hgmma_rows and all(int(r[8]) > 0 for r in hgmma_rows if r[3] == "sm_90")
-    matmul_rows = [r.split() for r in rows if r.startswith("attention_")] + hgmma_rows
+    lora_rows = [r.split() for r in rows if r.startswith("lora_") and "fp32" not in r.split()[0]]
+    matmul_rows = [r.split() for r in rows if r.startswith("attention_")] + hgmma_rows + lora_rows
     assert all(int(r[7]) > 0 for r in matmul_rows if r[3] == "sm_80")
     assert all(int(r[7]) + int(r[8]) > 0 for r in matmul_rows)
 

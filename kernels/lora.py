@@ -1,0 +1,640 @@
+"""Fused LoRA linear: y = x W^T + b + scaling * dropout(x) A^T B^T, over a dense or NF4 base.
+
+What is fused. Stock PEFT runs the base matmul, then dropout(x), x A^T and
+(x A^T) B^T as separate kernels, adds the two outputs (a second pass over y),
+and keeps dropout(x), a full copy of the layer input, for the backward; over
+a 4-bit base (QLoRA) it dequantizes the whole weight before every matmul.
+Here, with M rows, `in` input and `out` output features and rank r:
+
+- forward: a thin kernel computes xa = dropout(x) A^T, (M, r) in fp32, with
+  the dropout mask drawn in registers; the base matmul x W^T then adds
+  bias + scaling * xa B^T in its epilogue, so y is written once;
+- backward: dyB = dy B (thin kernel, (M, r)); dx = dy W + scaling *
+  mask/(1-p) * dyB A with the low-rank term in the dx matmul's epilogue;
+  dA = scaling * dyB^T dropout(x) and dB = scaling * dy^T xa through rank-r
+  products that split M across programs and sum fp32 partials (no atomics,
+  so gradients are bitwise repeatable). No (out, in) delta-W is ever formed.
+- dropout's mask is never stored: it is a Philox draw keyed by a per-call
+  seed and the element's (row, column) position, regenerated wherever needed.
+  What the backward keeps is x (the autograd graph holds it anyway) and xa,
+  r fp32 values per row: for r = 16 and in = 4096 that is 64 bytes against
+  the 8 KiB per row of PEFT's bf16 copy of dropout(x).
+- an NF4 base (bitsandbytes' layout, see ``ember.kernels.nf4``) is read as
+  packed 4-bit codes and dequantized tile by tile in registers, in the forward
+  and in the dx matmul: no full-size dequantized weight ever exists.
+
+The base weight is frozen: no gradient flows to it. Every dot accumulates in
+fp32; 16-bit inputs run on tensor cores; fp32 inputs use exact fp32 dots (no
+TF32, as PyTorch's default), which are slow on a GPU: train in bf16.
+
+Where it stops being fast: the thin kernels re-read x (forward) and dy
+(backward) once more, which costs about r/in of the base matmul's time in
+bandwidth for small r; an NF4 tile is dequantized with per-element gathers of
+its code and block absmax, extra ALU work that the 4x smaller weight reads pay
+for only when the matmul is memory-bound (few rows, as in small batches).
+
+Without the interpreter a CPU runs a PyTorch path with the same algorithm:
+row chunks for the dropout draws and (out) row chunks of a dequantized NF4
+weight, so it never holds a full dequantized weight either. Its dropout bits
+come from torch's generator per row chunk: repeatable, not the GPU's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from numbers import Number
+
+import torch
+import triton
+import triton.language as tl
+
+from .backend import use_triton
+from .launch import TRITON_DTYPE, CompileCase, KernelSpec, launch, register
+from .nf4 import NF4_CODE, NF4Weight
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_RANK = 256
+
+
+def lora_linear_ref(x, weight, lora_a, lora_b, *, scaling, bias=None, dropout_mask=None, dropout_p=0.0):
+    """The plain PyTorch reference, in the inputs' dtype (the tests run it in float64).
+
+    ``weight`` is a dense tensor (dequantize an ``NF4Weight`` first);
+    ``dropout_mask``, a bool (..., in) tensor of kept elements, replaces a random draw.
+    """
+    dropped = x if dropout_mask is None else x * dropout_mask / (1.0 - dropout_p)
+    y = x @ weight.t() + scaling * (dropped @ lora_a.t()) @ lora_b.t()
+    return y if bias is None else y + bias
+
+
+# ----------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _keep(seed, rows, cols, num_cols, dropout_p):
+    # One Philox draw per element of x, keyed by its flat position (64-bit: no
+    # wrap), so the forward and both backward kernels regenerate the same mask.
+    return tl.rand(seed, rows.to(tl.int64) * num_cols + cols) >= dropout_p
+
+
+@triton.jit
+def _load_nf4(packed_ptr, absmax_ptr, code_ptr, flat, blocksize, mask):
+    # flat: the elements' row-major indices in the (out, in) weight. Two codes
+    # per byte, the even element in the high nibble (bitsandbytes' order); one
+    # fp32 absmax per block of `blocksize` consecutive elements.
+    byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
+    nibble = (byte >> ((1 - flat % 2) * 4).to(tl.int32)) & 0xF
+    return tl.load(code_ptr + nibble) * tl.load(absmax_ptr + flat // blocksize, mask=mask, other=0.0)
+
+
+@triton.jit
+def _lora_matmul_kernel(
+    a_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, low_ptr, up_ptr, out_ptr,
+    M, N, K, R, scaling, dropout_p, seed, nf4_blocksize,
+    stride_am, stride_ak, stride_wk, stride_wn, stride_lm, stride_lr, stride_ur, stride_un, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, IS_NF4: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # One (BLOCK_M, BLOCK_N) tile of out = a W (+ bias) + [mask/(1-p) *] scaling * low up.
+    # Forward: a = x, W = base^T, low = xa, up = B^T. Backward: a = dy, W = base, low = dyB, up = A.
+    pid = tl.program_id(0)
+    # Grouped order: GROUP_M row blocks share their W column blocks in L2.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    compute_dtype = out_ptr.dtype.element_ty
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    w_cols = offs_n.to(tl.int64)[None, :] * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w_flat = offs_k.to(tl.int64)[:, None] * stride_wk + w_cols
+        w_mask = mask_k[:, None] & mask_n[None, :]
+        if IS_NF4:
+            w = _load_nf4(w_ptr, absmax_ptr, code_ptr, w_flat, nf4_blocksize, w_mask).to(compute_dtype)
+        else:
+            w = tl.load(w_ptr + w_flat, mask=w_mask, other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+
+    # The low-rank term, R in chunks so that rank 256 fits in registers. The
+    # scaling goes into the fp32 `low` before the cast, where it costs nothing.
+    if HAS_DROPOUT:
+        low_rank = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    else:
+        low_rank = acc
+    for r_start in range(0, R, BLOCK_R):
+        offs_r = r_start + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        low = tl.load(low_ptr + offs_m.to(tl.int64)[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        up = tl.load(up_ptr + offs_r[:, None] * stride_ur + offs_n.to(tl.int64)[None, :] * stride_un,
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        low_rank = tl.dot((low * scaling).to(compute_dtype), up.to(compute_dtype), low_rank,
+                          input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = _keep(seed, offs_m[:, None], offs_n[None, :], N, dropout_p)
+        acc += tl.where(keep, low_rank / (1.0 - dropout_p), 0.0)
+    else:
+        acc = low_rank
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(compute_dtype), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _lora_down_kernel(
+    a_ptr, u_ptr, out_ptr,
+    M, K, R, dropout_p, seed,
+    stride_am, stride_ak, stride_uk, stride_ur, stride_om, stride_or,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # One (BLOCK_M, BLOCK_R) tile of out = dropout(a) u in fp32: xa = dropout(x) A^T, or dyB = dy B.
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            a = tl.where(_keep(seed, offs_m[:, None], offs_k[None, :], K, dropout_p), a, 0.0)
+        u = tl.load(u_ptr + offs_k.to(tl.int64)[:, None] * stride_uk + offs_r[None, :] * stride_ur,
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(a, u.to(a.dtype), acc, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        acc = acc / (1.0 - dropout_p)
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or, acc,
+             mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _lora_rank_grad_kernel(
+    low_ptr, a_ptr, out_ptr,
+    M, K, R, rows_per_split, dropout_p, seed,
+    stride_lm, stride_lr, stride_am, stride_ak, stride_os, stride_or, stride_ok,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # One (BLOCK_R, BLOCK_K) tile of one split's partial sum low^T dropout(a), over
+    # that split's rows, in fp32: dA / scaling = dyB^T dropout(x), dB^T / scaling = xa^T dy.
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_r = offs_r < R
+    mask_k = offs_k < K
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+
+    acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
+    for m_start in range(row_start, row_end, BLOCK_M):
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end
+        a = tl.load(a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            a = tl.where(_keep(seed, offs_m[:, None], offs_k[None, :], K, dropout_p), a, 0.0)
+        low_t = tl.load(low_ptr + offs_r[:, None] * stride_lr + offs_m.to(tl.int64)[None, :] * stride_lm,
+                        mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+        acc = tl.dot(low_t.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        acc = acc / (1.0 - dropout_p)
+    tl.store(out_ptr + split * stride_os + offs_r[:, None] * stride_or + offs_k[None, :] * stride_ok, acc,
+             mask=mask_r[:, None] & mask_k[None, :])
+
+
+# ----------------------------------------------------------------------------
+# Kernel specs: configs as data (see launch.py), compile cases for the gate
+# ----------------------------------------------------------------------------
+
+# fp32 runs exact fp32 dots, as PyTorch does by default (no TF32).
+_DOT_PRECISION = {torch.float16: "tf32", torch.bfloat16: "tf32", torch.float32: "ieee"}
+
+_SIGNATURES = {
+    "matmul": (
+        "a_ptr w_ptr absmax_ptr code_ptr bias_ptr low_ptr up_ptr out_ptr",
+        "*T *W *fp32 *fp32 *T *fp32 *L *T",
+        "M N K R scaling dropout_p seed nf4_blocksize stride_am stride_ak stride_wk stride_wn stride_lm stride_lr "
+        "stride_ur stride_un stride_om stride_on",
+        "i32 i32 i32 i32 fp32 fp32 i64 i32" + " i32" * 10,
+    ),
+    "down": (
+        "a_ptr u_ptr out_ptr",
+        "*T *L *fp32",
+        "M K R dropout_p seed stride_am stride_ak stride_uk stride_ur stride_om stride_or",
+        "i32 i32 i32 fp32 i64" + " i32" * 6,
+    ),
+    "rank_grad": (
+        "low_ptr a_ptr out_ptr",
+        "*fp32 *T *fp32",
+        "M K R rows_per_split dropout_p seed stride_lm stride_lr stride_am stride_ak stride_os stride_or stride_ok",
+        "i32 i32 i32 i32 fp32 i64" + " i32" * 7,
+    ),
+}
+
+
+def _compile_case(kernel: str, dtype: torch.dtype, lora_dtype: torch.dtype, **flags: bool) -> CompileCase:
+    pointers, pointer_types, scalars, scalar_types = _SIGNATURES[kernel]
+    element = TRITON_DTYPE[dtype]
+    weight = "u8" if flags.get("is_nf4") else element
+    types = pointer_types.replace("T", element).replace("W", weight).replace("L", TRITON_DTYPE[lora_dtype])
+    signature = dict(zip(pointers.split(), types.split()))
+    signature.update(zip(scalars.split(), scalar_types.split()))
+    constexprs = {"HAS_DROPOUT": False, "DOT_PRECISION": _DOT_PRECISION[dtype]}
+    if kernel == "matmul":
+        constexprs.update(HAS_BIAS=False, IS_NF4=False)
+    constexprs.update({name.upper(): value for name, value in flags.items()})
+    label = ",".join([element, "lora_" + TRITON_DTYPE[lora_dtype]]
+                     + [name.removeprefix("has_").removeprefix("is_") for name, value in flags.items() if value])
+    return CompileCase(name=label, signature=signature, constexprs=constexprs, tensor_cores=dtype != torch.float32)
+
+
+def _cases(kernel: str, variant: str) -> list[CompileCase]:
+    case = functools.partial(_compile_case, kernel)
+    if kernel == "matmul":
+        half = {
+            "dense": [case(torch.bfloat16, torch.bfloat16, has_bias=True), case(torch.float16, torch.float32)],
+            "dense_dropout": [case(torch.bfloat16, torch.float32, has_dropout=True)],
+            "nf4": [case(torch.bfloat16, torch.float32, is_nf4=True, has_bias=True),
+                    case(torch.float16, torch.float16, is_nf4=True)],
+            "nf4_dropout": [case(torch.bfloat16, torch.bfloat16, is_nf4=True, has_dropout=True)],
+            "fp32": [case(torch.float32, torch.float32, has_bias=True, has_dropout=True),
+                     case(torch.float32, torch.float32, is_nf4=True)],
+        }
+        return half[variant]
+    if variant == "fp32":
+        return [case(torch.float32, torch.float32, has_dropout=True)]
+    return [case(torch.bfloat16, torch.float32, has_dropout=True), case(torch.float16, torch.float16)]
+
+
+def _config(warps: int, stages: int, **blocks: int) -> triton.Config:
+    return triton.Config(blocks, num_warps=warps, num_stages=stages)
+
+
+# Each config compiles without spills for sm_80 and sm_90 (the compile gate).
+# NF4 tiles stay at BLOCK_K = 32: the per-element code and absmax gathers of a
+# 64-deep tile spill. fp32 takes 8 warps: its FMA dots hold whole operand rows.
+_CONFIGS = {
+    ("matmul", "dense"): [_config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_R=32, GROUP_M=8),
+                          _config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_R=32, GROUP_M=8)],
+    ("matmul", "dense_dropout"): [_config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, BLOCK_R=32, GROUP_M=8)],
+    ("matmul", "nf4"): [_config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, BLOCK_R=32, GROUP_M=8)],
+    ("matmul", "nf4_dropout"): [_config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, BLOCK_R=32, GROUP_M=8)],
+    ("matmul", "fp32"): [_config(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, BLOCK_R=16, GROUP_M=8)],
+    ("down", "half"): [_config(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_R=32)],
+    ("down", "fp32"): [_config(4, 2, BLOCK_M=32, BLOCK_K=32, BLOCK_R=32)],
+    ("rank_grad", "half"): [_config(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_R=32)],
+    ("rank_grad", "fp32"): [_config(8, 2, BLOCK_M=32, BLOCK_K=32, BLOCK_R=32)],
+}
+_KERNELS = {"matmul": _lora_matmul_kernel, "down": _lora_down_kernel, "rank_grad": _lora_rank_grad_kernel}
+_AUTOTUNE_KEYS = {
+    "matmul": ["N", "K", "R", "HAS_BIAS", "IS_NF4", "HAS_DROPOUT"],
+    "down": ["K", "R", "HAS_DROPOUT"],
+    "rank_grad": ["K", "R", "HAS_DROPOUT"],
+}
+
+_SPECS = {
+    (kernel, variant): register(KernelSpec(
+        name=f"lora_{kernel}_{variant}",
+        kernel=_KERNELS[kernel],
+        configs=configs,
+        key=_AUTOTUNE_KEYS[kernel],
+        compile_cases=_cases(kernel, variant),
+    ))
+    for (kernel, variant), configs in _CONFIGS.items()
+}
+
+
+def _spec(kernel: str, dtype: torch.dtype, is_nf4: bool = False, has_dropout: bool = False) -> KernelSpec:
+    if dtype == torch.float32:
+        return _SPECS[kernel, "fp32"]
+    if kernel != "matmul":
+        return _SPECS[kernel, "half"]
+    return _SPECS[kernel, ("nf4" if is_nf4 else "dense") + ("_dropout" if has_dropout else "")]
+
+
+# ----------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _BaseOperand:
+    """The frozen base weight as one (K, N) operand of the matmul kernel."""
+
+    data: torch.Tensor  # dense values, or packed NF4 bytes
+    absmax: torch.Tensor | None
+    code: torch.Tensor | None
+    blocksize: int
+    stride_k: int
+    stride_n: int
+
+    @property
+    def is_nf4(self) -> bool:
+        return self.absmax is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_code_on(device: torch.device) -> torch.Tensor:
+    return NF4_CODE.to(device)
+
+
+def _base_operand(weight, transposed: bool) -> _BaseOperand:
+    """W^T (forward, (in, out)) when ``transposed``, else W ((out, in), for dx = dy W)."""
+    if isinstance(weight, NF4Weight):
+        # Logical row-major strides of the (out, in) weight; _load_nf4 finds byte and block.
+        strides = (weight.shape[1], 1)
+        absmax = weight.block_absmax()
+        data, code, blocksize = weight.packed, _nf4_code_on(weight.packed.device), weight.blocksize
+    else:
+        strides = weight.stride()
+        data, absmax, code, blocksize = weight, None, None, 0
+    stride_k, stride_n = (strides[1], strides[0]) if transposed else strides
+    return _BaseOperand(data, absmax, code, blocksize, stride_k, stride_n)
+
+
+def _rows_per_split(rows: int, other_programs: int) -> int:
+    # Enough splits of M that (R, K) tiles x splits fill a large GPU (~2 programs
+    # per SM on 132 SMs), but at least 256 rows each so the partials stay small.
+    splits = max(1, min(triton.cdiv(rows, 256), triton.cdiv(264, max(other_programs, 1))))
+    return triton.cdiv(rows, splits)
+
+
+def _triton_matmul(a, base: _BaseOperand, bias, low, up, scaling, dropout_p, seed, out):
+    """out (M, N) = a (M, K) @ base (+ bias) + [mask *] scaling * low (M, R) @ up (R, N)."""
+    (M, K), N, R = a.shape, out.shape[1], low.shape[1]
+    has_dropout = dropout_p > 0
+    placeholder = base.data  # unused pointer arguments: the kernel never reads them
+    launch(
+        _spec("matmul", a.dtype, base.is_nf4, has_dropout),
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+        a, base.data, base.absmax if base.is_nf4 else placeholder, base.code if base.is_nf4 else placeholder,
+        bias if bias is not None else placeholder, low, up, out,
+        M, N, K, R, scaling, dropout_p, seed, base.blocksize,
+        *a.stride(), base.stride_k, base.stride_n, *low.stride(), *up.stride(), *out.stride(),
+        HAS_BIAS=bias is not None, IS_NF4=base.is_nf4, HAS_DROPOUT=has_dropout,
+        DOT_PRECISION=_DOT_PRECISION[a.dtype],
+    )
+    return out
+
+
+def _triton_down(a, u, dropout_p, seed):
+    """dropout(a) (M, K) @ u (K, R), in fp32."""
+    (M, K), R = a.shape, u.shape[1]
+    out = torch.empty(M, R, dtype=torch.float32, device=a.device)
+    launch(
+        _spec("down", a.dtype),
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_R"])),
+        a, u, out, M, K, R, dropout_p, seed, *a.stride(), *u.stride(), *out.stride(),
+        HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=_DOT_PRECISION[a.dtype],
+    )
+    return out
+
+
+def _triton_rank_grad(low, a, dropout_p, seed):
+    """low (M, R)^T @ dropout(a) (M, K), in fp32: per-split partials, summed here."""
+    (M, R), K = low.shape, a.shape[1]
+    rows_per_split = _rows_per_split(M, triton.cdiv(R, 32) * triton.cdiv(K, 64))
+    splits = triton.cdiv(M, rows_per_split)
+    partials = torch.empty(splits, R, K, dtype=torch.float32, device=a.device)
+    launch(
+        _spec("rank_grad", a.dtype),
+        lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(K, meta["BLOCK_K"]), splits),
+        low, a, partials, M, K, R, rows_per_split, dropout_p, seed,
+        *low.stride(), *a.stride(), *partials.stride(),
+        HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=_DOT_PRECISION[a.dtype],
+    )
+    return partials.sum(0) if splits > 1 else partials[0]
+
+
+def _triton_fwd(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed):
+    xa = _triton_down(x, lora_a.t(), dropout_p, seed)  # (M, r)
+    y = torch.empty(x.shape[0], lora_b.shape[0], dtype=x.dtype, device=x.device)
+    _triton_matmul(x, _base_operand(weight, transposed=True), bias, xa, lora_b.t(), scaling, 0.0, 0, y)
+    return y, xa
+
+
+def _triton_bwd(dy, x, xa, weight, lora_a, lora_b, scaling, dropout_p, seed, needs_dx):
+    dy_b = _triton_down(dy, lora_b, 0.0, 0)  # (M, r)
+    dx = None
+    if needs_dx:
+        dx = torch.empty_like(x)
+        _triton_matmul(dy, _base_operand(weight, transposed=False), None, dy_b, lora_a, scaling, dropout_p, seed, dx)
+    grad_a = _triton_rank_grad(dy_b, x, dropout_p, seed) * scaling  # (r, in)
+    grad_b_t = _triton_rank_grad(xa, dy, 0.0, 0) * scaling  # (r, out)
+    return dx, grad_a, grad_b_t.t()
+
+
+# ----------------------------------------------------------------------------
+# The PyTorch path (CPU without the interpreter): the same algorithm, with
+# dropout drawn per chunk of rows and an NF4 base dequantized per chunk of
+# output features, so no full-size mask, dropout(x) or dequantized weight exists.
+# ----------------------------------------------------------------------------
+
+_TORCH_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per transient chunk
+
+
+def _torch_row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(2, _TORCH_CHUNK_ELEMENTS // max(cols, 1)) // 2 * 2  # even: an NF4 row pair never splits a byte
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)] or [(0, 0)]
+
+
+def _torch_dropped(rows, start, dropout_p, seed):
+    """dropout of ``rows``, the rows start: of an (M, in) tensor: mask / (1 - p) times ``rows``.
+
+    The bits depend only on (seed, start) and the chunking, so the forward and
+    the backward (dropout(x) for dA, the mask for dx) draw the same ones.
+    """
+    if dropout_p == 0:
+        return rows
+    generator = torch.Generator(device=rows.device).manual_seed(hash((seed, start)) & ((1 << 63) - 1))
+    keep = torch.rand(rows.shape, generator=generator, device=rows.device) >= dropout_p
+    return rows * keep / (1.0 - dropout_p)
+
+
+def _torch_weight_rows(weight, start, end, dtype):
+    """Rows start:end of the base weight, (end - start, in), in ``dtype``."""
+    if not isinstance(weight, NF4Weight):
+        return weight[start:end]
+    columns = weight.shape[1]
+    first, last = start * columns, end * columns
+    packed = weight.packed[first // 2:(last + 1) // 2]
+    # bitsandbytes' order: the even element in the high nibble. int32 indices
+    # and per-block absmax repeated, so no temporary is wider than the fp32 chunk.
+    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=-1).flatten()[first % 2:first % 2 + last - first]
+    size = weight.blocksize
+    block_absmax = weight.block_absmax()[first // size:(last - 1) // size + 1].repeat_interleave(size)
+    values = _nf4_code_on(packed.device)[nibbles.int()] * block_absmax[first % size:first % size + last - first]
+    return values.view(end - start, columns).to(dtype)
+
+
+def _torch_base_matmul(a, weight, transposed: bool, dtype):
+    """a @ W^T (transposed) or a @ W, over chunks of W's rows when W is NF4."""
+    if not isinstance(weight, NF4Weight):
+        return a @ (weight.t() if transposed else weight)
+    out_features, in_features = weight.shape
+    chunks = _torch_row_chunks(out_features, in_features)
+    if transposed:
+        return torch.cat([a @ _torch_weight_rows(weight, s, e, dtype).t() for s, e in chunks], dim=1)
+    result = torch.zeros(a.shape[0], in_features, dtype=torch.float32, device=a.device)
+    for s, e in chunks:
+        result += (a[:, s:e] @ _torch_weight_rows(weight, s, e, dtype)).float()
+    return result.to(dtype)
+
+
+def _torch_fwd(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed):
+    a_t = lora_a.t().to(x.dtype)
+    xa = torch.cat([(_torch_dropped(x[s:e], s, dropout_p, seed) @ a_t).float()
+                    for s, e in _torch_row_chunks(x.shape[0], x.shape[1])])  # (M, r)
+    y = _torch_base_matmul(x, weight, True, x.dtype) + (xa * scaling).to(x.dtype) @ lora_b.t().to(x.dtype)
+    return (y if bias is None else y + bias.to(x.dtype)), xa
+
+
+def _torch_bwd(dy, x, xa, weight, lora_a, lora_b, scaling, dropout_p, seed, needs_dx):
+    low = ((dy @ lora_b.to(dy.dtype)).float() * scaling).to(x.dtype)  # scaling * dy B, (M, r)
+    dx = _torch_base_matmul(dy, weight, False, x.dtype) if needs_dx else None
+    grad_a = torch.zeros(lora_a.shape, dtype=torch.float32, device=x.device)
+    for s, e in _torch_row_chunks(x.shape[0], x.shape[1]):
+        grad_a += (low[s:e].t() @ _torch_dropped(x[s:e], s, dropout_p, seed)).float()
+        if needs_dx:
+            dx[s:e] += _torch_dropped(low[s:e] @ lora_a.to(x.dtype), s, dropout_p, seed)
+    grad_b = (dy.t() @ (xa * scaling).to(dy.dtype)).float()
+    return dx, grad_a, grad_b
+
+
+# ----------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scaling: float, bias, dropout_p: float):
+        in_features, out_features = x.shape[-1], lora_b.shape[0]
+        x2 = x.reshape(-1, in_features)  # (M, in): a view for contiguous activations
+        # A fresh seed per call from torch's (CPU) generator: torch.manual_seed
+        # makes runs repeatable, and drawing it needs no device sync.
+        seed = int(torch.randint(1 << 32, 1 << 62, ()).item()) if dropout_p > 0 else 0
+        # An empty batch goes through the PyTorch path: a grid of 0 programs is not launched.
+        run_triton = use_triton(x2) and x2.shape[0] > 0
+        y, xa = (_triton_fwd if run_triton else _torch_fwd)(x2, weight, lora_a, lora_b, bias, scaling, dropout_p,
+                                                              seed)
+        ctx.save_for_backward(x2, xa, lora_a, lora_b, *([weight] if isinstance(weight, torch.Tensor) else []))
+        ctx.nf4_weight = weight if isinstance(weight, NF4Weight) else None
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.run_triton = scaling, dropout_p, seed, run_triton
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return y.view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, lora_a, lora_b, *dense_weight = ctx.saved_tensors
+        weight = dense_weight[0] if dense_weight else ctx.nf4_weight
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, out)
+        needs_dx = ctx.needs_input_grad[0]
+        dx, grad_a, grad_b = (_triton_bwd if ctx.run_triton else _torch_bwd)(
+            dy2, x2, xa, weight, lora_a, lora_b, ctx.scaling, ctx.dropout_p, ctx.seed, needs_dx)
+        grad_bias = dy2.sum(0, dtype=torch.float32) if ctx.has_bias and ctx.needs_input_grad[5] else None
+        return (
+            dx.view(ctx.x_shape) if needs_dx else None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype),
+            None, grad_bias, None,
+        )
+
+
+# ----------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------
+
+
+def _check_inputs(x, weight, lora_a, lora_b, scaling, bias, dropout_p) -> None:
+    for name, t in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
+    if isinstance(weight, NF4Weight):
+        weight_shape, weight_device = tuple(weight.shape), weight.device
+    elif isinstance(weight, torch.Tensor):
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be (out_features, in_features), got shape {tuple(weight.shape)}")
+        if weight.dtype != x.dtype:
+            raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("weight is the frozen base weight: lora_linear gives it no gradient; "
+                             "call weight.requires_grad_(False) (or pass weight.detach())")
+        weight_shape, weight_device = tuple(weight.shape), weight.device
+    else:
+        raise TypeError(f"weight must be a torch.Tensor or an NF4Weight, got {type(weight).__name__}")
+    out_features, in_features = weight_shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's in_features ({in_features})")
+    if lora_a.dim() != 2 or lora_a.shape[1] != in_features:
+        raise ValueError(f"lora_a must be (r, in_features={in_features}), got shape {tuple(lora_a.shape)}")
+    rank = lora_a.shape[0]
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"the rank r (lora_a.shape[0]) must be from 1 to {MAX_RANK}, got {rank}")
+    if tuple(lora_b.shape) != (out_features, rank):
+        raise ValueError(f"lora_b must be (out_features, r) = ({out_features}, {rank}), got {tuple(lora_b.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must be None or a ({out_features},) tensor, "
+                             f"got {getattr(bias, 'shape', type(bias).__name__)}")
+    devices = {t.device for t in (x, lora_a, lora_b) + ((bias,) if bias is not None else ())} | {weight_device}
+    if len(devices) > 1:
+        raise ValueError(f"x, weight, lora_a, lora_b and bias must be on one device, got {sorted(map(str, devices))}")
+    if not isinstance(scaling, Number) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+    if not (isinstance(dropout_p, Number) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def lora_linear(x, weight, lora_a, lora_b, *, scaling: float, bias=None, dropout_p: float = 0.0) -> torch.Tensor:
+    """y = x W^T + bias + scaling * dropout(x) A^T B^T, fused (see the module notes).
+
+    Args:
+        x: (..., in_features), float16, bfloat16 or float32: the compute dtype.
+        weight: the frozen base weight, (out_features, in_features) in x's dtype,
+            or an ``NF4Weight`` (4-bit, bitsandbytes' layout) dequantized to
+            x's dtype tile by tile. It gets no gradient.
+        lora_a: (r, in_features), 1 <= r <= 256; lora_b: (out_features, r).
+            Any of the three float dtypes (fp32 adapters over a bf16 base are
+            usual); their tiles are cast to x's dtype for the matmuls, and
+            their gradients come back in their own dtype.
+        scaling: the low-rank term's factor (PEFT: alpha / r, or alpha / sqrt(r) with rsLoRA).
+        bias: optional (out_features,).
+        dropout_p: dropout on the low-rank branch's input, as PEFT's
+            lora_dropout; pass 0 in eval mode. The mask is drawn from a seed
+            taken from torch's CPU generator, so torch.manual_seed repeats it.
+
+    Returns:
+        (..., out_features) in x's dtype.
+    """
+    _check_inputs(x, weight, lora_a, lora_b, scaling, bias, dropout_p)
+    return LoRALinearFunction.apply(x, weight, lora_a, lora_b, float(scaling), bias, float(dropout_p))
