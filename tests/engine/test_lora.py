@@ -304,6 +304,27 @@ def test_save_adapter_loads_in_peft(family, tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_adapter_trained_with_ember_gives_the_same_logits_in_peft(tmp_path):
+    # A few optimizer steps through ember's kernels (dropout on), then PEFT's loader.
+    model = apply_lora(_base_model("llama").train(), LoRAConfig(r=4, alpha=8, dropout=0.1))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(5))
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    assert all(layer.lora_B.abs().max() > 0 for layer in _ember_layers(model).values())
+    save_adapter(model, tmp_path)
+
+    model.eval()
+    loaded = peft.PeftModel.from_pretrained(_base_model("llama"), tmp_path).eval()
+    torch.testing.assert_close(model(input_ids=ids).logits, loaded(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
 def test_save_adapter_writes_full_names_when_leaf_names_would_match_more(tmp_path):
     """Only layer 1's attention: "q_proj" alone would also select layer 0's in PEFT."""
     model = apply_lora(_base_model("llama"), LoRAConfig(r=2, target_modules=r"model\.layers\.1\.self_attn\.[qv]_proj"))
