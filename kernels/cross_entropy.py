@@ -50,6 +50,7 @@ import triton.language as tl
 
 from .backend import use_triton
 from .launch import TRITON_DTYPE, CompileCase, KernelSpec, launch, register
+from .tiling import grouped_tile
 
 Reduction = Literal["mean", "sum", "none"]
 
@@ -265,14 +266,7 @@ def _linear_ce_bwd_kernel(
 ):
     # The gradient contributions of one (BLOCK_N rows, BLOCK_V columns) logit tile.
     # Tiles are visited GROUP_N row blocks at a time so the weight tiles stay in L2.
-    pid = tl.program_id(0)
-    num_row_blocks = tl.cdiv(N, BLOCK_N)
-    num_col_blocks = tl.cdiv(V, BLOCK_V)
-    tiles_per_group = GROUP_N * num_col_blocks
-    first_row_block = (pid // tiles_per_group) * GROUP_N
-    group_rows = tl.minimum(num_row_blocks - first_row_block, GROUP_N)
-    row_block = first_row_block + (pid % tiles_per_group) % group_rows
-    col_block = (pid % tiles_per_group) // group_rows
+    row_block, col_block = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
 
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N

@@ -53,6 +53,7 @@ import triton.language as tl
 from .backend import use_triton
 from .launch import TRITON_DTYPE, CompileCase, KernelSpec, launch, register
 from .nf4 import NF4_CODE, NF4Weight
+from .tiling import grouped_tile
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_RANK = 256
@@ -102,15 +103,7 @@ def _lora_matmul_kernel(
 ):
     # One (BLOCK_M, BLOCK_N) tile of out = a W (+ bias) + [mask/(1-p) *] scaling * low up.
     # Forward: a = x, W = base^T, low = xa, up = B^T. Backward: a = dy, W = base, low = dyB, up = A.
-    pid = tl.program_id(0)
-    # Grouped order: GROUP_M row blocks share their W column blocks in L2.
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -160,6 +153,18 @@ def _lora_matmul_kernel(
 
 
 @triton.jit
+def _load_dropped(a_ptr, offs_m, offs_k, mask_m, mask_k, stride_am, stride_ak, K, dropout_p, seed,
+                  HAS_DROPOUT: tl.constexpr):
+    # The (rows, columns) tile of the (M, K) input a, its dropped elements zeroed
+    # (the 1 / (1 - p) is applied to the fp32 result instead).
+    a = tl.load(a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    if HAS_DROPOUT:
+        a = tl.where(_keep(seed, offs_m[:, None], offs_k[None, :], K, dropout_p), a, 0.0)
+    return a
+
+
+@triton.jit
 def _lora_down_kernel(
     a_ptr, u_ptr, out_ptr,
     M, K, R, dropout_p, seed,
@@ -174,15 +179,13 @@ def _lora_down_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_r = offs_r < R
-    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
     for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if HAS_DROPOUT:
-            a = tl.where(_keep(seed, offs_m[:, None], offs_k[None, :], K, dropout_p), a, 0.0)
+        a = _load_dropped(a_ptr, offs_m, offs_k, mask_m, mask_k, stride_am, stride_ak, K, dropout_p, seed,
+                          HAS_DROPOUT)
         u = tl.load(u_ptr + offs_k.to(tl.int64)[:, None] * stride_uk + offs_r[None, :] * stride_ur,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc = tl.dot(a, u.to(a.dtype), acc, input_precision=DOT_PRECISION)
@@ -216,10 +219,8 @@ def _lora_rank_grad_kernel(
     for m_start in range(row_start, row_end, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_end
-        a = tl.load(a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if HAS_DROPOUT:
-            a = tl.where(_keep(seed, offs_m[:, None], offs_k[None, :], K, dropout_p), a, 0.0)
+        a = _load_dropped(a_ptr, offs_m, offs_k, mask_m, mask_k, stride_am, stride_ak, K, dropout_p, seed,
+                          HAS_DROPOUT)
         low_t = tl.load(low_ptr + offs_r[:, None] * stride_lr + offs_m.to(tl.int64)[None, :] * stride_lm,
                         mask=mask_r[:, None] & mask_m[None, :], other=0.0)
         acc = tl.dot(low_t.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
