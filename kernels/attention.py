@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autocast import autocast_dtype, autocast_off, cast_for_autocast
 from .backend import use_triton
 from .launch import TRITON_DTYPE, CompileCase, KernelSpec, launch, register
 
@@ -794,6 +795,7 @@ def _torch_bwd(dout, q, k, v, out, lse, problem: _Problem, opts: _Options, seed:
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, q, k, v, problem: _Problem, opts: _Options):
         # A fresh seed per call from torch's (CPU) generator: torch.manual_seed
         # makes runs repeatable, and drawing it needs no device sync.
@@ -808,6 +810,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         if dout.stride(-1) != 1:  # the kernels read rows of D contiguous elements
@@ -937,6 +940,7 @@ def flash_attention(
     Head dims: multiples of 8 from 16 to 256; 32, 64, 80, 96, 128 and 256 are
     tested. Any sequence length from 1 up. The backward is deterministic.
     """
+    q, k, v = cast_for_autocast(autocast_dtype(q), q, k, v)  # as autocast casts SDPA's inputs
     _check_qkv(q, k, v, 4, "(B, H, S, D)")
     batch, num_heads, seqlen_q, head_dim = q.shape
     if k.shape[0] != batch:
@@ -986,6 +990,7 @@ def flash_attention_varlen(
     Returns:
         (Tq, Hq, D), or (out, lse) with lse (Hq, Tq) fp32.
     """
+    q, k, v = cast_for_autocast(autocast_dtype(q), q, k, v)  # as autocast casts SDPA's inputs
     _check_qkv(q, k, v, 3, "(T, H, D)")
     _check_heads(q.shape[1], k.shape[1])
     cu_seqlens = []

@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autocast import autocast_dtype, autocast_off, cast_for_autocast
 from .backend import use_triton
 from .launch import TRITON_DTYPE, CompileCase, KernelSpec, launch, register
 from .tiling import grouped_tile
@@ -697,6 +698,7 @@ def _finish_rows(partials, target, vocab, opts: _Options):
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, bias, target, opts: _Options):
         # hidden (N, H), weight (V, H), bias (V,) or None, target (N,) -> loss (N,) fp32
         vocab = weight.shape[0]
@@ -713,6 +715,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dloss):
         hidden, weight, bias, target, lse = ctx.saved_tensors
         opts: _Options = ctx.opts
@@ -750,6 +753,7 @@ def _torch_linear_ce_bwd(hidden, weight, bias, target, lse, dloss, opts: _Option
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, logits, target, opts: _Options):
         # logits (N, V), target (N,) -> loss (N,) fp32
         vocab = logits.shape[1]
@@ -766,6 +770,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dloss):
         logits, target, lse = ctx.saved_tensors
         opts: _Options = ctx.opts
@@ -874,6 +879,8 @@ def linear_cross_entropy(
     target is reported by a device-side assertion at the next synchronization
     (as in PyTorch's own cross-entropy); on CPU it raises ValueError at once.
     """
+    # Under autocast the LM head's matmul runs in its dtype, as F.linear would; the loss stays fp32.
+    hidden, weight, bias = cast_for_autocast(autocast_dtype(hidden), hidden, weight, bias)
     _check_float("hidden", hidden)
     _check_float("weight", weight)
     if weight.dim() != 2:

@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autocast import autocast_dtype, autocast_off, cast_for_autocast
 from .backend import use_triton
 from .launch import TRITON_DTYPE, CompileCase, KernelSpec, launch, register
 from .nf4 import NF4_CODE, NF4Weight
@@ -536,6 +537,7 @@ def _torch_bwd(dy, x, xa, weight, lora_a, lora_b, scaling, dropout_p, seed, need
 
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, x, weight, lora_a, lora_b, scaling: float, bias, dropout_p: float):
         in_features, out_features = x.shape[-1], lora_b.shape[0]
         x2 = x.reshape(-1, in_features)  # (M, in): a view for contiguous activations
@@ -553,6 +555,7 @@ class LoRALinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy):
         x2, xa, lora_a, lora_b, *dense_weight = ctx.saved_tensors
         weight = dense_weight[0] if dense_weight else ctx.nf4_weight
@@ -637,5 +640,11 @@ def lora_linear(x, weight, lora_a, lora_b, *, scaling: float, bias=None, dropout
     Returns:
         (..., out_features) in x's dtype.
     """
+    # Under autocast the matmuls run in its dtype, as F.linear's would. The
+    # adapters keep theirs (usually fp32): their tiles are cast in registers.
+    dtype = autocast_dtype(x)
+    x, bias = cast_for_autocast(dtype, x, bias)
+    if isinstance(weight, torch.Tensor):  # an NF4 weight dequantizes to x's dtype anyway
+        (weight,) = cast_for_autocast(dtype, weight)
     _check_inputs(x, weight, lora_a, lora_b, scaling, bias, dropout_p)
     return LoRALinearFunction.apply(x, weight, lora_a, lora_b, float(scaling), bias, float(dropout_p))
