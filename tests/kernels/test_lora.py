@@ -16,6 +16,7 @@ SHAPES = [
     ((17,), 77, 50, 8),
     ((2, 9), 96, 80, 16),
     ((3, 11), 64, 33, 67),
+    ((4,), 32, 24, 256),  # the largest rank: eight chunks of the epilogue's rank loop
 ]
 
 
