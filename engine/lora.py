@@ -27,11 +27,11 @@ Design
   with an error naming the field, never silently dropped.
 - Dtypes: the kernel computes in x's dtype, the "compute dtype": autocast's
   when autocast is on, else the base weight's (NF4: the dtype it dequantizes
-  to). The layer casts x to it (and, under autocast only, a dense base, as
-  autocast's own F.linear would). Adapters stay in their dtype (fp32 over a
+  to). Without autocast the layer casts x to the base's dtype; under autocast
+  ``lora_linear`` casts x and a dense base itself, as F.linear would (see
+  ``ember.kernels.autocast``). Adapters stay in their dtype (fp32 over a
   16-bit base): the kernel casts their tiles and returns their gradients in
-  their dtype, so nothing of theirs is copied per call. Autocast is off inside
-  the kernel call, whose inputs are then already in one dtype.
+  their dtype, so nothing of theirs is copied per call.
 - ``merge()`` folds scaling * B @ A into a dense base for inference; NF4 bases
   refuse it (see ``LoRALinear.merge``).
 
@@ -173,7 +173,7 @@ class LoRALinear(nn.Module):
         a = sqrt(5), B zeros) in fp32 over a 16-bit or NF4 base, else in the
         base's dtype.
 
-    The forward pass casts x to the compute dtype (autocast's, else the base's)
+    The forward pass computes in autocast's dtype, else the base's,
     and returns that dtype; see the module's design note.
     """
 
@@ -282,25 +282,17 @@ class LoRALinear(nn.Module):
 
     # -- forward --------------------------------------------------------------
 
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return self.weight.dtype if not self.quantized else self._nf4_fields["dtype"]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have {self.in_features} features in its last dim, got shape {tuple(x.shape)}")
-        dtype = self._compute_dtype(x)
-        x = x.to(dtype)  # no copy when it already is
+        # Under autocast, F.linear and lora_linear cast to its dtype themselves;
+        # otherwise the compute dtype is the base's (NF4: the dtype it dequantizes to).
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.weight.dtype if not self.quantized else self._nf4_fields["dtype"])
         if self.merged:
-            bias = None if self.bias is None else self.bias.to(dtype)
-            return F.linear(x, self.weight.to(dtype), bias)
-        weight = self.base_weight
-        if isinstance(weight, torch.Tensor):
-            weight = weight.to(dtype)  # a copy only when autocast asks for another dtype
-        with torch.autocast(x.device.type, enabled=False):
-            return lora_linear(x, weight, self.lora_A, self.lora_B, scaling=self.scaling, bias=self.bias,
-                               dropout_p=self.dropout if self.training else 0.0)
+            return F.linear(x, self.weight, None if self.bias is None else self.bias.to(self.weight.dtype))
+        return lora_linear(x, self.base_weight, self.lora_A, self.lora_B, scaling=self.scaling, bias=self.bias,
+                           dropout_p=self.dropout if self.training else 0.0)
 
     # -- merging ----------------------------------------------------------------
 
