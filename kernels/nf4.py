@@ -53,6 +53,8 @@ import functools
 
 import torch
 
+from .dynamic_map import dynamic_map
+
 # The NF4 table as bitsandbytes hard-codes it (functional.get_4bit_type("nf4")):
 # create_normal_map(offset=0.9677083), 7 negative and 8 positive quantiles and
 # an exact 0. Sorted, so a code's order is its value's order.
@@ -103,30 +105,9 @@ def _nf4_bounds(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return code, (code[:-1] + code[1:]) / 2
 
 
-@functools.lru_cache(maxsize=None)
-def _dynamic_map_cpu() -> torch.Tensor:
-    """bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8).
-
-    256 sorted fp32 values in [-0.993, 1]: for each decade 10**-6 .. 10**0, 2**i
-    evenly spaced fractions, both signs, plus 0 and 1. The arithmetic (fp32
-    linspace and means, the decade factor applied to an fp32 tensor, the round
-    trip through Python floats) is bitsandbytes' own, so the values match bit for
-    bit; the tests compare them.
-    """
-    data: list[float] = []
-    for i in range(7):
-        boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-6 + i)) * means).tolist()
-        data += (-(10 ** (-6 + i)) * means).tolist()
-    data += [0, 1.0]
-    data.sort()
-    return torch.tensor(data, dtype=torch.float32)
-
-
 def _dynamic_map(device: torch.device) -> torch.Tensor:
     # A fresh tensor per weight, as bnb's QuantState holds its own copy.
-    return _dynamic_map_cpu().to(device, copy=True)
+    return dynamic_map(signed=True, device=device)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

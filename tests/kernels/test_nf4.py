@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ember.kernels.nf4 as nf4
+from ember.kernels.dynamic_map import dynamic_map
 from ember.kernels.nf4 import NF4_CODE, NF4Weight, dequantize_nf4, quantize_nf4
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -88,7 +89,7 @@ def _bnb_2d_kernel_is_right(shape, blocksize) -> bool:
 def test_tables_match_bnb(bnb_functional):
     F = bnb_functional
     assert torch.equal(NF4_CODE, F.get_4bit_type("nf4", device="cpu"))
-    assert torch.equal(nf4._dynamic_map_cpu(), F.create_dynamic_map())
+    assert torch.equal(dynamic_map(signed=True), F.create_dynamic_map())
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -154,7 +155,7 @@ def test_nested_rounding_is_bnb_grid(bnb_functional):
     255 of them plus a 1.0, so that scaling is exact.
     """
     F = bnb_functional
-    code = nf4._dynamic_map_cpu()
+    code = dynamic_map(signed=True)
     steps = torch.arange(65536, dtype=torch.float64)
     values = torch.cat(
         [
