@@ -55,6 +55,27 @@ triton_interpreter.InterpreterBuilder.create_dot = (
     lambda self, *args: _Bf16DotShim.create_dot(self, *args)
 )
 
+# ----------------------------------------------------------------------------
+# The bf16 rounding shim (test-only). The interpreter's fp32 -> bf16 cast
+# truncates (and its explicit round-to-nearest-even mode drops the carry into
+# the exponent), while the GPU rounds to nearest even. Kernels that write bf16
+# results (an optimizer writing bf16 weights most of all) would be judged on the
+# interpreter's rounding error, so inside the interpreter this one conversion is
+# done by torch, which rounds as the GPU does.
+# ----------------------------------------------------------------------------
+
+_original_convert_float = triton_interpreter._convert_float
+
+
+def _convert_float_rounding_to_nearest(data, input_dtype, output_dtype, rounding_mode):
+    if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
+        as_fp32 = torch.from_numpy(np.ascontiguousarray(data).view(np.float32))
+        return as_fp32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return _original_convert_float(data, input_dtype, output_dtype, rounding_mode)
+
+
+triton_interpreter._convert_float = _convert_float_rounding_to_nearest
+
 
 @contextlib.contextmanager
 def _bf16_dot_shim_disabled():
