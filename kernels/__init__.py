@@ -6,6 +6,7 @@ interpreter on CPU when ``TRITON_INTERPRET=1``, otherwise a PyTorch
 implementation of the same algorithm.
 """
 
+from .adamw8bit import adamw8bit_step, adamw8bit_step_ref
 from .attention import attention_ref, flash_attention, flash_attention_varlen
 from .cross_entropy import (
     LinearCrossEntropyLoss,
@@ -18,6 +19,8 @@ from .lora import lora_linear, lora_linear_ref
 from .nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 __all__ = [
+    "adamw8bit_step",
+    "adamw8bit_step_ref",
     "attention_ref",
     "flash_attention",
     "flash_attention_varlen",

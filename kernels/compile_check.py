@@ -133,7 +133,7 @@ def _check_job(job: tuple[str, int, int, int]) -> Row:
 
 def run(archs=(80, 90), kernels=None, workers: int | None = None) -> list[Row]:
     """Compile and inspect every (kernel, case, config, arch); rows in registry order."""
-    from . import attention, cross_entropy, lora  # noqa: F401  (register their kernels)
+    from . import adamw8bit, attention, cross_entropy, lora  # noqa: F401  (register their kernels)
     from .launch import REGISTRY
 
     unknown = set(kernels or ()) - set(REGISTRY)
