@@ -238,3 +238,24 @@ def test_bad_input():
         AdamW8bit([weight], state_bits=4)
     with pytest.raises(ValueError, match="lr"):
         AdamW8bit([weight], lr=-1.0)
+
+
+@pytest.mark.gpu
+def test_cuda_step_with_grad_scaler_does_not_sync():
+    """On a GPU, a GradScaler step through AdamW8bit queues work without waiting for the device."""
+    if not torch.cuda.is_available():
+        pytest.skip("GPU tier: no CUDA device")
+    model, inputs, labels = _task()
+    model, inputs, labels = model.cuda(), inputs.cuda(), labels.cuda()
+    optimizer = AdamW8bit(model.parameters(), lr=3e-3)
+    scaler = torch.amp.GradScaler("cuda")
+    _train(model, optimizer, inputs, labels, steps=2, scaler=scaler)  # autotuning and first tables may sync
+    loss = nn.functional.cross_entropy(model(inputs[:64]), labels[:64])
+    optimizer.zero_grad()
+    scaler.scale(loss).backward()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        scaler.step(optimizer)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    scaler.update()
