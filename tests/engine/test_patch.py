@@ -1,0 +1,144 @@
+"""patch(): Hugging Face models train through ember's attention and losses, with the stock model's loss and grads."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ember.engine.patch import patch
+from ember.kernels.backend import forced_backend
+
+VOCAB = 300
+
+
+def _llama():
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _bert(head):
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return head(config).eval()
+
+
+def _loss_and_grads(model, batch, dtype, device):
+    model = copy.deepcopy(model).to(device, dtype)
+    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+    loss.backward()
+    return loss, {name: p.grad for name, p in model.named_parameters()}
+
+
+def _compare(model, batch, device, assert_within_tolerance):
+    """ember's patched model in fp32 against the stock model in float64 (reference) and fp32 (stock)."""
+    reference = _loss_and_grads(model, batch, torch.float64, "cpu")
+    stock = _loss_and_grads(model, batch, torch.float32, "cpu")
+    ours = _loss_and_grads(patch(copy.deepcopy(model)), batch, torch.float32, device)
+    assert_within_tolerance("loss", ours[0].reshape(1), reference[0].reshape(1), stock[0].reshape(1), torch.float32)
+    for name, grad in reference[1].items():
+        assert_within_tolerance(name, ours[1][name], grad, stock[1][name], torch.float32,
+                                scale=max(g.abs().max().item() for g in reference[1].values()))
+
+
+def test_causal_lm_loss_and_grads_match_stock(device, assert_within_tolerance):
+    """Padding on the left of one row, a masked prompt (labels -100): loss and every parameter's gradient."""
+    input_ids = torch.randint(0, VOCAB, (2, 17))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :5] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :4] = -100  # a prompt
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    _compare(_llama(), batch, device, assert_within_tolerance)
+
+
+@pytest.mark.parametrize("head", [transformers.BertForSequenceClassification, transformers.BertForTokenClassification],
+                         ids=["sequence", "token"])
+def test_classification_loss_and_grads_match_stock(device, head, assert_within_tolerance):
+    input_ids = torch.randint(0, VOCAB, (3, 11))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 7:] = 0
+    if head is transformers.BertForSequenceClassification:
+        labels = torch.tensor([0, 2, 1])
+    else:
+        labels = torch.randint(0, 3, (3, 11)).masked_fill(attention_mask == 0, -100)
+    _compare(_bert(head), dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels), device,
+             assert_within_tolerance)
+
+
+class _ShapesCreated(TorchDispatchMode):
+    """Every tensor shape any operator creates inside the block, backward included."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_causal_lm_never_builds_the_logits():
+    """3072 tokens x vocab 300: no tensor with a vocab dimension holds even half of the logits.
+
+    On the PyTorch path, which works through 1024-row tiles of logits (the
+    interpreter copies whole tensors into flat storages of its own).
+    """
+    model = patch(_llama())
+    input_ids = torch.randint(0, VOCAB, (12, 256))
+    with forced_backend("torch"), _ShapesCreated() as created:
+        out = model(input_ids=input_ids, labels=input_ids)
+        out.loss.backward()
+    assert out.logits is None
+    with_vocab = [shape for shape in created.shapes if VOCAB in shape and shape != (VOCAB, 64)]
+    assert with_vocab and max(math.prod(shape) for shape in with_vocab) <= input_ids.numel() * VOCAB / 3
+    # Without labels the model is the stock one, logits included.
+    with forced_backend("torch"):
+        assert model(input_ids=input_ids).logits.shape == (12, 256, VOCAB)
+
+
+def test_num_items_in_batch_sums_then_divides():
+    model = patch(_llama())
+    input_ids = torch.randint(0, VOCAB, (2, 9))
+    mean = model(input_ids=input_ids, labels=input_ids).loss
+    over_100 = model(input_ids=input_ids, labels=input_ids, num_items_in_batch=100).loss
+    targets = 2 * 8  # the last position of each row predicts nothing
+    torch.testing.assert_close(over_100, mean * targets / 100)
+
+
+def test_works_in_hugging_face_trainer(tmp_path):
+    """The patched model trains in transformers' Trainer, which passes num_items_in_batch."""
+    model = patch(_llama().train())
+    seen = []
+    forward = model.forward
+    model.forward = lambda *args, **kwargs: seen.append(kwargs.get("num_items_in_batch")) or forward(*args, **kwargs)
+    torch.manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, VOCAB, (16, 12)).tolist()]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                          gradient_accumulation_steps=2, learning_rate=1e-2, report_to=[],
+                                          save_strategy="no", use_cpu=True, logging_steps=1, disable_tqdm=True,
+                                          remove_unused_columns=False)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert seen and all(isinstance(n, (int, torch.Tensor)) for n in seen)
+
+
+def test_refuses_what_it_cannot_patch():
+    regression = _bert(transformers.BertForSequenceClassification)
+    regression.config.problem_type = "regression"
+    with pytest.raises(ValueError, match="no ember loss for BertForSequenceClassification"):
+        patch(regression)
+    patch(regression, loss=False)  # attention alone is fine
+    assert regression.config._attn_implementation == "ember"
