@@ -1,0 +1,65 @@
+"""Checkpoints that survive crashes: written to a temporary folder, then renamed into place.
+
+A checkpoint is a folder ``<out_dir>/checkpoints/step-NNNNNNNN`` holding
+``trainable.safetensors`` (the parameters being trained, by name),
+``state.pt`` (optimizer, scheduler, scaler, RNG states, data position, loop
+state) and ``config.json`` (the resolved config). The folder appears only
+once complete (``os.replace`` of a finished temporary folder is atomic on one
+filesystem), so a crash or Ctrl-C mid-write leaves the previous checkpoint as
+the latest. Only the last ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+
+
+def _fsync_folder(path: Path) -> None:
+    for file in path.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor], state: dict[str, Any],
+                    config: dict[str, Any], keep_last: int) -> Path:
+    folder = Path(out_dir) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{PREFIX}{step:08d}"
+    temporary = folder / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    save_file({name: t.detach().contiguous().cpu() for name, t in trainable.items()},
+              str(temporary / "trainable.safetensors"))
+    torch.save(state, temporary / "state.pt")
+    (temporary / "config.json").write_text(json.dumps(config, indent=2))
+    _fsync_folder(temporary)
+    if final.exists():  # the same step saved again (a resumed run): replace it whole
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of interrupted writes are not listed)."""
+    folder = Path(out_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    trainable = load_file(str(Path(path) / "trainable.safetensors"))
+    # weights_only=False: the state holds RNG states and plain Python values we wrote ourselves.
+    state = torch.load(Path(path) / "state.pt", weights_only=False)
+    return trainable, state

@@ -1,0 +1,205 @@
+"""The training configuration: one typed, frozen dataclass, defaults in one place.
+
+    config = load_config("job.toml", ["--lr=3e-4", "--max_steps=200"])
+
+Sources, later ones winning: the dataclass defaults (which are the default
+job), a preset (``preset = "smollm2-lora"`` in the file or ``--preset=...``),
+a TOML file, ``--key=value`` overrides. Every key is checked against the
+field's type; an unknown key or a wrong type is a ``ConfigError`` with a one-line
+message naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the CLI prints it on one line."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (repeated non-finite losses, ...); the CLI prints it on one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # -- what to train on
+    task: str = "sequence-classification"  # or "causal-lm", "token-classification"
+    model: str = "asset:all-minilm-l6-v2"  # a Hugging Face folder, or asset:<name> (see engine.data)
+    data: str = "asset:rotten-tomatoes"  # a .csv/.jsonl/.txt file, or asset:<name>
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = ""  # causal-lm prompt/response pairs: the prompt is masked from the loss
+    max_length: int = 64
+    eval_size: int = 1000  # examples (classification) or sequences (causal-lm) held out
+    train_size: int = 0  # 0: all that is not held out
+    pack: bool = False  # causal-lm: documents packed into rows, varlen attention keeps them apart
+
+    # -- how
+    precision: str = "auto"  # auto, bf16, fp16, bf16-pure, fp32
+    optimizer: str = "adamw8bit"  # adamw, adamw8bit, bnb_adamw8bit, bnb_paged_adamw8bit
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 150
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine, linear, constant
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0: no clipping
+    gradient_checkpointing: bool = False
+    offload_activations: bool = False  # with checkpointing: saved layer inputs go to CPU memory
+    lora_r: int = 16  # 0: full fine-tune
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: str = "all-linear"
+    qlora: bool = False  # base weights in NF4
+    ember_kernels: bool = True  # patch attention and loss with ember's kernels
+
+    # -- evaluation, checkpoints, logs
+    eval_every: int = 50
+    early_stopping_metric: str = ""  # e.g. "accuracy", "loss"; empty: no early stopping
+    early_stopping_patience: int = 3
+    save_every: int = 50
+    keep_last: int = 2
+    out_dir: str = "runs/ember"
+    resume: bool = False
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    log_every: int = 10
+    tensorboard: bool = False
+    progress: bool = True
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Presets: named overrides of the defaults (the defaults are the default job).
+PRESETS: dict[str, dict[str, Any]] = {
+    "minilm-sentiment": {},
+    "smollm2-lora": dict(
+        task="causal-lm", model="asset:smollm2-135m", data="asset:hamlet", max_length=256, pack=True,
+        eval_size=16, batch_size=4, lr=1e-3, max_steps=30, warmup_steps=3, eval_every=15, save_every=15,
+        lora_r=16, lora_alpha=32.0, lora_dropout=0.0, out_dir="runs/smollm2-lora", log_every=5,
+    ),
+}
+
+_FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any, from_text: bool) -> Any:
+    """``value`` as field ``name``'s type, or a ConfigError naming both."""
+    expected = typing.get_type_hints(TrainConfig)[name]
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and str(value).lower() in ("true", "1", "yes", "false", "0", "no"):
+            return str(value).lower() in ("true", "1", "yes")
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_text:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(expected) is tuple:
+        items = value.split(",") if from_text and isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and len(items) == len(typing.get_args(expected)):
+            try:
+                return tuple(float(item) for item in items)
+            except (TypeError, ValueError):
+                pass
+    type_name = getattr(expected, "__name__", str(expected))
+    if typing.get_origin(expected) is tuple:
+        type_name = f"{len(typing.get_args(expected))} comma-separated numbers"
+    raise ConfigError(f"{name}: expected {type_name}, got {value!r}")
+
+
+def _apply(values: dict[str, Any], updates: dict[str, Any], source: str, from_text: bool) -> None:
+    for key, value in updates.items():
+        if key == "preset":
+            continue
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown key {key!r} in {source}")
+        values[key] = _coerce(key, value, from_text)
+
+
+def _parse_overrides(overrides: list[str]) -> dict[str, str]:
+    parsed = {}
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise ConfigError(f"expected --key=value, got {item!r}")
+        key, value = item[2:].split("=", 1)
+        parsed[key.replace("-", "_")] = value
+    return parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the preset, then the TOML file at ``path``, then ``--key=value`` overrides."""
+    from_file: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            from_file = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+    from_command_line = _parse_overrides(overrides or [])
+    preset = from_command_line.get("preset", from_file.get("preset", "minilm-sentiment"))
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+
+    values: dict[str, Any] = {}
+    _apply(values, PRESETS[preset], f"preset {preset!r}", from_text=False)
+    _apply(values, from_file, f"{path}", from_text=False)
+    _apply(values, from_command_line, "the command line", from_text=True)
+    config = TrainConfig(**values)
+    check(config)
+    return config
+
+
+def check(config: TrainConfig) -> None:
+    """Values that are well typed but make no sense, named."""
+    choices = {
+        "task": ("sequence-classification", "causal-lm", "token-classification"),
+        "precision": ("auto", "bf16", "fp16", "bf16-pure", "fp32"),
+        "optimizer": ("adamw", "adamw8bit", "bnb_adamw8bit", "bnb_paged_adamw8bit"),
+        "schedule": ("cosine", "linear", "constant"),
+        "device": ("auto", "cpu", "cuda"),
+    }
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(config, name)!r}")
+    for name in ("batch_size", "grad_accum", "max_steps", "max_length", "eval_every", "save_every", "keep_last",
+                 "max_bad_steps", "log_every"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name}: expected a positive integer, got {getattr(config, name)}")
+    for name in ("warmup_steps", "lora_r", "eval_size", "train_size", "early_stopping_patience"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(config, name)}")
+    if not config.lr > 0:
+        raise ConfigError(f"lr: expected a number > 0, got {config.lr}")
+    if config.qlora and config.lora_r == 0:
+        raise ConfigError("qlora: needs lora_r > 0 (QLoRA trains adapters over a frozen NF4 base)")
+    if config.offload_activations and not config.gradient_checkpointing:
+        raise ConfigError("offload_activations: needs gradient_checkpointing = true")

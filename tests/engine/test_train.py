@@ -1,0 +1,151 @@
+"""The training loop on a tiny BERT and generated data: learning, exact resume, Ctrl-C, bad steps, early stopping."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ember.engine.patch as patch_module
+import ember.engine.train as train_module
+from ember.engine.checkpoint import list_checkpoints
+from ember.engine.config import ConfigError, TrainConfig, TrainingError, load_config
+from ember.engine.data import asset_path
+from ember.kernels.backend import forced_backend
+
+
+def _config(tiny_bert, sentiment_csv, tmp_path, **overrides) -> TrainConfig:
+    values = dict(model=str(tiny_bert), data=str(sentiment_csv), out_dir=str(tmp_path / "run"), max_length=16,
+                  eval_size=100, batch_size=16, max_steps=40, warmup_steps=4, lr=1e-2, eval_every=20,
+                  save_every=20, lora_r=4, lora_alpha=8.0, lora_dropout=0.0, progress=False, log_every=5,
+                  precision="fp32")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _train(config):
+    # The loop's own logic is under test here; the kernels are proven in tests/kernels.
+    with forced_backend("torch"):
+        return train_module.train(config)
+
+
+def test_the_defaults_are_the_default_job():
+    config = load_config()
+    assert config == TrainConfig()
+    assert (config.task, config.model, config.data) == (
+        "sequence-classification", "asset:all-minilm-l6-v2", "asset:rotten-tomatoes")
+    assert (config.lora_r, config.optimizer, config.precision) == (16, "adamw8bit", "auto")
+
+
+@pytest.mark.parametrize(("lora_r", "lr", "ember_kernels"), [(4, 1e-2, True), (0, 3e-3, True), (4, 1e-2, False)],
+                         ids=["lora", "full", "lora-stock-kernels"])
+def test_learns_and_exports(tiny_bert, sentiment_csv, tmp_path, lora_r, lr, ember_kernels):
+    """A random tiny BERT learns which adjectives are positive: held-out accuracy from about 0.5 to 0.85+."""
+    result = _train(_config(tiny_bert, sentiment_csv, tmp_path, lora_r=lora_r, lr=lr, precision="bf16",
+                            max_steps=120, eval_every=60, save_every=60, ember_kernels=ember_kernels))
+    assert result.stopped == "max_steps" and result.steps == 120
+    assert result.eval_after["accuracy"] >= 0.85 > result.eval_before["accuracy"]
+    assert result.eval_after["loss"] < result.eval_before["loss"]
+    assert [c.name for c in result.report.classes] == ["neg", "pos"]
+    assert sum(c.support for c in result.report.classes) == 100
+    final = result.out_dir / "final"
+    if lora_r:
+        assert (final / "adapter" / "adapter_config.json").is_file() and (final / "head.safetensors").is_file()
+    else:
+        assert (final / "model" / "config.json").is_file()
+    log = [json.loads(line) for line in (result.out_dir / "log.jsonl").read_text().splitlines()]
+    assert log[0]["kind"] == "config" and log[0]["config"]["lora_r"] == lora_r
+    train_lines = [line for line in log if line["kind"] == "train"]
+    assert len(train_lines) == 24 and all(line["peak_memory_mb"] > 0 and line["tokens_per_s"] > 0 for line in train_lines)
+    # Checkpoints at 60 and 120 with the resolved config in each.
+    checkpoints = list_checkpoints(result.out_dir)
+    assert [c.name for c in checkpoints] == ["step-00000060", "step-00000120"]
+    assert json.loads((checkpoints[-1] / "config.json").read_text())["max_steps"] == 120
+
+
+def _interrupt_at(monkeypatch, step_to_stop: int):
+    """Send ourselves SIGINT (Ctrl-C) while the loop fetches the batch of ``step_to_stop``."""
+    original = train_module.next_batch
+    calls = {"n": 0}
+
+    def next_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step_to_stop:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "next_batch", next_batch)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_bert, sentiment_csv, tmp_path, monkeypatch,
+                                                                  precision):
+    """Ctrl-C at step 7 saves a checkpoint and stops; --resume continues to step 12 with the same losses."""
+    common = dict(max_steps=12, save_every=5, eval_every=100, lora_dropout=0.1, precision=precision)
+    whole = _train(_config(tiny_bert, sentiment_csv, tmp_path / "whole", **common))
+
+    _interrupt_at(monkeypatch, step_to_stop=7)
+    first = _train(_config(tiny_bert, sentiment_csv, tmp_path / "split", **common))
+    assert first.stopped == "interrupted" and first.steps == 7
+    assert [c.name for c in list_checkpoints(first.out_dir)] == ["step-00000005", "step-00000007"]
+    monkeypatch.undo()
+    second = _train(_config(tiny_bert, sentiment_csv, tmp_path / "split", resume=True, **common))
+    assert second.steps == 12
+    assert first.losses + second.losses == whole.losses
+    assert second.eval_after == whole.eval_after
+
+
+def test_existing_checkpoints_need_resume(tiny_bert, sentiment_csv, tmp_path):
+    config = _config(tiny_bert, sentiment_csv, tmp_path, max_steps=2, save_every=1)
+    _train(config)
+    with pytest.raises(ConfigError, match="--resume=true"):
+        _train(config)
+
+
+def test_keeps_the_last_checkpoints_and_ignores_an_unfinished_one(tiny_bert, sentiment_csv, tmp_path):
+    config = _config(tiny_bert, sentiment_csv, tmp_path, max_steps=6, save_every=1, keep_last=2)
+    result = _train(config)
+    unfinished = result.out_dir / "checkpoints" / ".step-00000007.tmp-1"
+    unfinished.mkdir()  # what a crash in the middle of a save leaves
+    assert [c.name for c in list_checkpoints(result.out_dir)] == ["step-00000005", "step-00000006"]
+
+
+def test_non_finite_losses_skip_steps_then_stop(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
+    monkeypatch.setattr(patch_module, "_normalized", lambda loss_sum, count, items: loss_sum * float("nan"))
+    with pytest.warns(UserWarning, match="step skipped"), pytest.raises(TrainingError, match="3 non-finite losses"):
+        _train(_config(tiny_bert, sentiment_csv, tmp_path, max_bad_steps=3))
+
+
+def test_early_stopping(tiny_bert, sentiment_csv, tmp_path):
+    """With a learning rate too small to change anything, accuracy never improves: patience 1 stops at eval 2."""
+    result = _train(_config(tiny_bert, sentiment_csv, tmp_path, lr=1e-12, eval_every=2,
+                            early_stopping_metric="accuracy", early_stopping_patience=1))
+    assert result.stopped == "early_stopping" and result.steps == 4
+
+
+def test_one_interpreted_step(tiny_bert, sentiment_csv, tmp_path):
+    """Two steps through ember's Triton kernels themselves (the interpreter, or the GPU)."""
+    result = train_module.train(_config(tiny_bert, sentiment_csv, tmp_path, max_steps=2, eval_size=32,
+                                        precision="bf16"))
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_default_job_runs_on_the_real_assets(tmp_path):
+    """The default job, shortened: all-MiniLM-L6-v2 and Rotten Tomatoes from their packages, through the CLI."""
+    try:
+        asset_path("all-minilm-l6-v2"), asset_path("rotten-tomatoes")
+    except ConfigError as error:
+        pytest.skip(str(error))
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # the PyTorch path on the CPU: what a user's run takes
+    command = [sys.executable, "-m", "ember.engine.cli", "train", "--max_steps=3", "--eval_size=64",
+               "--train_size=96", "--batch_size=8", "--progress=false", f"--out_dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "precision: bf16 (auto:" in result.stdout
+    assert "held-out after 3 steps: loss" in result.stdout and "macro-F1" in result.stdout
+    assert "fresh" in result.stdout and "rotten" in result.stdout
