@@ -3,7 +3,8 @@
 A checkpoint is a folder ``<out_dir>/checkpoints/step-NNNNNNNN`` holding
 ``trainable.safetensors`` (the parameters being trained, by name),
 ``state.pt`` (optimizer, scheduler, scaler, RNG states, data position, loop
-state) and ``config.json`` (the resolved config). The folder appears only
+state), ``config.json`` (the resolved config) and, for LoRA runs, ``adapter/``
+in PEFT's format. The folder appears only
 once complete (``os.replace`` of a finished temporary folder is atomic on one
 filesystem), so a crash or Ctrl-C mid-write leaves the previous checkpoint as
 the latest. Only the last ``keep_last`` are kept.
@@ -24,13 +25,15 @@ PREFIX = "step-"
 
 
 def _fsync_folder(path: Path) -> None:
-    for file in path.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor], state: dict[str, Any],
-                    config: dict[str, Any], keep_last: int) -> Path:
+                    config: dict[str, Any], keep_last: int, write_extra=None) -> Path:
+    """``write_extra(folder)``, if given, adds files (a PEFT adapter) before the folder is renamed into place."""
     folder = Path(out_dir) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:08d}"
@@ -41,6 +44,8 @@ def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor]
               str(temporary / "trainable.safetensors"))
     torch.save(state, temporary / "state.pt")
     (temporary / "config.json").write_text(json.dumps(config, indent=2))
+    if write_extra is not None:
+        write_extra(temporary)
     _fsync_folder(temporary)
     if final.exists():  # the same step saved again (a resumed run): replace it whole
         shutil.rmtree(final)

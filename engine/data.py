@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import os
 import random
 from pathlib import Path
 
@@ -137,3 +138,51 @@ def next_batch(examples: list, batch_size: int, seed: int, position: DataPositio
     start = position.batch * batch_size
     position.batch += 1
     return [examples[i] for i in order[start : start + batch_size]]
+
+
+# ----------------------------------------------------------------------------
+# Model folders
+# ----------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EMBER_CACHE", Path.home() / ".cache" / "ember"))
+
+
+def model_folder(spec: str) -> Path:
+    """A Hugging Face model folder for ``spec``: a folder as given, or a plain copy of a GGUF file's model."""
+    path = resolve(spec, "model folder")
+    if path.suffix == ".gguf":
+        return _plain_copy_of_gguf(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model folder {spec!r} has no config.json (expected a Hugging Face model folder)")
+    return path
+
+
+def _plain_copy_of_gguf(path: Path) -> Path:
+    """Dequantize a GGUF model once (about 20 s) and keep it as a normal folder in the cache (reloads in 1 s).
+
+    transformers refuses to save a model loaded from GGUF ("quantized with
+    gguf"), so its weights go into a fresh model of the same config.
+    """
+    import transformers
+
+    folder = cache_dir() / path.stem
+    if (folder / "config.json").is_file():
+        return folder
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"reading {path.name} needs the gguf package: pip install gguf")
+    print(f"converting {path.name} to a plain model folder in {folder} (once)")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    temporary = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    plain.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(temporary, folder)
+    return folder

@@ -24,12 +24,13 @@ import torch.nn as nn
 
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, TrainingError
-from .data import ClassificationData, DataPosition, load_classification, next_batch, resolve
+from .data import DataPosition, model_folder, next_batch
 from .lora import LoRAConfig, apply_lora, lora_report, save_adapter
-from .metrics import ClassificationReport, classification_report
+from .metrics import ClassificationReport
 from .optim import build
 from .patch import patch
 from .precision import decide
+from .tasks import TASKS
 
 logger = logging.getLogger("ember.train")
 
@@ -61,26 +62,29 @@ class TrainResult:
 # ----------------------------------------------------------------------------
 
 
-def load_model(config: TrainConfig, class_names: list[str]):
-    """(model, tokenizer) for the task, with a fresh classification head where there is one."""
+def load_tokenizer(folder: Path):
     import transformers
 
-    folder = resolve(config.model, "model folder")
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"model folder {config.model!r} has no config.json (expected a Hugging Face model folder)")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    labels = dict(num_labels=len(class_names), id2label=dict(enumerate(class_names)),
-                  label2id={name: i for i, name in enumerate(class_names)})
-    model_class = {
-        "sequence-classification": transformers.AutoModelForSequenceClassification,
-        "token-classification": transformers.AutoModelForTokenClassification,
-    }[config.task]
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def load_model(config: TrainConfig, folder: Path, class_names: list[str]) -> nn.Module:
+    """The task's model from ``folder``, with a fresh classification head where there is one."""
+    import transformers
+
     with _quiet_transformers():
-        model = model_class.from_pretrained(folder, **labels, dtype=torch.float32)
+        if config.task == "causal-lm":
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        else:
+            model_class = {"sequence-classification": transformers.AutoModelForSequenceClassification,
+                           "token-classification": transformers.AutoModelForTokenClassification}[config.task]
+            model = model_class.from_pretrained(
+                folder, num_labels=len(class_names), id2label=dict(enumerate(class_names)),
+                label2id={name: i for i, name in enumerate(class_names)}, dtype=torch.float32)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and config.max_length > limit:
         raise ConfigError(f"max_length {config.max_length} is longer than the model allows ({limit} positions)")
-    return model, tokenizer
+    return model
 
 
 @contextmanager
@@ -111,15 +115,17 @@ def prepare_model(model: nn.Module, config: TrainConfig, precision) -> nn.Module
         patch(model)
     if config.lora_r:
         head = _head_name(model)
-        # LoRA on every Linear of the body; the fresh head is trained whole (PEFT's modules_to_save).
+        # LoRA on every Linear of the body. A fresh classification head is trained
+        # whole (PEFT's modules_to_save); a causal LM's head stays frozen.
         targets = [name for name, module in model.named_modules()
                    if isinstance(module, nn.Linear) and name != head and not name.startswith(head + ".")]
         lora = LoRAConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                           target_modules=targets if config.lora_targets == "all-linear" else config.lora_targets,
                           quantize_base="nf4" if config.qlora else None)
         model = apply_lora(model, lora)
-        for p in getattr(model, head).parameters():
-            p.requires_grad_(True)
+        if config.task != "causal-lm":
+            for p in getattr(model, head).parameters():
+                p.requires_grad_(True)
     if precision.param_dtype != torch.float32:
         model.to(precision.param_dtype)
     if config.gradient_checkpointing:
@@ -129,48 +135,6 @@ def prepare_model(model: nn.Module, config: TrainConfig, precision) -> nn.Module
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-# ----------------------------------------------------------------------------
-# Batches and evaluation (classification)
-# ----------------------------------------------------------------------------
-
-
-def classification_batch(tokenizer, examples: list[tuple[str, int]], max_length: int, device) -> dict:
-    encoded = tokenizer([text for text, _ in examples], truncation=True, max_length=max_length,
-                        padding=True, return_tensors="pt")
-    batch = {key: value.to(device) for key, value in encoded.items()}
-    batch["labels"] = torch.tensor([label for _, label in examples], device=device)
-    return batch
-
-
-def batch_loss(model, batch: dict, targets: int, config: TrainConfig) -> torch.Tensor:
-    """The batch's summed loss over ``targets``, the target count of the whole accumulated batch."""
-    if config.ember_kernels:  # the patched model's loss: ember's kernel, normalized as asked
-        return model(**batch, num_items_in_batch=targets).loss
-    labels = batch["labels"]
-    logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
-    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       reduction="sum") / targets
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, data: ClassificationData, config: TrainConfig, precision, device) -> tuple[dict, Any]:
-    was_training = model.training
-    model.eval()
-    loss_sum, predictions, labels = 0.0, [], []
-    for start in range(0, len(data.eval), 128):
-        batch = classification_batch(tokenizer, data.eval[start : start + 128], config.max_length, device)
-        targets = batch.pop("labels")
-        with precision.autocast():
-            logits = model(**batch).logits.float()
-        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        predictions.append(logits.argmax(-1).cpu())
-        labels.append(targets.cpu())
-    model.train(was_training)
-    report = classification_report(torch.cat(predictions), torch.cat(labels), data.class_names)
-    metrics = {"loss": loss_sum / len(data.eval), "accuracy": report.accuracy, "macro_f1": report.macro_f1}
-    return metrics, report
 
 
 # ----------------------------------------------------------------------------
@@ -262,8 +226,8 @@ def _set_rng_states(states: dict) -> None:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    if config.task != "sequence-classification":
-        raise ConfigError(f"task {config.task!r} is not implemented yet; sequence-classification is")
+    if config.task not in TASKS:
+        raise ConfigError(f"task {config.task!r} is not implemented yet; implemented: {', '.join(TASKS)}")
 
     # -- init: device, precision, output folder, logs
     torch.manual_seed(config.seed)
@@ -277,12 +241,10 @@ def train(config: TrainConfig) -> TrainResult:
     print(f"precision: {precision}")
 
     # -- data and model
-    data = load_classification(config)
-    model, tokenizer = load_model(config, data.class_names)
-    model = prepare_model(model, config, precision).to(device)
+    task, model = _task_and_model(config, precision, device)
     trainable = _trainable(model)
-    print(f"model: {config.model}, {lora_report(model) if config.lora_r else 'full fine-tune'}; "
-          f"data: {len(data.train)} train / {len(data.eval)} held-out examples, classes {data.class_names}")
+    print(f"model: {config.model}, {lora_report(model) if config.lora_r else 'full fine-tune'}")
+    print(f"data: {task.describe()}")
 
     # -- optimizer, schedule, loss scaling
     optimizer = build(config.optimizer, list(trainable.values()), lr=config.lr, betas=config.betas,
@@ -312,9 +274,10 @@ def train(config: TrainConfig) -> TrainResult:
         save_checkpoint(out_dir, state.step, trainable, {
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
             "loop": state, "rng": _rng_states(),
-        }, config.to_dict(), config.keep_last)
+        }, config.to_dict(), config.keep_last,
+            write_extra=(lambda folder: save_adapter(model, folder / "adapter")) if config.lora_r else None)
 
-    eval_before, _ = evaluate(model, tokenizer, data, config, precision, device)
+    eval_before, _ = task.evaluate(model, precision)
     print(f"held-out before: {_format(eval_before)}")
     log.write("eval", state.step, **eval_before)
 
@@ -328,19 +291,19 @@ def train(config: TrainConfig) -> TrainResult:
     with interrupt_flag() as interrupted:
         while state.step < config.max_steps:
             # A whole accumulated batch: the loss is normalized by its number of targets.
-            micro_batches = [classification_batch(tokenizer, next_batch(data.train, config.batch_size, config.seed,
-                                                                          state.position), config.max_length, device)
-                             for _ in range(config.grad_accum)]
-            targets = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
+            micro_batches = [task.batch(next_batch(task.train_examples, config.batch_size, config.seed,
+                                                   state.position)) for _ in range(config.grad_accum)]
+            targets = sum(task.targets(batch) for batch in micro_batches)
             loss_total = 0.0
             for batch in micro_batches:
                 with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") \
                         if config.offload_activations else nullcontext():
                     with precision.autocast():
-                        loss = batch_loss(model, batch, targets, config)
+                        loss = task.loss(model, batch, targets)
                     scaler.scale(loss).backward()
                 loss_total += loss.item()
-                tokens_seen += int(batch["attention_mask"].sum())
+                tokens_seen += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
+                    else batch["input_ids"].numel()
             if not math.isfinite(loss_total):
                 optimizer.zero_grad(set_to_none=True)
                 state.bad_steps += 1
@@ -370,7 +333,7 @@ def train(config: TrainConfig) -> TrainResult:
                           peak_memory_mb=peak_memory_mb(device))
 
             if state.step % config.eval_every == 0 and state.step < config.max_steps:
-                metrics, _ = evaluate(model, tokenizer, data, config, precision, device)
+                metrics, _ = task.evaluate(model, precision)
                 log.write("eval", state.step, **metrics)
                 progress.write(f"step {state.step}: {_format(metrics)}")
                 if _should_stop_early(metrics, state, config):
@@ -388,10 +351,10 @@ def train(config: TrainConfig) -> TrainResult:
     if stopped == "max_steps" and not (list_checkpoints(out_dir) and
                                        list_checkpoints(out_dir)[-1].name.endswith(f"{state.step:08d}")):
         checkpoint()
-    eval_after, report = evaluate(model, tokenizer, data, config, precision, device)
+    eval_after, report = task.evaluate(model, precision)
     log.write("eval", state.step, **eval_after)
     if stopped != "interrupted":
-        _export(model, tokenizer, config, out_dir / "final")
+        _export(model, task.tokenizer, config, out_dir / "final")
     memory = peak_memory_mb(device)
     log.write("end", state.step, stopped=stopped, seconds=seconds, peak_memory_mb=memory)
     log.close()
@@ -399,7 +362,7 @@ def train(config: TrainConfig) -> TrainResult:
                        report=report, seconds=seconds, peak_memory_mb=memory, out_dir=out_dir, losses=losses)
 
 
-def evaluate_checkpoint(config: TrainConfig) -> tuple[dict, ClassificationReport]:
+def evaluate_checkpoint(config: TrainConfig) -> tuple[dict, ClassificationReport | None]:
     """Held-out metrics of the latest checkpoint in ``config.out_dir``, the model prepared as for training."""
     checkpoints = list_checkpoints(Path(config.out_dir))
     if not checkpoints:
@@ -407,14 +370,20 @@ def evaluate_checkpoint(config: TrainConfig) -> tuple[dict, ClassificationReport
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           "cpu" if config.device == "auto" else config.device)
     precision = decide(config.precision, device)
-    data = load_classification(config)
-    model, tokenizer = load_model(config, data.class_names)
-    model = prepare_model(model, config, precision).to(device)
+    task, model = _task_and_model(config, precision, device)
     saved_params, _ = load_checkpoint(checkpoints[-1])
     with torch.no_grad():
         for name, p in _trainable(model).items():
             p.copy_(saved_params[name])
-    return evaluate(model, tokenizer, data, config, precision, device)
+    return task.evaluate(model, precision)
+
+
+def _task_and_model(config: TrainConfig, precision, device: torch.device):
+    """The tokenizer comes first (the task tokenizes its data), the data before the model (the head's classes)."""
+    folder = model_folder(config.model)
+    task = TASKS[config.task](config, load_tokenizer(folder), device)
+    model = load_model(config, folder, task.class_names)
+    return task, prepare_model(model, config, precision).to(device)
 
 
 def _should_stop_early(metrics: dict, state: LoopState, config: TrainConfig) -> bool:
@@ -433,16 +402,17 @@ def _should_stop_early(metrics: dict, state: LoopState, config: TrainConfig) -> 
 
 
 def _export(model, tokenizer, config: TrainConfig, folder: Path) -> None:
-    """LoRA: the adapter in PEFT's format and the trained head; full fine-tune: a model folder."""
+    """LoRA: the adapter in PEFT's format (and a trained classification head); full fine-tune: a model folder."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     if config.lora_r:
         save_adapter(model, folder / "adapter")
+    if config.lora_r and config.task != "causal-lm":
         head = _head_name(model)
         save_file({f"{head}.{name}": p.detach().cpu().contiguous() for name, p in getattr(model, head).named_parameters()},
                   str(folder / "head.safetensors"))
-    else:
+    if not config.lora_r:
         model.save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "tokenizer")
 

@@ -21,7 +21,10 @@ def tiny_bert(tmp_path_factory):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + NEUTRAL
     transformers.BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
     config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=40)
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=40,
+                                     # No dropout in the body: tests that compare runs control randomness
+                                     # through LoRA's dropout instead.
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(folder)
     return folder
@@ -41,4 +44,32 @@ def sentiment_csv(tmp_path_factory):
                                                                               k=rng.randint(1, 2))
             rng.shuffle(words)
             writer.writerow([" ".join(words), label])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tiny_bert):
+    """A 2-layer Llama (hidden 64, GQA 4/2 heads of 16) with the same word-level tokenizer ([SEP] ends documents)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert)
+    tokenizer.save_pretrained(folder)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def story_txt(tmp_path_factory):
+    """Paragraphs (documents, split at blank lines) of a repetitive grammar a tiny LM learns fast."""
+    path = tmp_path_factory.mktemp("text") / "story.txt"
+    rng = random.Random(1)
+    paragraphs = []
+    for _ in range(120):
+        sentences = [f"the {rng.choice(NEUTRAL[2:6])} was {rng.choice(POSITIVE + NEGATIVE)}"
+                     for _ in range(rng.randint(1, 4))]
+        paragraphs.append(" and ".join(sentences))
+    path.write_text("\n\n".join(paragraphs))
     return path

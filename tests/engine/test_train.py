@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -149,3 +151,115 @@ def test_default_job_runs_on_the_real_assets(tmp_path):
     assert "precision: bf16 (auto:" in result.stdout
     assert "held-out after 3 steps: loss" in result.stdout and "macro-F1" in result.stdout
     assert "fresh" in result.stdout and "rotten" in result.stdout
+
+
+# ----------------------------------------------------------------------------
+# Causal LM: packing, prompt masking, perplexity
+# ----------------------------------------------------------------------------
+
+
+def _lm_config(tiny_llama, story_txt, tmp_path, **overrides) -> TrainConfig:
+    values = dict(task="causal-lm", model=str(tiny_llama), data=str(story_txt), out_dir=str(tmp_path / "lm"),
+                  max_length=32, eval_size=12, batch_size=8, max_steps=60, warmup_steps=5, lr=1e-2, eval_every=30,
+                  save_every=30, lora_r=0, progress=False, precision="fp32", pack=True)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "padded"])
+def test_causal_lm_learns(tiny_llama, story_txt, tmp_path, pack):
+    result = _train(_lm_config(tiny_llama, story_txt, tmp_path, pack=pack))
+    assert result.report is None
+    assert result.eval_after["perplexity"] < 0.5 * result.eval_before["perplexity"]
+    assert result.eval_after["perplexity"] == pytest.approx(math.exp(result.eval_after["loss"]))
+
+
+def test_packed_documents_do_not_see_each_other(tiny_llama, story_txt, tmp_path, device):
+    """The same documents give the same summed loss packed in one row (varlen attention) and padded one per row."""
+    from ember.engine.patch import patch
+    from ember.engine.tasks import CausalLMTask
+
+    config = _lm_config(tiny_llama, story_txt, tmp_path)
+    tokenizer = train_module.load_tokenizer(tiny_llama)
+    model = patch(train_module.load_model(config, tiny_llama, [])).to(device)
+    packed_task = CausalLMTask(config, tokenizer, torch.device(device))
+    padded_task = CausalLMTask(dataclasses.replace(config, pack=False), tokenizer, torch.device(device))
+    documents = packed_task.train_examples[:5]
+    packed, padded = packed_task.batch(documents), padded_task.batch(documents)
+    assert packed["input_ids"].shape[0] == 1 and (packed["position_ids"] == 0).sum() == 5
+    assert packed_task.targets(packed) == padded_task.targets(padded) == sum(len(ids) - 1 for ids, _ in documents)
+    with torch.no_grad():
+        packed_loss = packed_task.loss(model, packed, 1)
+        padded_loss = padded_task.loss(model, padded, 1)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-4)
+
+
+def test_prompts_are_masked_from_the_loss(tiny_llama, tmp_path):
+    from ember.engine.tasks import CausalLMTask
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"the film was {w}", "response": "good and warm"})
+                              for w in ("good", "bad", "dull", "fine")))
+    config = _lm_config(tiny_llama, data, tmp_path, data=str(data), prompt_column="prompt",
+                        text_column="response", eval_size=1)
+    task = CausalLMTask(config, train_module.load_tokenizer(tiny_llama), torch.device("cpu"))
+    ids, labels = task.train_examples[0]
+    assert len(ids) == 4 + 3 + 1  # prompt, response, [SEP]
+    assert labels[:4] == [-100] * 4 and labels[4:] == ids[4:]
+    assert task.targets(task.batch([task.train_examples[0]])) == 4
+
+
+def test_smollm2_preset_runs_on_the_real_assets(tmp_path):
+    """The smollm2-lora preset, shortened: SmolLM2-135M from its GGUF file and Hamlet, LoRA, packing, fused loss."""
+    try:
+        asset_path("smollm2-135m"), asset_path("hamlet")
+    except ConfigError as error:
+        pytest.skip(str(error))
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    command = [sys.executable, "-m", "ember.engine.cli", "train", "--preset=smollm2-lora", "--max_steps=2",
+               "--eval_size=2", "--train_size=8", "--max_length=64", "--progress=false",
+               f"--out_dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "held-out before: loss" in result.stdout and "perplexity" in result.stdout
+    assert (tmp_path / "run" / "final" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_checkpoints_hold_a_peft_adapter(tiny_bert, sentiment_csv, tmp_path):
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    result = _train(_config(tiny_bert, sentiment_csv, tmp_path, max_steps=2, save_every=2))
+    adapter = list_checkpoints(result.out_dir)[-1] / "adapter"
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    loaded = peft.PeftModel.from_pretrained(base, adapter)
+    assert any("lora_A" in name for name, _ in loaded.named_parameters())
+
+
+def test_gradient_accumulation_normalizes_by_the_whole_batch(tiny_bert, sentiment_csv, tmp_path):
+    """Two micro-batches of 8 give the same steps as one batch of 16 (the same 16 examples, in the same order)."""
+    common = dict(max_steps=5, lora_dropout=0.0, eval_every=100, save_every=100)
+    one = _train(_config(tiny_bert, sentiment_csv, tmp_path / "one", batch_size=16, **common))
+    two = _train(_config(tiny_bert, sentiment_csv, tmp_path / "two", batch_size=8, grad_accum=2, **common))
+    assert two.losses == pytest.approx(one.losses, rel=1e-4)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["checkpointing", "checkpointing+offload"])
+def test_gradient_checkpointing_gives_the_same_steps(tiny_bert, sentiment_csv, tmp_path, offload):
+    common = dict(max_steps=4, eval_every=100, save_every=100, lora_r=0)
+    plain = _train(_config(tiny_bert, sentiment_csv, tmp_path / "plain", **common))
+    checkpointed = _train(_config(tiny_bert, sentiment_csv, tmp_path / "ckpt", gradient_checkpointing=True,
+                                  offload_activations=offload, **common))
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_eval_command_reads_the_latest_checkpoint(tiny_bert, sentiment_csv, tmp_path, capsys):
+    from ember.engine.cli import main
+
+    config = _config(tiny_bert, sentiment_csv, tmp_path, max_steps=40, save_every=40)
+    result = _train(config)
+    arguments = [f"--{key}={value}" for key, value in config.to_dict().items() if key != "betas"]
+    with forced_backend("torch"):
+        assert main(["eval", *arguments]) == 0
+    out = capsys.readouterr().out
+    assert f"accuracy {result.eval_after['accuracy']:.4f}" in out and "macro-F1" in out

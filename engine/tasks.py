@@ -1,0 +1,185 @@
+"""What the loop trains on: each task turns examples into batches and evaluates a model.
+
+- ``ClassificationTask``: sequence classification; (text, label) pairs, the
+  held-out report is accuracy, macro-F1 and per-class precision/recall/F1.
+- ``CausalLMTask``: documents (a .txt file split at blank lines, or rows of a
+  .jsonl/.csv file, optionally prompt/response pairs whose prompt is masked
+  from the loss), each ending in EOS. Packed: the documents of a batch are laid
+  one after another in one row with position ids restarting at each document,
+  which ``attn_implementation="ember"`` runs through the varlen kernel, so no
+  document attends to another and no token is padding. The held-out metric is
+  perplexity.
+
+Both count their targets per batch, so the loop can normalize the loss by the
+targets of a whole accumulated batch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import ConfigError, TrainConfig
+from .data import _read_rows, load_classification, resolve
+from .metrics import classification_report
+
+EVAL_BATCH = 64
+
+
+class ClassificationTask:
+    kind = "sequence-classification"
+
+    def __init__(self, config: TrainConfig, tokenizer, device: torch.device):
+        self.config, self.tokenizer, self.device = config, tokenizer, device
+        data = load_classification(config)
+        self.train_examples, self.eval_examples, self.class_names = data.train, data.eval, data.class_names
+
+    def describe(self) -> str:
+        return (f"{len(self.train_examples)} train / {len(self.eval_examples)} held-out examples, "
+                f"classes {self.class_names}")
+
+    def batch(self, examples: list[tuple[str, int]]) -> dict:
+        encoded = self.tokenizer([text for text, _ in examples], truncation=True, max_length=self.config.max_length,
+                                 padding=True, return_tensors="pt")
+        batch = {key: value.to(self.device) for key, value in encoded.items()}
+        batch["labels"] = torch.tensor([label for _, label in examples], device=self.device)
+        return batch
+
+    @staticmethod
+    def targets(batch: dict) -> int:
+        return int((batch["labels"] != -100).sum())
+
+    def loss(self, model, batch: dict, normalizer: int) -> torch.Tensor:
+        """The batch's summed loss divided by ``normalizer``; through ember's kernel when the model is patched."""
+        if getattr(model, "_ember_patched", False):
+            return model(**batch, num_items_in_batch=normalizer).loss
+        labels = batch["labels"]
+        logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits.float()
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           reduction="sum") / normalizer
+
+    @torch.no_grad()
+    def evaluate(self, model, precision):
+        was_training = model.training
+        model.eval()
+        loss_sum, predictions, labels = 0.0, [], []
+        for start in range(0, len(self.eval_examples), EVAL_BATCH):
+            batch = self.batch(self.eval_examples[start : start + EVAL_BATCH])
+            targets = batch.pop("labels")
+            with precision.autocast():
+                logits = model(**batch).logits.float()
+            loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            predictions.append(logits.argmax(-1).cpu())
+            labels.append(targets.cpu())
+        model.train(was_training)
+        report = classification_report(torch.cat(predictions), torch.cat(labels), self.class_names)
+        metrics = {"loss": loss_sum / len(self.eval_examples), "accuracy": report.accuracy,
+                   "macro_f1": report.macro_f1}
+        return metrics, report
+
+
+def _documents(config: TrainConfig) -> list[tuple[str, str]]:
+    """(prompt, text) pairs; the prompt is "" unless prompt_column names one."""
+    path = resolve(config.data, "data")
+    if path.suffix == ".txt":
+        chunks = [chunk.strip() for chunk in Path(path).read_text(encoding="utf-8").split("\n\n")]
+        return [("", chunk) for chunk in chunks if chunk]
+    rows = _read_rows(path, config)
+    if rows and config.text_column not in rows[0]:
+        raise ConfigError(f"data {config.data!r} has no column {config.text_column!r}; it has {', '.join(rows[0])}")
+    if config.prompt_column and rows and config.prompt_column not in rows[0]:
+        raise ConfigError(f"data {config.data!r} has no column {config.prompt_column!r}")
+    return [(str(row[config.prompt_column]) if config.prompt_column else "", str(row[config.text_column]))
+            for row in rows]
+
+
+class CausalLMTask:
+    kind = "causal-lm"
+    class_names: list[str] = []
+
+    def __init__(self, config: TrainConfig, tokenizer, device: torch.device):
+        self.config, self.tokenizer, self.device = config, tokenizer, device
+        self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        documents = [self._tokenize(prompt, text) for prompt, text in _documents(config)]
+        documents = [d for d in documents if (torch.tensor(d[1]) != -100).sum() > 1]
+        if not documents:
+            raise ConfigError(f"data {config.data!r} is empty")
+        # Deterministic split: every k-th document is held out, so both halves span the whole text.
+        if config.eval_size >= len(documents):
+            raise ConfigError(f"eval_size {config.eval_size} leaves no training data ({len(documents)} documents)")
+        stride = len(documents) // config.eval_size if config.eval_size else 0
+        held_out = set(range(0, stride * config.eval_size, stride)) if stride else set()
+        self.eval_examples = [d for i, d in enumerate(documents) if i in held_out]
+        self.train_examples = [d for i, d in enumerate(documents) if i not in held_out]
+        if config.train_size:
+            self.train_examples = self.train_examples[: config.train_size]
+
+    def _tokenize(self, prompt: str, text: str) -> tuple[list[int], list[int]]:
+        """(input ids, labels) of one document, at most max_length tokens, EOS last; the prompt has label -100."""
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = (prompt_ids + text_ids)[: self.config.max_length - 1] + ([self.eos] if self.eos is not None else [])
+        labels = [-100] * min(len(prompt_ids), len(ids)) + ids[len(prompt_ids):]
+        # The first token has no predecessor inside the document: in a packed row, the
+        # token before it belongs to another document, so it is never a target.
+        labels[0] = -100
+        return ids, labels
+
+    def describe(self) -> str:
+        tokens = sum(len(ids) for ids, _ in self.train_examples)
+        return (f"{len(self.train_examples)} train documents ({tokens:,} tokens) / {len(self.eval_examples)} held-out, "
+                f"{'packed' if self.config.pack else 'padded'} to {self.config.max_length} tokens")
+
+    def batch(self, documents: list[tuple[list[int], list[int]]]) -> dict:
+        if self.config.pack:
+            # One row, documents back to back; position ids restart at each: varlen attention.
+            ids = [token for d, _ in documents for token in d]
+            labels = [label for _, ls in documents for label in ls]
+            positions = [p for d, _ in documents for p in range(len(d))]
+            tensor = lambda values: torch.tensor([values], device=self.device)  # noqa: E731
+            return {"input_ids": tensor(ids), "position_ids": tensor(positions), "labels": tensor(labels)}
+        width = max(len(d) for d, _ in documents)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos or 0)
+        ids = torch.full((len(documents), width), pad, dtype=torch.long)
+        labels = torch.full((len(documents), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(documents), width), dtype=torch.long)
+        for row, (d, ls) in enumerate(documents):
+            ids[row, : len(d)], labels[row, : len(ls)], mask[row, : len(d)] = torch.tensor(d), torch.tensor(ls), 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                "labels": labels.to(self.device)}
+
+    @staticmethod
+    def targets(batch: dict) -> int:
+        # Position t is scored against label t + 1: the first label of a row is never a target.
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def loss(self, model, batch: dict, normalizer: int) -> torch.Tensor:
+        """The batch's summed loss divided by ``normalizer``; ember's fused loss (no logits) when patched."""
+        if getattr(model, "_ember_patched", False):
+            return model(**batch, num_items_in_batch=normalizer).loss
+        labels = batch["labels"]
+        logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits.float()
+        targets = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                           reduction="sum") / normalizer
+
+    @torch.no_grad()
+    def evaluate(self, model, precision):
+        was_training = model.training
+        model.eval()
+        loss_sum, targets = 0.0, 0
+        for start in range(0, len(self.eval_examples), 8):
+            batch = self.batch(self.eval_examples[start : start + 8])
+            count = self.targets(batch)
+            with precision.autocast():
+                loss_sum += self.loss(model, batch, 1).float().item()  # the summed loss
+            targets += count
+        model.train(was_training)
+        loss = loss_sum / max(targets, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}, None
+
+
+TASKS = {"sequence-classification": ClassificationTask, "causal-lm": CausalLMTask}
