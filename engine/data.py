@@ -65,7 +65,7 @@ class ClassificationData:
     class_names: list[str]
 
 
-def _read_rows(path: Path, config: TrainConfig) -> list[dict]:
+def read_rows(path: Path, config: TrainConfig) -> list[dict]:
     if path.name == "rotten_tomatoes_corpus_full.csv.bz2":
         with bz2.open(path, "rt", encoding="utf-8") as f:
             # Critic snippets only: "plot" rows are synopses, not opinions.
@@ -83,7 +83,7 @@ def _read_rows(path: Path, config: TrainConfig) -> list[dict]:
 def load_classification(config: TrainConfig) -> ClassificationData:
     """(text, label index) pairs, shuffled with the seed and split into train and held-out eval."""
     path = resolve(config.data, "data")
-    rows = _read_rows(path, config)
+    rows = read_rows(path, config)
     if not rows:
         raise ConfigError(f"data {config.data!r} is empty")
     for column in (config.text_column, config.label_column):

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, TrainConfig
-from .data import _read_rows, load_classification, resolve
+from .data import read_rows, load_classification, resolve
 from .metrics import classification_report
 
 EVAL_BATCH = 64
@@ -87,7 +87,7 @@ def _documents(config: TrainConfig) -> list[tuple[str, str]]:
     if path.suffix == ".txt":
         chunks = [chunk.strip() for chunk in Path(path).read_text(encoding="utf-8").split("\n\n")]
         return [("", chunk) for chunk in chunks if chunk]
-    rows = _read_rows(path, config)
+    rows = read_rows(path, config)
     if rows and config.text_column not in rows[0]:
         raise ConfigError(f"data {config.data!r} has no column {config.text_column!r}; it has {', '.join(rows[0])}")
     if config.prompt_column and rows and config.prompt_column not in rows[0]:
