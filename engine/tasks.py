@@ -2,6 +2,8 @@
 
 - ``ClassificationTask``: sequence classification; (text, label) pairs, the
   held-out report is accuracy, macro-F1 and per-class precision/recall/F1.
+- ``TokenClassificationTask``: (words, tags) rows; a word's tag goes to its
+  first sub-word token, the others are not scored; the same report, per word.
 - ``CausalLMTask``: documents (a .txt file split at blank lines, or rows of a
   .jsonl/.csv file, optionally prompt/response pairs whose prompt is masked
   from the loss), each ending in EOS. Packed: the documents of a batch are laid
@@ -17,6 +19,7 @@ targets of a whole accumulated batch.
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import torch
@@ -77,6 +80,74 @@ class ClassificationTask:
         model.train(was_training)
         report = classification_report(torch.cat(predictions), torch.cat(labels), self.class_names)
         metrics = {"loss": loss_sum / len(self.eval_examples), "accuracy": report.accuracy,
+                   "macro_f1": report.macro_f1}
+        return metrics, report
+
+
+class TokenClassificationTask(ClassificationTask):
+    kind = "token-classification"
+
+    def __init__(self, config: TrainConfig, tokenizer, device: torch.device):
+        self.config, self.tokenizer, self.device = config, tokenizer, device
+        rows = read_rows(resolve(config.data, "data"), config)
+        if not rows:
+            raise ConfigError(f"data {config.data!r} is empty")
+        for column in (config.text_column, config.label_column):
+            if column not in rows[0]:
+                raise ConfigError(f"data {config.data!r} has no column {column!r}; it has {', '.join(rows[0])}")
+        examples = []
+        for i, row in enumerate(rows):
+            words, tags = row[config.text_column], row[config.label_column]
+            words = words.split() if isinstance(words, str) else [str(w) for w in words]
+            tags = tags.split() if isinstance(tags, str) else [str(t) for t in tags]
+            if len(words) != len(tags):
+                raise ConfigError(f"data {config.data!r}, row {i}: {len(words)} words but {len(tags)} tags")
+            examples.append((words, tags))
+        self.class_names = sorted({tag for _, tags in examples for tag in tags})
+        indexed = [(words, [self.class_names.index(tag) for tag in tags]) for words, tags in examples]
+        random.Random(config.seed).shuffle(indexed)
+        if config.eval_size >= len(indexed):
+            raise ConfigError(f"eval_size {config.eval_size} leaves no training data ({len(indexed)} examples)")
+        self.eval_examples, self.train_examples = indexed[: config.eval_size], indexed[config.eval_size :]
+        if config.train_size:
+            self.train_examples = self.train_examples[: config.train_size]
+
+    def describe(self) -> str:
+        return (f"{len(self.train_examples)} train / {len(self.eval_examples)} held-out sentences, "
+                f"tags {self.class_names}")
+
+    def batch(self, examples: list[tuple[list[str], list[int]]]) -> dict:
+        encoded = self.tokenizer([words for words, _ in examples], is_split_into_words=True, truncation=True,
+                                 max_length=self.config.max_length, padding=True, return_tensors="pt")
+        labels = torch.full(encoded["input_ids"].shape, -100, dtype=torch.long)
+        for row, (_, tags) in enumerate(examples):
+            previous = None
+            for position, word in enumerate(encoded.word_ids(row)):
+                if word is not None and word != previous:  # a word's first sub-word token carries its tag
+                    labels[row, position] = tags[word]
+                previous = word
+        batch = {key: value.to(self.device) for key, value in encoded.items()}
+        batch["labels"] = labels.to(self.device)
+        return batch
+
+    @torch.no_grad()
+    def evaluate(self, model, precision):
+        was_training = model.training
+        model.eval()
+        loss_sum, predictions, labels = 0.0, [], []
+        for start in range(0, len(self.eval_examples), EVAL_BATCH):
+            batch = self.batch(self.eval_examples[start : start + EVAL_BATCH])
+            targets = batch.pop("labels").reshape(-1)
+            with precision.autocast():
+                logits = model(**batch).logits.float()
+            logits = logits.reshape(-1, logits.shape[-1])
+            loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            predictions.append(logits.argmax(-1).cpu())
+            labels.append(targets.cpu())
+        model.train(was_training)
+        labels = torch.cat(labels)
+        report = classification_report(torch.cat(predictions), labels, self.class_names)
+        metrics = {"loss": loss_sum / max(int((labels != -100).sum()), 1), "accuracy": report.accuracy,
                    "macro_f1": report.macro_f1}
         return metrics, report
 
@@ -182,4 +253,5 @@ class CausalLMTask:
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}, None
 
 
-TASKS = {"sequence-classification": ClassificationTask, "causal-lm": CausalLMTask}
+TASKS = {"sequence-classification": ClassificationTask, "token-classification": TokenClassificationTask,
+         "causal-lm": CausalLMTask}

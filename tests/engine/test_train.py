@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -263,3 +264,53 @@ def test_eval_command_reads_the_latest_checkpoint(tiny_bert, sentiment_csv, tmp_
         assert main(["eval", *arguments]) == 0
     out = capsys.readouterr().out
     assert f"accuracy {result.eval_after['accuracy']:.4f}" in out and "macro-F1" in out
+
+
+# ----------------------------------------------------------------------------
+# Token classification (generated data: no real named-entity set ships in a package)
+# ----------------------------------------------------------------------------
+
+
+def _tagging_jsonl(path, n=400):
+    from tests.engine.conftest import NEGATIVE, NEUTRAL, POSITIVE
+
+    rng = random.Random(2)
+    with open(path, "w") as f:
+        for _ in range(n):
+            words = rng.choices(POSITIVE + NEGATIVE + NEUTRAL, k=rng.randint(3, 10))
+            tags = ["POS" if w in POSITIVE else "NEG" if w in NEGATIVE else "O" for w in words]
+            f.write(json.dumps({"tokens": words, "tags": tags}) + "\n")
+    return path
+
+
+def test_token_classification_learns(tiny_bert, tmp_path):
+    data = _tagging_jsonl(tmp_path / "tags.jsonl")
+    result = _train(_config(tiny_bert, data, tmp_path, task="token-classification", text_column="tokens",
+                            label_column="tags", eval_size=50, max_steps=100, lr=1e-2))
+    assert [c.name for c in result.report.classes] == ["NEG", "O", "POS"]
+    assert result.eval_after["macro_f1"] >= 0.9 > result.eval_before["macro_f1"]
+
+
+def test_a_words_tag_goes_to_its_first_sub_word(tmp_path):
+    import transformers
+
+    from ember.engine.tasks import TokenClassificationTask
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "film", "##s", "the"]
+    tokenizer = transformers.BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
+    data = tmp_path / "tags.jsonl"
+    data.write_text(json.dumps({"tokens": ["the", "films", "good"], "tags": ["O", "X", "Y"]}) + "\n"
+                    + json.dumps({"tokens": "good the", "tags": "Y O"}) + "\n")
+    config = TrainConfig(task="token-classification", data=str(data), text_column="tokens", label_column="tags",
+                         eval_size=0, max_length=16)
+    task = TokenClassificationTask(config, tokenizer, torch.device("cpu"))
+    assert task.class_names == ["O", "X", "Y"]
+    batch = task.batch([(["the", "films", "good"], [0, 1, 2])])
+    # [CLS] the film ##s good [SEP]: "films" is scored once, at "film".
+    assert batch["input_ids"].tolist() == [[2, 8, 6, 7, 5, 3]]
+    assert batch["labels"].tolist() == [[-100, 0, 1, -100, 2, -100]]
+    assert task.targets(batch) == 3 and len(task.train_examples) == 2
+
+    data.write_text(json.dumps({"tokens": ["the", "film"], "tags": ["O"]}) + "\n")
+    with pytest.raises(ConfigError, match="row 0: 2 words but 1 tags"):
+        TokenClassificationTask(config, tokenizer, torch.device("cpu"))
