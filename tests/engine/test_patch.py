@@ -142,3 +142,41 @@ def test_refuses_what_it_cannot_patch():
         patch(regression)
     patch(regression, loss=False)  # attention alone is fine
     assert regression.config._attn_implementation == "ember"
+
+
+def _tiny_causal_lm(family: str):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    configs = {
+        "qwen2": lambda: transformers.Qwen2Config(**common),
+        "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=16),
+        "mistral": lambda: transformers.MistralConfig(**common, sliding_window=8),
+        "gemma": lambda: transformers.GemmaConfig(**common, head_dim=16),
+        # Gemma 2: attention logit softcap, sliding-window layers and a final logit softcap.
+        "gemma2": lambda: transformers.Gemma2Config(**common, head_dim=16, sliding_window=8,
+                                                    final_logit_softcapping=5.0, attn_logit_softcapping=20.0),
+    }
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(configs[family]()).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma", "gemma2"])
+def test_causal_lm_families_match_stock(family, assert_within_tolerance):
+    """Each family's patched loss and gradients against its stock model in float64, on the PyTorch path."""
+    model = _tiny_causal_lm(family)
+    input_ids = torch.randint(0, VOCAB, (2, 20))
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    with forced_backend("torch"):
+        _compare(model, dict(input_ids=input_ids, labels=labels), "cpu", assert_within_tolerance)
+
+
+def test_roberta_classification_matches_stock(assert_within_tolerance):
+    config = transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.RobertaForSequenceClassification(config).eval()
+    input_ids = torch.randint(3, VOCAB, (3, 11))
+    with forced_backend("torch"):
+        _compare(model, dict(input_ids=input_ids, labels=torch.tensor([2, 0, 1])), "cpu", assert_within_tolerance)
