@@ -314,3 +314,15 @@ def test_a_words_tag_goes_to_its_first_sub_word(tmp_path):
     data.write_text(json.dumps({"tokens": ["the", "film"], "tags": ["O"]}) + "\n")
     with pytest.raises(ConfigError, match="row 0: 2 words but 1 tags"):
         TokenClassificationTask(config, tokenizer, torch.device("cpu"))
+
+
+def test_qlora_run(tiny_bert, sentiment_csv, tmp_path, capsys):
+    """qlora=true: the body's Linear weights in NF4 (bitsandbytes' layout), adapters and head trained."""
+    result = _train(_config(tiny_bert, sentiment_csv, tmp_path, qlora=True, max_steps=120, eval_every=100,
+                            save_every=100))
+    assert result.eval_after["loss"] < result.eval_before["loss"]
+    log = (result.out_dir / "log.jsonl").read_text()
+    assert '"qlora": true' in log
+    report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model:"))
+    # NF4: half a byte per weight, plus absmax and, per tiny matrix here, bnb's 1 KiB code table; dense: 4.
+    assert float(report.rsplit("(", 1)[1].split()[0]) < 1.5
