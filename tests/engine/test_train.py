@@ -326,3 +326,15 @@ def test_qlora_run(tiny_bert, sentiment_csv, tmp_path, capsys):
     report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model:"))
     # NF4: half a byte per weight, plus absmax and, per tiny matrix here, bnb's 1 KiB code table; dense: 4.
     assert float(report.rsplit("(", 1)[1].split()[0]) < 1.5
+
+
+def test_tensorboard_events(tiny_bert, sentiment_csv, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = _train(_config(tiny_bert, sentiment_csv, tmp_path, max_steps=10, eval_every=5, tensorboard=True))
+    events = EventAccumulator(str(result.out_dir / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "eval/accuracy", "eval/macro_f1"} <= set(scalars)
+    assert [event.step for event in events.Scalars("train/loss")] == [5, 10]
