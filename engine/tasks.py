@@ -56,13 +56,7 @@ class ClassificationTask:
         return int((batch["labels"] != -100).sum())
 
     def loss(self, model, batch: dict, normalizer: int) -> torch.Tensor:
-        """The batch's summed loss divided by ``normalizer``; through ember's kernel when the model is patched."""
-        if getattr(model, "_ember_patched", False):
-            return model(**batch, num_items_in_batch=normalizer).loss
-        labels = batch["labels"]
-        logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits.float()
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                           reduction="sum") / normalizer
+        return _loss(model, batch, normalizer, shift=False)
 
     @torch.no_grad()
     def evaluate(self, model, precision):
@@ -71,15 +65,17 @@ class ClassificationTask:
         loss_sum, predictions, labels = 0.0, [], []
         for start in range(0, len(self.eval_examples), EVAL_BATCH):
             batch = self.batch(self.eval_examples[start : start + EVAL_BATCH])
-            targets = batch.pop("labels")
+            targets = batch.pop("labels").reshape(-1)  # (examples,) or, per token, (examples * tokens,)
             with precision.autocast():
                 logits = model(**batch).logits.float()
+            logits = logits.reshape(-1, logits.shape[-1])
             loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             predictions.append(logits.argmax(-1).cpu())
             labels.append(targets.cpu())
         model.train(was_training)
-        report = classification_report(torch.cat(predictions), torch.cat(labels), self.class_names)
-        metrics = {"loss": loss_sum / len(self.eval_examples), "accuracy": report.accuracy,
+        labels = torch.cat(labels)
+        report = classification_report(torch.cat(predictions), labels, self.class_names)
+        metrics = {"loss": loss_sum / max(int((labels != -100).sum()), 1), "accuracy": report.accuracy,
                    "macro_f1": report.macro_f1}
         return metrics, report
 
@@ -129,27 +125,6 @@ class TokenClassificationTask(ClassificationTask):
         batch = {key: value.to(self.device) for key, value in encoded.items()}
         batch["labels"] = labels.to(self.device)
         return batch
-
-    @torch.no_grad()
-    def evaluate(self, model, precision):
-        was_training = model.training
-        model.eval()
-        loss_sum, predictions, labels = 0.0, [], []
-        for start in range(0, len(self.eval_examples), EVAL_BATCH):
-            batch = self.batch(self.eval_examples[start : start + EVAL_BATCH])
-            targets = batch.pop("labels").reshape(-1)
-            with precision.autocast():
-                logits = model(**batch).logits.float()
-            logits = logits.reshape(-1, logits.shape[-1])
-            loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-            predictions.append(logits.argmax(-1).cpu())
-            labels.append(targets.cpu())
-        model.train(was_training)
-        labels = torch.cat(labels)
-        report = classification_report(torch.cat(predictions), labels, self.class_names)
-        metrics = {"loss": loss_sum / max(int((labels != -100).sum()), 1), "accuracy": report.accuracy,
-                   "macro_f1": report.macro_f1}
-        return metrics, report
 
 
 def _documents(config: TrainConfig) -> list[tuple[str, str]]:
@@ -228,14 +203,7 @@ class CausalLMTask:
         return int((batch["labels"][:, 1:] != -100).sum())
 
     def loss(self, model, batch: dict, normalizer: int) -> torch.Tensor:
-        """The batch's summed loss divided by ``normalizer``; ember's fused loss (no logits) when patched."""
-        if getattr(model, "_ember_patched", False):
-            return model(**batch, num_items_in_batch=normalizer).loss
-        labels = batch["labels"]
-        logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits.float()
-        targets = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                           reduction="sum") / normalizer
+        return _loss(model, batch, normalizer, shift=True)
 
     @torch.no_grad()
     def evaluate(self, model, precision):
@@ -251,6 +219,20 @@ class CausalLMTask:
         model.train(was_training)
         loss = loss_sum / max(targets, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}, None
+
+
+def _loss(model, batch: dict, normalizer: int, *, shift: bool) -> torch.Tensor:
+    """The batch's summed loss divided by ``normalizer``: through ember's kernels when the model is patched
+    (for a causal LM without building logits), else stock cross-entropy on the logits. ``shift``: position t
+    is scored against label t + 1."""
+    if getattr(model, "_ember_patched", False):
+        return model(**batch, num_items_in_batch=normalizer).loss
+    labels = batch["labels"]
+    if shift:
+        labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits.float()
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                       reduction="sum") / normalizer
 
 
 TASKS = {"sequence-classification": ClassificationTask, "token-classification": TokenClassificationTask,
