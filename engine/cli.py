@@ -2,6 +2,8 @@
 
     ember train [CONFIG.toml] [--key=value ...]   fine-tune (no arguments: the default job)
     ember eval  [CONFIG.toml] [--key=value ...]   held-out metrics of the run's latest checkpoint
+    ember bench [SUITE ...] [--quick] [--out DIR] benchmarks against stock PyTorch and peers (JSON)
+    ember bench report RUN.json [BASELINE.json]   markdown tables and PNG plots of a run
     ember demo [--tokens N] [--hidden H] [--vocab V] [--dtype bf16|fp16|fp32] [--device cpu|cuda]
 
 `train` runs ``ember.engine.train.train`` on the config from
@@ -105,6 +107,42 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ember.bench import harness, report
+    from ember.bench.suites import SUITES
+
+    if args.suites and args.suites[0] == "report":
+        if len(args.suites) not in (2, 3):
+            print("ember: error: usage: ember bench report RUN.json [BASELINE.json]", file=sys.stderr)
+            return 2
+        missing = [name for name in args.suites[1:] if not Path(name).is_file()]
+        if missing:
+            print(f"ember: error: {missing[0]!r} does not exist", file=sys.stderr)
+            return 2
+        run = report.load(args.suites[1])
+        baseline = report.load(args.suites[2]) if len(args.suites) == 3 else None
+        print(report.tables(run, baseline), end="")
+        try:
+            written = report.plots(run, Path(args.out))
+            print(f"\nplots: {', '.join(str(p) for p in written)}")
+        except ImportError:
+            print("\nplots: matplotlib is not installed (pip install -e '.[bench]')")
+        return 0
+    suites = args.suites or list(SUITES)
+    unknown = [name for name in suites if name not in SUITES]
+    if unknown:
+        print(f"ember: error: unknown suite {unknown[0]!r}; suites: {', '.join(SUITES)}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = harness.run(suites, quick=args.quick, out_dir=Path(args.out), device=device)
+    print(f"results: {path}\nreport:  ember bench report {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ember", description="Triton kernels and a lean fine-tuning engine.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     demo.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     demo.set_defaults(handler=_demo)
+    bench = commands.add_parser("bench", help="benchmarks against stock PyTorch and peers; 'report' prints tables")
+    bench.add_argument("suites", nargs="*", help="attention, cross_entropy, lora, optimizer (default: all); "
+                                                 "or: report RUN.json [BASELINE.json]")
+    bench.add_argument("--quick", action="store_true", help="small sizes (a few minutes on a CPU)")
+    bench.add_argument("--out", default="bench-results", help="folder for the JSON run (or the report's plots)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    bench.set_defaults(handler=_bench)
     for name, handler, text in (("train", _train, "fine-tune a model (no arguments: the default job)"),
                                 ("eval", _eval, "evaluate the latest checkpoint of a run")):
         command = commands.add_parser(name, help=text, description=text + ". Keys: see ember.engine.config.")

@@ -15,6 +15,12 @@ NEUTRAL = ["the", "a", "film", "movie", "plot", "acting", "is", "was", "and"]
 
 
 @pytest.fixture(scope="session")
+def vocabulary():
+    """The words the tiny models' tokenizer knows: (positive, negative, neutral)."""
+    return POSITIVE, NEGATIVE, NEUTRAL
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
     """A 2-layer BERT (hidden 32) saved as a Hugging Face folder with a WordPiece tokenizer for the words above."""
     folder = tmp_path_factory.mktemp("tiny-bert")

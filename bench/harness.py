@@ -1,0 +1,298 @@
+"""The benchmark runner: every case measured, every run one JSON file.
+
+    ember bench [SUITE ...] [--quick] [--out DIR] [--device cpu|cuda]
+
+On a GPU each case is timed with ``triton.testing.do_bench`` (median and
+20th/80th percentiles after warm-up; compilation happens in the warm-up, out
+of the timing), turned into TFLOP/s and GB/s with the suite's analytic model
+and set against the card's ceilings measured in the same run (a large bf16
+matmul, a large device copy); peak memory comes from the torch allocator and
+from NVML (which also sees bitsandbytes' paged memory), with NVML power, SM
+clock, memory clock and temperature sampled while the case runs.
+
+On a CPU the harness measures what means something there: each case runs in a
+fresh process, which reports the peak resident memory its one call added
+(the kernel's peak RSS counter is reset just before the call) and the largest
+tensor any operator created. CPU wall times are recorded, labelled as not
+performance.
+
+An out-of-memory error is a result ("out of memory at seq=16384"), a missing
+peer a skip, and any other failure an error row; none stops the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .suites import SUITES, ProviderMissing
+
+CPU_TIMING_NOTE = "CPU wall time: not performance"
+
+
+# ----------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_sha() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent)
+        return result.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), "ember_git_sha": _git_sha(),
+        "versions": {name: _version(name) for name in ("torch", "triton", "transformers", "peft", "bitsandbytes",
+                                                       "flash-attn", "liger-kernel", "cut-cross-entropy")},
+    }
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), gpu_count=torch.cuda.device_count(),
+                   cuda=torch.version.cuda, driver=_nvml(lambda nvml, handle: nvml.nvmlSystemGetDriverVersion()))
+    return env
+
+
+# ----------------------------------------------------------------------------
+# NVML
+# ----------------------------------------------------------------------------
+
+
+def _nvml(query, index: int = 0):
+    try:
+        import pynvml as nvml
+
+        nvml.nvmlInit()
+        return query(nvml, nvml.nvmlDeviceGetHandleByIndex(index))
+    except Exception:  # NVML missing or not permitted: the field is left out, not invented
+        return None
+
+
+class NvmlSampler(threading.Thread):
+    """Samples power, clocks, temperature and device memory every 10 ms while a case runs."""
+
+    def __init__(self, index: int):
+        super().__init__(daemon=True)
+        self.index, self.samples, self.stopping = index, [], threading.Event()
+
+    def run(self) -> None:
+        def sample(nvml, handle):
+            return dict(power_w=nvml.nvmlDeviceGetPowerUsage(handle) / 1000,
+                        sm_clock_mhz=nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
+                        memory_clock_mhz=nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM),
+                        temperature_c=nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU),
+                        used_mb=nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20)
+        while not self.stopping.is_set():
+            value = _nvml(sample, self.index)
+            if value is None:
+                return
+            self.samples.append(value)
+            time.sleep(0.01)
+
+    def summary(self) -> dict:
+        self.stopping.set()
+        self.join()
+        if not self.samples:
+            return {}
+        keys = self.samples[0].keys()
+        summary = {f"nvml_{k}_median": sorted(s[k] for s in self.samples)[len(self.samples) // 2] for k in keys}
+        summary["nvml_used_mb_peak"] = max(s["used_mb"] for s in self.samples)
+        return summary
+
+
+# ----------------------------------------------------------------------------
+# Measuring one case
+# ----------------------------------------------------------------------------
+
+
+def _is_oom(error: BaseException) -> bool:
+    message = str(error).lower()
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in message \
+        or "not enough memory" in message
+
+
+def _describe(params: dict) -> str:
+    return ", ".join(f"{key}={value}" for key, value in params.items())
+
+
+def measure_cuda(setup_fn, provider: str, params: dict, device: torch.device) -> dict:
+    import triton.testing
+
+    torch.cuda.empty_cache()
+    setup = setup_fn(provider, params, device)
+    setup.fn()  # compile and autotune outside the timing
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    sampler = NvmlSampler(device.index or 0)
+    sampler.start()
+    setup.fn()
+    torch.cuda.synchronize()
+    peak_allocated = torch.cuda.max_memory_allocated(device) - baseline
+    median, p20, p80 = triton.testing.do_bench(setup.fn, quantiles=[0.5, 0.2, 0.8])
+    nvml = sampler.summary()
+    result = dict(time_ms=median, time_ms_p20=p20, time_ms_p80=p80,
+                  peak_allocated_mb=peak_allocated / 2**20,
+                  peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20, **nvml, **setup.extra)
+    if setup.flops:
+        result["tflops"] = setup.flops / (median * 1e-3) / 1e12
+    if setup.bytes:
+        result["gbps"] = setup.bytes / (median * 1e-3) / 1e9
+    return result
+
+
+def _peak_rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _current_rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def measure_cpu_here(setup_fn, provider: str, params: dict) -> dict:
+    """One call on the CPU, in this process: extra peak RSS, largest tensor created, wall time."""
+    from .memory import TensorSizeTracker
+
+    device = torch.device("cpu")
+    setup = setup_fn(provider, params, device)
+    setup.fn()  # warm-up: lazy initialisation and first-call allocations are not the case's
+    before = _current_rss_kib()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset the peak-RSS counter (Linux >= 4.0)
+    start = time.perf_counter()
+    setup.fn()
+    seconds = time.perf_counter() - start
+    peak_extra_mb = max(0, _peak_rss_kib() - before) / 1024
+    with TensorSizeTracker() as tracker:
+        setup.fn()
+    return dict(peak_extra_rss_mb=peak_extra_mb, largest_tensor_mb=tracker.largest_bytes / 2**20,
+                largest_tensor_shape=list(tracker.largest_shape), cpu_wall_ms=seconds * 1e3,
+                timing_note=CPU_TIMING_NOTE, **setup.extra)
+
+
+def measure_cpu(suite: str, provider: str, params: dict, timeout: float) -> dict:
+    """``measure_cpu_here`` in a fresh process, so no other case's memory is counted."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # the PyTorch path: what a CPU user runs
+    command = [sys.executable, "-m", "ember.bench.harness", "--one", json.dumps([suite, provider, params])]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    if result.returncode == -9:  # the kernel's OOM killer
+        raise MemoryError("out of memory (the case's process was killed)")
+    if result.returncode != 0:
+        tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(tail)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_case(suite: str, provider: str, params: dict, device: torch.device, timeout: float = 600) -> dict:
+    sizes_fn, setup_fn, _ = SUITES[suite]
+    row = dict(suite=suite, provider=provider, params=params)
+    try:
+        measured = (measure_cuda(setup_fn, provider, params, device) if device.type == "cuda"
+                    else measure_cpu(suite, provider, params, timeout))
+        row.update(status="ok", **measured)
+    except ProviderMissing as missing:
+        row.update(status="skipped", message=str(missing))
+    except Exception as error:  # noqa: BLE001  (a failed case is a result, not the end of the run)
+        if _is_oom(error):
+            row.update(status="oom", message=f"out of memory at {_describe(params)}")
+        elif str(error).startswith("ProviderMissing:"):
+            row.update(status="skipped", message=str(error).split(":", 1)[1].strip())
+        else:
+            row.update(status="error", message=f"{type(error).__name__}: {error}"[:500])
+    return row
+
+
+# ----------------------------------------------------------------------------
+# Ceilings and the run
+# ----------------------------------------------------------------------------
+
+
+def ceilings(device: torch.device) -> dict:
+    """The card's measured peaks in this run: a large bf16 matmul and a large device copy."""
+    if device.type != "cuda":
+        return {}
+    import triton.testing
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ a)
+    source = torch.empty(2**28, device=device, dtype=torch.uint8)
+    target = torch.empty_like(source)
+    copy_ms = triton.testing.do_bench(lambda: target.copy_(source))
+    return {"matmul_bf16_tflops": 2 * 8192**3 / (ms * 1e-3) / 1e12,
+            "copy_gbps": 2 * source.numel() / (copy_ms * 1e-3) / 1e9}
+
+
+def run(suites: list[str], *, quick: bool, out_dir: Path, device: torch.device, progress=print) -> Path:
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown suite(s) {', '.join(unknown)}; suites: {', '.join(SUITES)}")
+    record = {"env": environment(device), "quick": quick, "ceilings": ceilings(device), "results": []}
+    for suite in suites:
+        sizes_fn, _, providers = SUITES[suite]
+        for params in sizes_fn(quick, device):
+            for provider in providers:
+                row = run_case(suite, provider, params, device)
+                record["results"].append(row)
+                progress(f"{suite:14s} {provider:20s} {_describe(params):60s} {_headline(row)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"bench-{device.type}-{stamp}.json"
+    path.write_text(json.dumps(record, indent=1))
+    return path
+
+
+def _headline(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['status']}: {row.get('message', '')}"
+    if "time_ms" in row:
+        return f"{row['time_ms']:.3f} ms" + (f", {row['tflops']:.1f} TFLOP/s" if "tflops" in row else "")
+    return f"peak +{row['peak_extra_rss_mb']:.1f} MiB RSS, largest tensor {row['largest_tensor_mb']:.1f} MiB"
+
+
+def _one(argument: str) -> int:
+    """Child-process entry: measure one CPU case and print its JSON."""
+    suite, provider, params = json.loads(argument)
+    _, setup_fn, _ = SUITES[suite]
+    try:
+        print(json.dumps(measure_cpu_here(setup_fn, provider, params)))
+    except ProviderMissing as missing:
+        print(f"ProviderMissing: {missing}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--one", required=True)
+    sys.exit(_one(parser.parse_args().one))

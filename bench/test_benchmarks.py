@@ -1,0 +1,28 @@
+"""The suites through pytest-benchmark: ``pytest bench/ --benchmark-only`` (quick sizes).
+
+Timings on a CPU are not performance; run it on a GPU. ``ember bench`` is the
+full harness (percentiles, TFLOP/s, memory, NVML, JSON, reports).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.bench.suites import SUITES, ProviderMissing
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CASES = [(suite, provider, params) for suite, (sizes, _, providers) in SUITES.items()
+         for params in sizes(True, DEVICE) for provider in providers]
+
+
+@pytest.mark.parametrize(("suite", "provider", "params"), CASES,
+                         ids=[f"{s}-{p}-" + "-".join(str(v) for v in params.values()) for s, p, params in CASES])
+def test_suite(benchmark, suite, provider, params):
+    _, setup_fn, _ = SUITES[suite]
+    try:
+        setup = setup_fn(provider, params, DEVICE)
+    except ProviderMissing as missing:
+        pytest.skip(str(missing))
+    benchmark.extra_info.update(flops=setup.flops, bytes=setup.bytes, **setup.extra)
+    benchmark(setup.fn)
