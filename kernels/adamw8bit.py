@@ -345,24 +345,44 @@ def _stochastic_round_bf16(values: torch.Tensor, generator: torch.Generator) -> 
     return ((bits + noise) & ~0xFFFF).view(torch.float32)
 
 
+# Values per slice of the PyTorch path: its fp32 temporaries stay near 30 MiB
+# whatever the tensor's size (blocks are independent, so slicing at block
+# boundaries changes nothing).
+_TORCH_CHUNK = 1 << 20
+
+
 def _step_torch(p, g, state, hyper, grad_scale, found_inf, generator) -> None:
-    grad = g.reshape(-1).float()
+    step = state["step"].double()
+    beta1, beta2 = hyper["beta1"], hyper["beta2"]
+    corrections = ((1 - beta1 ** step).float(), (1 - beta2 ** step).sqrt().float())
+    flat = {key: t.view(-1) for key, t in (("param", p), ("grad", g), ("state1", state["state1"]),
+                                           ("state2", state["state2"]))}
+    for start in range(0, p.numel(), _TORCH_CHUNK):
+        end = min(start + _TORCH_CHUNK, p.numel())
+        chunk = {key: t[start:end] for key, t in flat.items()}
+        if state["state1"].dtype == torch.uint8:
+            blocks = slice(start // BLOCKSIZE, num_blocks(end))
+            chunk["absmax1"], chunk["absmax2"] = state["absmax1"][blocks], state["absmax2"][blocks]
+        _step_torch_chunk(chunk, hyper, corrections, grad_scale, found_inf, generator)
+
+
+def _step_torch_chunk(chunk, hyper, corrections, grad_scale, found_inf, generator) -> None:
+    """One slice, in place: views of the parameter, gradient, state and (8-bit) absmax."""
+    grad = chunk["grad"].float()
     if grad_scale is not None:
         grad = grad / grad_scale
-    state_8bit = state["state1"].dtype == torch.uint8
+    state_8bit = chunk["state1"].dtype == torch.uint8
     if state_8bit:
-        signed, signed_mid, unsigned, unsigned_mid = _maps(p.device)
-        exp_avg = _dequantize_torch(state["state1"], state["absmax1"], signed)
-        exp_avg_sq = _dequantize_torch(state["state2"], state["absmax2"], unsigned)
+        signed, signed_mid, unsigned, unsigned_mid = _maps(grad.device)
+        exp_avg = _dequantize_torch(chunk["state1"], chunk["absmax1"], signed)
+        exp_avg_sq = _dequantize_torch(chunk["state2"], chunk["absmax2"], unsigned)
     else:
-        exp_avg, exp_avg_sq = state["state1"].view(-1).clone(), state["state2"].view(-1).clone()
+        exp_avg, exp_avg_sq = chunk["state1"], chunk["state2"]
     beta1, beta2, lr = hyper["beta1"], hyper["beta2"], hyper["lr"]
+    correction1, correction2 = corrections
     exp_avg = beta1 * exp_avg + (1 - beta1) * grad
     exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-    step = state["step"].double()
-    correction1 = (1 - beta1 ** step).float()
-    correction2 = (1 - beta2 ** step).sqrt().float()
-    param = p.reshape(-1).float() * (1 - lr * hyper["weight_decay"])
+    param = chunk["param"].float() * (1 - lr * hyper["weight_decay"])
     param = param - (lr / correction1) * exp_avg / (exp_avg_sq.sqrt() / correction2 + hyper["eps"])
     if generator is not None:
         param = _stochastic_round_bf16(param, generator)
@@ -371,16 +391,16 @@ def _step_torch(p, g, state, hyper, grad_scale, found_inf, generator) -> None:
         # Mirrors the kernel's early return without a host sync: a select, not an `if`.
         return new if found_inf is None else torch.where(found_inf != 0, old, new)
 
-    p.view(-1).copy_(keep_unless_inf(param.to(p.dtype), p.view(-1)))
+    chunk["param"].copy_(keep_unless_inf(param.to(chunk["param"].dtype), chunk["param"]))
     if state_8bit:
         for values, key, midpoints in ((exp_avg, "1", signed_mid), (exp_avg_sq, "2", unsigned_mid)):
-            codes, absmax = state["state" + key].clone(), state["absmax" + key].clone()
+            codes, absmax = chunk["state" + key].clone(), chunk["absmax" + key].clone()
             _quantize_torch(values, codes, absmax, midpoints)
-            state["state" + key].copy_(keep_unless_inf(codes, state["state" + key]))
-            state["absmax" + key].copy_(keep_unless_inf(absmax, state["absmax" + key]))
+            chunk["state" + key].copy_(keep_unless_inf(codes, chunk["state" + key]))
+            chunk["absmax" + key].copy_(keep_unless_inf(absmax, chunk["absmax" + key]))
     else:
-        state["state1"].view(-1).copy_(keep_unless_inf(exp_avg, state["state1"].view(-1)))
-        state["state2"].view(-1).copy_(keep_unless_inf(exp_avg_sq, state["state2"].view(-1)))
+        chunk["state1"].copy_(keep_unless_inf(exp_avg, chunk["state1"]))
+        chunk["state2"].copy_(keep_unless_inf(exp_avg_sq, chunk["state2"]))
 
 
 # ----------------------------------------------------------------------------

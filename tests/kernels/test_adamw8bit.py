@@ -9,6 +9,7 @@ import torch
 
 import ember.kernels.adamw8bit as adamw8bit_module
 from ember.kernels.adamw8bit import BLOCKSIZE, adamw8bit_step, adamw8bit_step_ref, init_state, num_blocks
+from ember.kernels.backend import forced_backend
 from ember.kernels.dynamic_map import dynamic_map
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -239,3 +240,26 @@ def test_bad_input():
                                    "state2": torch.zeros(10, dtype=torch.uint8)}], lr=1e-3)
     with pytest.raises(ValueError, match="state_bits"):
         init_state(p, state_bits=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_path_slices_give_the_one_pass_result(monkeypatch, dtype):
+    """The PyTorch path works through slices of _TORCH_CHUNK values: any slicing gives the same bits."""
+    params = _params([(5000,), (3, 5, 700), (2049,)], dtype, "cpu")
+    grads = _grads(params)
+    results = []
+    for chunk in (1 << 20, 512):  # one slice; many, with a partial last block and fp32 state sliced too
+        monkeypatch.setattr(adamw8bit_module, "_TORCH_CHUNK", chunk)
+        trial = [p.clone() for p in params]
+        states = [init_state(p) for p in trial]
+        torch.manual_seed(0)
+        with forced_backend("torch"):
+            for _ in range(2):
+                adamw8bit_step(trial, grads, states, **HYPER, stochastic_rounding=False)
+        results.append((trial, states))
+    (one_params, one_states), (sliced_params, sliced_states) = results
+    for p, q in zip(one_params, sliced_params):
+        assert torch.equal(p, q)
+    for s, t in zip(one_states, sliced_states):
+        for key in s:
+            assert torch.equal(s[key], t[key]), key
