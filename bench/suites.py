@@ -255,9 +255,80 @@ def optimizer_setup(provider: str, p: dict, device: torch.device) -> Setup:
 
 OPTIMIZER_PROVIDERS = ["adamw", "adamw8bit", "bnb_adamw8bit", "bnb_paged_adamw8bit"]
 
+# ----------------------------------------------------------------------------
+# train_step: one forward + backward + optimizer step of a Llama-style model.
+# FLOPs: 2*N*P forward and 2*N*P for the input gradients, plus 2*N*P weight
+# gradients when every weight trains (N tokens, P parameters in matmuls).
+# ----------------------------------------------------------------------------
+
+_LLAMA_SHAPES = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    # Two of Llama-3-8B's 32 layers, with its embeddings and head.
+    "llama3-8b-2-layers": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    # --quick on a CPU: SmolLM2's layer and vocabulary shapes, 4 of its 30 layers.
+    "smollm2-135m-4-layers": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
+                                  num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    # The harness's own tests.
+    "llama-tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+def train_step_sizes(quick: bool, device: torch.device) -> list[dict]:
+    shapes = ["smollm2-135m-4-layers"] if quick else ["smollm2-135m", "llama3-8b-2-layers"]
+    tokens = 256 if quick else 4096
+    return [dict(model=m, mode=mode, tokens=tokens) for m in shapes for mode in ("lora", "qlora", "full")]
+
+
+def train_step_setup(provider: str, p: dict, device: torch.device) -> Setup:
+    import transformers
+
+    from ember.engine.lora import LoRAConfig, apply_lora
+    from ember.engine.optim import build
+    from ember.engine.patch import patch
+
+    if provider == "torch" and p["mode"] == "qlora":
+        raise ProviderMissing("torch: the QLoRA baseline (PEFT over bitsandbytes Linear4bit) is not built yet")
+    if provider not in ("ember", "torch"):
+        raise ProviderMissing(f"train_step has no provider {provider!r}")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**_LLAMA_SHAPES[p["model"]], max_position_embeddings=max(p["tokens"], 2048))
+    dtype = _dtype(device)
+    model = transformers.LlamaForCausalLM(config).to(device, dtype)
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    targets = "all-linear"
+    if provider == "ember":
+        patch(model)
+        if p["mode"] != "full":
+            model = apply_lora(model, LoRAConfig(r=16, alpha=32, target_modules=targets,
+                                                 quantize_base="nf4" if p["mode"] == "qlora" else None))
+        optimizer = build("adamw8bit", [q for q in model.parameters() if q.requires_grad], lr=1e-5)
+    else:
+        if p["mode"] == "lora":
+            _need("peft", provider)
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+        optimizer = build("adamw", [q for q in model.parameters() if q.requires_grad], lr=1e-5)
+    input_ids = torch.randint(0, config.vocab_size, (1, p["tokens"]), device=device)
+
+    def fn():
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    flops = (6 if p["mode"] == "full" else 4) * p["tokens"] * matmul_params
+    return Setup(fn, flops=flops)
+
+
+TRAIN_STEP_PROVIDERS = ["ember", "torch"]
+
 SUITES = {
     "attention": (attention_sizes, attention_setup, ATTENTION_PROVIDERS),
     "cross_entropy": (cross_entropy_sizes, cross_entropy_setup, CROSS_ENTROPY_PROVIDERS),
     "lora": (lora_sizes, lora_setup, LORA_PROVIDERS),
     "optimizer": (optimizer_sizes, optimizer_setup, OPTIMIZER_PROVIDERS),
+    "train_step": (train_step_sizes, train_step_setup, TRAIN_STEP_PROVIDERS),
 }

@@ -18,6 +18,7 @@ TINY = {
     "cross_entropy": dict(tokens=256, hidden=64, vocab=4000),
     "lora": dict(tokens=64, in_features=128, out_features=96, rank=8, base="dense"),
     "optimizer": dict(million_params=1),
+    "train_step": dict(model="llama-tiny", mode="lora", tokens=32),
 }
 
 
@@ -38,6 +39,15 @@ def test_each_suite_measures_in_a_fresh_process(suite):
         assert [round(r["state_bytes_per_param"], 2) for r in rows] == [8.0, 2.03]
     if suite == "lora":
         assert rows[0]["saved_activations_mb"] < rows[1]["saved_activations_mb"]  # ember keeps no dropout(x)
+
+
+def test_train_step_modes():
+    """QLoRA and full fine-tuning steps run for ember; the missing QLoRA baseline is a skip, not a fake."""
+    for mode in ("qlora", "full"):
+        row = harness.run_case("train_step", "ember", dict(TINY["train_step"], mode=mode), CPU, timeout=300)
+        assert row["status"] == "ok", row
+    row = harness.run_case("train_step", "torch", dict(TINY["train_step"], mode="qlora"), CPU)
+    assert row["status"] == "skipped" and "QLoRA baseline" in row["message"]
 
 
 def test_missing_peers_are_skipped_not_faked(monkeypatch):
