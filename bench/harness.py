@@ -164,18 +164,11 @@ def measure_cuda(setup_fn, provider: str, params: dict, device: torch.device) ->
     return result
 
 
-def _peak_rss_kib() -> int:
+def _memory_status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB: VmRSS (resident now) or VmHWM (its peak)."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _current_rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -187,13 +180,13 @@ def measure_cpu_here(setup_fn, provider: str, params: dict) -> dict:
     device = torch.device("cpu")
     setup = setup_fn(provider, params, device)
     setup.fn()  # warm-up: lazy initialisation and first-call allocations are not the case's
-    before = _current_rss_kib()
+    before = _memory_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset the peak-RSS counter (Linux >= 4.0)
     start = time.perf_counter()
     setup.fn()
     seconds = time.perf_counter() - start
-    peak_extra_mb = max(0, _peak_rss_kib() - before) / 1024
+    peak_extra_mb = max(0, _memory_status_kib("VmHWM") - before) / 1024
     with TensorSizeTracker() as tracker:
         setup.fn()
     return dict(peak_extra_rss_mb=peak_extra_mb, largest_tensor_mb=tracker.largest_bytes / 2**20,

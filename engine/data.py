@@ -11,6 +11,7 @@ from __future__ import annotations
 import bz2
 import csv
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -121,10 +122,14 @@ class DataPosition:
     batch: int = 0
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """A permutation of range(n) that depends only on (seed, epoch): a resumed run sees the same order."""
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """A permutation of range(n) that depends only on (seed, epoch): a resumed run sees the same order.
+
+    Cached: every batch of an epoch reads the same permutation.
+    """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
+    return tuple(torch.randperm(n, generator=generator).tolist())
 
 
 def next_batch(examples: list, batch_size: int, seed: int, position: DataPosition) -> list:

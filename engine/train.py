@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import random
 import resource
@@ -30,9 +29,6 @@ from .optim import build
 from .patch import patch
 from .precision import decide
 from .tasks import TASKS
-
-logger = logging.getLogger("ember.train")
-
 
 @dataclasses.dataclass
 class LoopState:
@@ -231,8 +227,7 @@ def train(config: TrainConfig) -> TrainResult:
     # -- init: device, precision, output folder, logs
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
+    device = _device(config)
     precision = decide(config.precision, device)
     out_dir = Path(config.out_dir)
     log = RunLog(out_dir, config.tensorboard)
@@ -366,8 +361,7 @@ def evaluate_checkpoint(config: TrainConfig) -> tuple[dict, ClassificationReport
     checkpoints = list_checkpoints(Path(config.out_dir))
     if not checkpoints:
         raise ConfigError(f"no checkpoint in {config.out_dir!r} to evaluate")
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
+    device = _device(config)
     precision = decide(config.precision, device)
     task, model = _task_and_model(config, precision, device)
     saved_params, _ = load_checkpoint(checkpoints[-1])
@@ -375,6 +369,12 @@ def evaluate_checkpoint(config: TrainConfig) -> tuple[dict, ClassificationReport
         for name, p in _trainable(model).items():
             p.copy_(saved_params[name])
     return task.evaluate(model, precision)
+
+
+def _device(config: TrainConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
 
 
 def _task_and_model(config: TrainConfig, precision, device: torch.device):
