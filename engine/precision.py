@@ -63,6 +63,8 @@ def decide(requested: str = "auto", device: torch.device | str = "cpu") -> Preci
         raise ValueError(f"precision must be one of auto, {', '.join(POLICIES)}; got {requested!r}")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device.type!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: no CUDA device is available")
     bf16_ok = _bf16_supported(device)
     where = "the CPU" if device.type == "cpu" else torch.cuda.get_device_name(device)
 

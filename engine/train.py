@@ -374,6 +374,8 @@ def evaluate_checkpoint(config: TrainConfig) -> tuple[dict, ClassificationReport
 def _device(config: TrainConfig) -> torch.device:
     if config.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but no CUDA device is available")
     return torch.device(config.device)
 
 

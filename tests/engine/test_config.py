@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ember.engine.cli import main
 from ember.engine.config import PRESETS, ConfigError, TrainConfig, load_config
@@ -66,6 +67,8 @@ def test_bad_files(tmp_path):
     (["--nonsense=1"], "ember: error: unknown key 'nonsense' in the command line"),
     (["--model=/no/such/folder"], "ember: error: model folder '/no/such/folder' does not exist"),
     (["--max_length=1000"], "ember: error: max_length 1000 is longer than the model allows (40 positions)"),
+    pytest.param(["--device=cuda"], "ember: error: device: cuda was asked for but no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
 ])
 def test_cli_errors_are_one_line(arguments, message, capsys, tiny_bert, sentiment_csv, tmp_path):
     code = main(["train", f"--model={tiny_bert}", f"--data={sentiment_csv}", f"--out_dir={tmp_path}", "--eval_size=100",

@@ -78,3 +78,6 @@ def test_bad_input():
         decide("fp8", "cpu")
     with pytest.raises(ValueError, match="device must be cpu or cuda"):
         decide("bf16", "meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available"):
+            decide("auto", "cuda")
