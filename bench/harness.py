@@ -1,6 +1,6 @@
 """The benchmark runner: every case measured, every run one JSON file.
 
-    ember bench [SUITE ...] [--quick] [--out DIR] [--device cpu|cuda]
+    ember bench [SUITE ...] [--quick] [--providers A,B] [--out DIR] [--device cpu|cuda]
 
 On a GPU each case is timed with ``triton.testing.do_bench`` (median and
 20th/80th percentiles after warm-up; compilation happens in the warm-up, out
@@ -11,7 +11,7 @@ from NVML (which also sees bitsandbytes' paged memory), with NVML power, SM
 clock, memory clock and temperature sampled while the case runs.
 
 On a CPU the harness measures what means something there: each case runs in a
-fresh process, which reports the peak resident memory its one call added
+fresh process (forked from a server that imported the libraries once), which reports the peak resident memory its one call added
 (the kernel's peak RSS counter is reset just before the call) and the largest
 tensor any operator created. CPU wall times are recorded, labelled as not
 performance.
@@ -26,10 +26,12 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import platform
+import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -72,7 +74,7 @@ def environment(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), gpu_count=torch.cuda.device_count(),
-                   cuda=torch.version.cuda, driver=_nvml(lambda nvml, handle: nvml.nvmlSystemGetDriverVersion()))
+                   cuda=torch.version.cuda, driver=_driver_version())
     return env
 
 
@@ -81,14 +83,18 @@ def environment(device: torch.device) -> dict:
 # ----------------------------------------------------------------------------
 
 
-def _nvml(query, index: int = 0):
+def _driver_version() -> str | None:
     try:
         import pynvml as nvml
 
         nvml.nvmlInit()
-        return query(nvml, nvml.nvmlDeviceGetHandleByIndex(index))
+        try:
+            version = nvml.nvmlSystemGetDriverVersion()
+        finally:
+            nvml.nvmlShutdown()
     except Exception:  # NVML missing or not permitted: the field is left out, not invented
         return None
+    return version.decode() if isinstance(version, bytes) else version  # older nvidia-ml-py returns bytes
 
 
 class NvmlSampler(threading.Thread):
@@ -99,18 +105,26 @@ class NvmlSampler(threading.Thread):
         self.index, self.samples, self.stopping = index, [], threading.Event()
 
     def run(self) -> None:
-        def sample(nvml, handle):
-            return dict(power_w=nvml.nvmlDeviceGetPowerUsage(handle) / 1000,
-                        sm_clock_mhz=nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
-                        memory_clock_mhz=nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM),
-                        temperature_c=nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU),
-                        used_mb=nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20)
-        while not self.stopping.is_set():
-            value = _nvml(sample, self.index)
-            if value is None:
-                return
-            self.samples.append(value)
-            time.sleep(0.01)
+        try:
+            import pynvml as nvml
+
+            nvml.nvmlInit()
+            handle = nvml.nvmlDeviceGetHandleByIndex(self.index)
+        except Exception:  # NVML missing or not permitted: no samples, nothing invented
+            return
+        try:
+            while not self.stopping.is_set():
+                self.samples.append(dict(
+                    power_w=nvml.nvmlDeviceGetPowerUsage(handle) / 1000,
+                    sm_clock_mhz=nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
+                    memory_clock_mhz=nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM),
+                    temperature_c=nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU),
+                    used_mb=nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20))
+                self.stopping.wait(0.01)
+        except Exception:  # a query this GPU does not support ends the sampling, keeping what was read
+            pass
+        finally:
+            nvml.nvmlShutdown()
 
     def summary(self) -> dict:
         self.stopping.set()
@@ -120,6 +134,7 @@ class NvmlSampler(threading.Thread):
         keys = self.samples[0].keys()
         summary = {f"nvml_{k}_median": sorted(s[k] for s in self.samples)[len(self.samples) // 2] for k in keys}
         summary["nvml_used_mb_peak"] = max(s["used_mb"] for s in self.samples)
+        summary["nvml_samples"] = len(self.samples)
         return summary
 
 
@@ -195,23 +210,84 @@ def measure_cpu_here(setup_fn, provider: str, params: dict) -> dict:
 
 
 def measure_cpu(suite: str, provider: str, params: dict, timeout: float) -> dict:
-    """``measure_cpu_here`` in a fresh process, so no other case's memory is counted."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}  # the PyTorch path: what a CPU user runs
-    command = [sys.executable, "-m", "ember.bench.harness", "--one", json.dumps([suite, provider, params])]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
-    if result.returncode == -9:  # the kernel's OOM killer
-        raise MemoryError("out of memory (the case's process was killed)")
-    if result.returncode != 0:
-        tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(tail)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """``measure_cpu_here`` in a fresh process, so no other case's memory is counted.
+
+    The process is forked from a server that has imported torch, transformers and
+    the suites once (multiprocessing's forkserver), so a case costs its own work
+    and not ten seconds of imports; its memory counters start from its own fork.
+    """
+    context = _forkserver()
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_measure_in_child, args=(sender, suite, provider, params))
+    child.start()
+    sender.close()
+    answered = receiver.poll(timeout)  # True on an answer, and at end of file: the child died without one
+    answer = _receive(receiver) if answered else None
+    child.join(5)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    if answer is None:
+        if not answered:
+            raise TimeoutError(f"no result within {timeout:.0f} s")
+        if child.exitcode == -signal.SIGKILL:  # the kernel's OOM killer
+            raise MemoryError("out of memory (the case's process was killed)")
+        raise RuntimeError(f"the case's process exited with status {child.exitcode} without a result")
+    kind, payload = answer
+    if kind == "skipped":
+        raise ProviderMissing(payload)
+    if kind == "oom":
+        raise MemoryError(payload)
+    if kind == "error":
+        raise RuntimeError(payload)
+    return payload
+
+
+def _receive(receiver):
+    try:
+        return receiver.recv()
+    except EOFError:
+        return None
+
+
+_FORKSERVER_PRELOAD = ["torch", "transformers", "peft", "ember.bench.harness"]
+
+
+def _forkserver():
+    context = multiprocessing.get_context("forkserver")
+    # The CPU user's path is the PyTorch one: the server (and so every case) starts without the interpreter.
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        context.set_forkserver_preload(_FORKSERVER_PRELOAD)
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    return context
+
+
+def _measure_in_child(sender, suite: str, provider: str, params: dict) -> None:
+    """Child-process entry: measure one CPU case and send ("ok", row) or the reason it has none."""
+    try:
+        answer = ("ok", measure_cpu_here(SUITES[suite].setup, provider, params))
+    except ProviderMissing as missing:
+        answer = ("skipped", str(missing))
+    except Exception as error:  # noqa: BLE001  (sent to the parent, which makes it a row)
+        answer = ("oom" if _is_oom(error) else "error", f"{type(error).__name__}: {error}")
+    sender.send(answer)
+    sender.close()
 
 
 def run_case(suite: str, provider: str, params: dict, device: torch.device, timeout: float = 600) -> dict:
-    sizes_fn, setup_fn, _ = SUITES[suite]
     row = dict(suite=suite, provider=provider, params=params)
+    reason = SUITES[suite].unavailable(provider, device)
+    if reason is not None:
+        return dict(row, status="skipped", message=reason)
     try:
-        measured = (measure_cuda(setup_fn, provider, params, device) if device.type == "cuda"
+        measured = (measure_cuda(SUITES[suite].setup, provider, params, device) if device.type == "cuda"
                     else measure_cpu(suite, provider, params, timeout))
         row.update(status="ok", **measured)
     except ProviderMissing as missing:
@@ -219,8 +295,6 @@ def run_case(suite: str, provider: str, params: dict, device: torch.device, time
     except Exception as error:  # noqa: BLE001  (a failed case is a result, not the end of the run)
         if _is_oom(error):
             row.update(status="oom", message=f"out of memory at {_describe(params)}")
-        elif str(error).startswith("ProviderMissing:"):
-            row.update(status="skipped", message=str(error).split(":", 1)[1].strip())
         else:
             row.update(status="error", message=f"{type(error).__name__}: {error}"[:500])
     return row
@@ -246,15 +320,22 @@ def ceilings(device: torch.device) -> dict:
             "copy_gbps": 2 * source.numel() / (copy_ms * 1e-3) / 1e9}
 
 
-def run(suites: list[str], *, quick: bool, out_dir: Path, device: torch.device, progress=print) -> Path:
+def run(suites: list[str], *, quick: bool, out_dir: Path, device: torch.device, providers: list[str] | None = None,
+        progress=print) -> Path:
+    """Every size of every suite for each provider (or only ``providers``); returns the JSON file written."""
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise ValueError(f"unknown suite(s) {', '.join(unknown)}; suites: {', '.join(SUITES)}")
+    known = {name for suite in suites for name in SUITES[suite].providers}
+    unknown = [name for name in providers or () if name not in known]
+    if unknown:
+        raise ValueError(f"unknown provider(s) {', '.join(unknown)} for these suites; providers: "
+                         f"{', '.join(sorted(known))}")
     record = {"env": environment(device), "quick": quick, "ceilings": ceilings(device), "results": []}
     for suite in suites:
-        sizes_fn, _, providers = SUITES[suite]
-        for params in sizes_fn(quick, device):
-            for provider in providers:
+        chosen = [name for name in SUITES[suite].providers if providers is None or name in providers]
+        for params in SUITES[suite].sizes(quick, device):
+            for provider in chosen:
                 row = run_case(suite, provider, params, device)
                 record["results"].append(row)
                 progress(f"{suite:14s} {provider:20s} {_describe(params):60s} {_headline(row)}")
@@ -271,21 +352,3 @@ def _headline(row: dict) -> str:
     if "time_ms" in row:
         return f"{row['time_ms']:.3f} ms" + (f", {row['tflops']:.1f} TFLOP/s" if "tflops" in row else "")
     return f"peak +{row['peak_extra_rss_mb']:.1f} MiB RSS, largest tensor {row['largest_tensor_mb']:.1f} MiB"
-
-
-def _one(argument: str) -> int:
-    """Child-process entry: measure one CPU case and print its JSON."""
-    suite, provider, params = json.loads(argument)
-    _, setup_fn, _ = SUITES[suite]
-    try:
-        print(json.dumps(measure_cpu_here(setup_fn, provider, params)))
-    except ProviderMissing as missing:
-        print(f"ProviderMissing: {missing}", file=sys.stderr)
-        return 3
-    return 0
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--one", required=True)
-    sys.exit(_one(parser.parse_args().one))

@@ -12,16 +12,18 @@ import torch
 from ember.bench.suites import SUITES, ProviderMissing
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASES = [(suite, provider, params) for suite, (sizes, _, providers) in SUITES.items()
-         for params in sizes(True, DEVICE) for provider in providers]
+CASES = [(name, provider, params) for name, suite in SUITES.items()
+         for params in suite.sizes(True, DEVICE) for provider in suite.providers]
 
 
 @pytest.mark.parametrize(("suite", "provider", "params"), CASES,
                          ids=[f"{s}-{p}-" + "-".join(str(v) for v in params.values()) for s, p, params in CASES])
 def test_suite(benchmark, suite, provider, params):
-    _, setup_fn, _ = SUITES[suite]
+    reason = SUITES[suite].unavailable(provider, DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
     try:
-        setup = setup_fn(provider, params, DEVICE)
+        setup = SUITES[suite].setup(provider, params, DEVICE)
     except ProviderMissing as missing:
         pytest.skip(str(missing))
     benchmark.extra_info.update(flops=setup.flops, bytes=setup.bytes, **setup.extra)

@@ -138,7 +138,12 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"ember: error: unknown suite {unknown[0]!r}; suites: {', '.join(SUITES)}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    path = harness.run(suites, quick=args.quick, out_dir=Path(args.out), device=device)
+    providers = [name for name in args.providers.split(",") if name] if args.providers else None
+    try:
+        path = harness.run(suites, quick=args.quick, out_dir=Path(args.out), device=device, providers=providers)
+    except ValueError as error:  # an unknown provider
+        print(f"ember: error: {error}", file=sys.stderr)
+        return 2
     print(f"results: {path}\nreport:  ember bench report {path}")
     return 0
 
@@ -154,9 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     demo.set_defaults(handler=_demo)
     bench = commands.add_parser("bench", help="benchmarks against stock PyTorch and peers; 'report' prints tables")
-    bench.add_argument("suites", nargs="*", help="attention, cross_entropy, lora, optimizer (default: all); "
-                                                 "or: report RUN.json [BASELINE.json]")
+    bench.add_argument("suites", nargs="*", help="attention, cross_entropy, lora, optimizer, train_step "
+                                                 "(default: all); or: report RUN.json [BASELINE.json]")
     bench.add_argument("--quick", action="store_true", help="small sizes (a few minutes on a CPU)")
+    bench.add_argument("--providers", default=None,
+                       help="comma-separated providers to run, e.g. ember,sdpa_flash (default: all)")
     bench.add_argument("--out", default="bench-results", help="folder for the JSON run (or the report's plots)")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     bench.set_defaults(handler=_bench)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import sys
+import time
+import types
 
 import pytest
 import torch
@@ -14,9 +18,10 @@ from ember.engine.cli import main
 
 CPU = torch.device("cpu")
 TINY = {
-    "attention": dict(batch=1, heads=2, kv_heads=1, seq=256, head_dim=32, causal=True),
+    "attention": {"pass": "fwd_bwd", "batch": 1, "heads": 2, "kv_heads": 1, "seq": 256, "head_dim": 32,
+                  "causal": True, "padded": False},
     "cross_entropy": dict(tokens=256, hidden=64, vocab=4000),
-    "lora": dict(tokens=64, in_features=128, out_features=96, rank=8, base="dense"),
+    "lora": dict(tokens=64, in_features=128, out_features=96, rank=8, base="dense", dropout=0.05),
     "optimizer": dict(million_params=1),
     "train_step": dict(model="llama-tiny", mode="lora", tokens=32),
 }
@@ -24,7 +29,7 @@ TINY = {
 
 @pytest.mark.parametrize("suite", sorted(TINY))
 def test_each_suite_measures_in_a_fresh_process(suite):
-    _, _, providers = SUITES[suite]
+    providers = SUITES[suite].providers
     rows = [harness.run_case(suite, provider, TINY[suite], CPU, timeout=300) for provider in providers[:2]]
     for row in rows:
         assert row["status"] == "ok", row
@@ -42,12 +47,100 @@ def test_each_suite_measures_in_a_fresh_process(suite):
 
 
 def test_train_step_modes():
-    """QLoRA and full fine-tuning steps run for ember; the missing QLoRA baseline is a skip, not a fake."""
-    for mode in ("qlora", "full"):
-        row = harness.run_case("train_step", "ember", dict(TINY["train_step"], mode=mode), CPU, timeout=300)
-        assert row["status"] == "ok", row
-    row = harness.run_case("train_step", "torch", dict(TINY["train_step"], mode="qlora"), CPU)
-    assert row["status"] == "skipped" and "QLoRA baseline" in row["message"]
+    """QLoRA and full fine-tuning steps run for ember and for the stock baseline (QLoRA: PEFT over bitsandbytes)."""
+    for provider in ("ember", "torch"):
+        for mode in ("qlora", "full"):
+            row = harness.run_case("train_step", provider, dict(TINY["train_step"], mode=mode), CPU, timeout=300)
+            assert row["status"] == "ok", row
+            assert row["trainable_params"] > 0
+
+
+def test_a_failing_case_is_an_error_row_and_a_slow_one_times_out():
+    bad = dict(TINY["attention"], heads=3, kv_heads=2)  # query heads must be a multiple of the key/value heads
+    row = harness.run_case("attention", "ember", bad, CPU, timeout=300)
+    assert row["status"] == "error" and "ValueError" in row["message"] and "heads" in row["message"], row
+    row = harness.run_case("train_step", "ember", TINY["train_step"], CPU, timeout=0.01)
+    assert row["status"] == "error" and "no result within" in row["message"], row
+
+
+def test_cuda_only_providers_are_skipped_on_a_cpu_without_a_process(monkeypatch):
+    monkeypatch.setattr(harness, "measure_cpu", lambda *a, **k: pytest.fail("a process was started"))
+    for suite, provider in (("attention", "sdpa_cudnn"), ("attention", "sdpa_efficient")):
+        row = harness.run_case(suite, provider, TINY[suite], CPU)
+        assert row["status"] == "skipped" and row["message"] == f"{provider}: needs a CUDA device"
+
+
+class _FakeNvml:
+    """Stands in for pynvml: a GPU whose power rises with every reading."""
+    NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 0, 1, 0
+
+    def __init__(self):
+        self.readings, self.open = 0, 0
+
+    def nvmlInit(self):
+        self.open += 1
+
+    def nvmlShutdown(self):
+        self.open -= 1
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return ("gpu", index)
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        self.readings += 1
+        return 100_000 + 1000 * self.readings  # milliwatts
+
+    def nvmlDeviceGetClockInfo(self, handle, clock):
+        return 1980 if clock == self.NVML_CLOCK_SM else 2619
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        return 55
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return types.SimpleNamespace(used=(1000 + self.readings) * 2**20)
+
+    def nvmlSystemGetDriverVersion(self):
+        return b"580.65.06"
+
+
+def test_nvml_sampler_summarizes_and_releases_nvml(monkeypatch):
+    fake = _FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    sampler = harness.NvmlSampler(0)
+    sampler.start()
+    while fake.readings < 5:
+        time.sleep(0.005)
+    summary = sampler.summary()
+    n = summary["nvml_samples"]
+    assert n == fake.readings >= 5 and fake.open == 0
+    assert summary["nvml_power_w_median"] == (100_000 + 1000 * (n // 2 + 1)) / 1000
+    assert summary["nvml_used_mb_peak"] == 1000 + n and summary["nvml_sm_clock_mhz_median"] == 1980
+    assert harness._driver_version() == "580.65.06" and fake.open == 0
+
+
+def test_nvml_missing_gives_no_fields(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+    sampler = harness.NvmlSampler(0)
+    sampler.start()
+    assert sampler.summary() == {} and harness._driver_version() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("suite", sorted(TINY))
+def test_cuda_case_is_timed_with_throughput_memory_and_nvml(suite):
+    if not torch.cuda.is_available():
+        pytest.skip("GPU tier: no CUDA device")
+    cuda = torch.device("cuda")
+    provider = SUITES[suite].providers[0]
+    params = dict(TINY[suite], mode="qlora") if suite == "train_step" else TINY[suite]
+    row = harness.run_case(suite, provider, params, cuda)
+    assert row["status"] == "ok", row
+    assert 0 < row["time_ms_p20"] <= row["time_ms"] <= row["time_ms_p80"]
+    assert row["peak_allocated_mb"] >= 0 and row["peak_reserved_mb"] > 0
+    assert ("tflops" in row) == (suite != "optimizer") and ("gbps" in row) == (suite in ("attention", "optimizer",
+                                                                                          "cross_entropy"))
+    ceilings = harness.ceilings(cuda)
+    assert ceilings["matmul_bf16_tflops"] > 1 and ceilings["copy_gbps"] > 10
 
 
 def test_missing_peers_are_skipped_not_faked(monkeypatch):
@@ -86,7 +179,7 @@ def test_report_tables_give_ratios_and_regressions():
     run = _fake_run("cuda", {"ember": 2.0, "torch": 8.0, "sdpa": 4.0})
     baseline = _fake_run("cuda", {"ember": 1.0, "torch": 8.0, "sdpa": 4.0})
     text = report.tables(run, baseline)
-    assert "## attention: ms (in brackets: ember / provider)" in text
+    assert "## attention: ms, median (in brackets: ember / provider)" in text
     assert "| seq=1024 | 2.000 | 8.000 (0.25x) | 4.000 (0.50x) | skipped | 2.00x |" in text  # 2x slower than before
     assert "| seq=16384 | - | OOM | - | - | - |" in text
     assert "- torch at seq=16384: out of memory at seq=16384" in text
@@ -95,16 +188,51 @@ def test_report_tables_give_ratios_and_regressions():
     assert "MiB peak extra RSS" in cpu_text and "wall times are not performance" in cpu_text
 
 
+def test_report_labels_rows_by_what_varies_and_gives_throughput_against_ceilings():
+    def row(provider, seq, ms, tflops, allocated):
+        return dict(suite="attention", provider=provider, status="ok", time_ms=ms, tflops=tflops,
+                    peak_allocated_mb=allocated, params={"pass": "fwd", "heads": 16, "seq": seq})
+    run = _fake_run("cuda", {})
+    run["ceilings"] = {"matmul_bf16_tflops": 800.0, "copy_gbps": 4000.0}
+    run["results"] = [row("ember", 1024, 1.0, 400.0, 10.0), row("sdpa_flash", 1024, 2.0, 200.0, 40.0),
+                      row("ember", 2048, 3.0, 500.0, 20.0), row("sdpa_flash", 2048, 4.0, 300.0, 80.0)]
+    text = report.tables(run)
+    assert "All rows: pass=fwd, heads=16." in text
+    assert "| seq | ember | sdpa_flash |" in text
+    assert "| seq=1024 | 1.000 | 2.000 (0.50x) |" in text
+    assert "attention: TFLOP/s (in brackets: % of the bf16 matmul ceiling measured in this run)" in text
+    assert "| seq=2048 | 500.0 (62%) | 300.0 (38%) |" in text
+    assert "| seq=2048 | 20.0 | 80.0 (0.25x) |" in text  # peak allocated
+    assert "GB/s" not in text  # no row has bytes moved
+
+
 def test_report_plots(tmp_path):
     pytest.importorskip("matplotlib")
-    written = report.plots(_fake_run("cuda", {"ember": 2.0, "torch": 8.0}), tmp_path)
-    assert [p.name for p in written] == ["attention.png"] and written[0].stat().st_size > 1000
+    run = _fake_run("cuda", {"ember": 2.0, "torch": 8.0})
+    for result in run["results"]:
+        result["peak_allocated_mb"] = 5.0
+    written = report.plots(run, tmp_path)
+    assert [p.name for p in written] == ["attention-time.png", "attention-memory.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
+    cpu_run = _fake_run("cpu", {"ember": 10.0, "torch": 40.0})
+    for result in cpu_run["results"]:
+        result.update(largest_tensor_mb=1.0, params=dict(result["params"], causal=result["provider"] == "ember"))
+    written = report.plots(cpu_run, tmp_path / "cpu")
+    assert [p.name for p in written] == ["attention-memory.png", "attention-largest-tensor.png"]
+
+
+def test_plot_axis_is_the_size_and_panels_the_rest():
+    rows = [dict(params={"pass": p, "seq": s, "heads": 8}) for p in ("fwd", "bwd") for s in (512, 1024, 2048)]
+    varying, fixed = report._varying(rows)
+    assert varying == ["pass", "seq"] and fixed == {"heads": 8}
+    assert report._x_axis(rows, varying) == "seq"
 
 
 def test_bench_command_writes_json_and_reports(tmp_path, monkeypatch, capsys):
     """`ember bench` end to end, with the sizes shrunk to TINY."""
-    for suite, (sizes, setup, providers) in list(SUITES.items()):
-        monkeypatch.setitem(SUITES, suite, (lambda quick, device, s=suite: [TINY[s]], setup, providers[:2]))
+    for name, suite in list(SUITES.items()):
+        monkeypatch.setitem(SUITES, name, dataclasses.replace(suite, sizes=lambda quick, device, s=name: [TINY[s]],
+                                                              providers=suite.providers[:2]))
     assert main(["bench", "cross_entropy", "optimizer", "--quick", "--out", str(tmp_path), "--device", "cpu"]) == 0
     run_path = next(tmp_path.glob("bench-cpu-*.json"))
     run = json.loads(run_path.read_text())
@@ -114,6 +242,16 @@ def test_bench_command_writes_json_and_reports(tmp_path, monkeypatch, capsys):
     assert main(["bench", "report", str(run_path), "--out", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out
     assert "## cross_entropy" in out and "## optimizer" in out and "state bytes / parameter" in out
+
+
+def test_bench_command_runs_only_the_providers_asked_for(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(SUITES, "optimizer", dataclasses.replace(SUITES["optimizer"],
+                                                                 sizes=lambda quick, device: [TINY["optimizer"]]))
+    assert main(["bench", "optimizer", "--providers", "adamw8bit", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    run = json.loads(next(tmp_path.glob("bench-cpu-*.json")).read_text())
+    assert [row["provider"] for row in run["results"]] == ["adamw8bit"]
+    assert main(["bench", "optimizer", "--providers", "ember,sdpa_flash", "--device", "cpu"]) == 2
+    assert "unknown provider(s) ember, sdpa_flash for these suites" in capsys.readouterr().err
 
 
 def test_bench_command_errors(capsys):
