@@ -22,7 +22,7 @@ peer a skip, and any other failure an error row; none stops the run.
 
 from __future__ import annotations
 
-import argparse
+import ctypes
 import datetime
 import importlib.metadata
 import json
@@ -188,13 +188,40 @@ def _memory_status_kib(field: str) -> int:
     return 0
 
 
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: RSS then also counts memory the allocator keeps after a free
+        return None
+
+
+def _allocations_map_and_unmap() -> None:
+    """Every allocation over 128 KiB gets its own mapping, returned to the kernel when freed.
+
+    glibc otherwise raises that threshold after the first large free, and later
+    tensors then come from heap memory it keeps resident: a call that reuses the
+    warm-up's freed memory would show no peak at all.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixing it also stops the dynamic adjustment)
+
+
+def _return_free_memory() -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def measure_cpu_here(setup_fn, provider: str, params: dict) -> dict:
     """One call on the CPU, in this process: extra peak RSS, largest tensor created, wall time."""
     from .memory import TensorSizeTracker
 
     device = torch.device("cpu")
+    _allocations_map_and_unmap()
     setup = setup_fn(provider, params, device)
     setup.fn()  # warm-up: lazy initialisation and first-call allocations are not the case's
+    _return_free_memory()
     before = _memory_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset the peak-RSS counter (Linux >= 4.0)

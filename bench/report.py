@@ -88,7 +88,7 @@ def _table(rows: list[dict], key: str, bracket: str, ember_provider: str, ceilin
            baseline_rows: list[dict] | None) -> list[str]:
     providers = list(dict.fromkeys(row["provider"] for row in rows))
     varying, _ = _varying(rows)
-    header = [", ".join(varying) or "size"] + providers
+    header = ["size"] + providers
     header += [f"{ember_provider} vs baseline"] if baseline_rows is not None else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for size in dict.fromkeys(_size(row["params"]) for row in rows):

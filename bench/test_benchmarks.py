@@ -27,4 +27,7 @@ def test_suite(benchmark, suite, provider, params):
     except ProviderMissing as missing:
         pytest.skip(str(missing))
     benchmark.extra_info.update(flops=setup.flops, bytes=setup.bytes, **setup.extra)
-    benchmark(setup.fn)
+    if DEVICE.type == "cuda":  # time the work, not only its launch
+        benchmark(lambda: (setup.fn(), torch.cuda.synchronize()))
+    else:
+        benchmark(setup.fn)

@@ -198,7 +198,7 @@ def test_report_labels_rows_by_what_varies_and_gives_throughput_against_ceilings
                       row("ember", 2048, 3.0, 500.0, 20.0), row("sdpa_flash", 2048, 4.0, 300.0, 80.0)]
     text = report.tables(run)
     assert "All rows: pass=fwd, heads=16." in text
-    assert "| seq | ember | sdpa_flash |" in text
+    assert "| size | ember | sdpa_flash |" in text
     assert "| seq=1024 | 1.000 | 2.000 (0.50x) |" in text
     assert "attention: TFLOP/s (in brackets: % of the bf16 matmul ceiling measured in this run)" in text
     assert "| seq=2048 | 500.0 (62%) | 300.0 (38%) |" in text
