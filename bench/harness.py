@@ -11,9 +11,10 @@ from NVML (which also sees bitsandbytes' paged memory), with NVML power, SM
 clock, memory clock and temperature sampled while the case runs.
 
 On a CPU the harness measures what means something there: each case runs in a
-fresh process (forked from a server that imported the libraries once), which reports the peak resident memory its one call added
-(the kernel's peak RSS counter is reset just before the call) and the largest
-tensor any operator created. CPU wall times are recorded, labelled as not
+fresh process (forked from a server that imported the libraries once), which
+reports the peak resident memory its one call added (the kernel's peak RSS
+counter is reset just before the call) and the largest tensor any operator
+created. CPU wall times are recorded, labelled as not
 performance.
 
 An out-of-memory error is a result ("out of memory at seq=16384"), a missing
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import functools
 import importlib.metadata
 import json
 import multiprocessing
@@ -113,14 +115,15 @@ class NvmlSampler(threading.Thread):
         except Exception:  # NVML missing or not permitted: no samples, nothing invented
             return
         try:
-            while not self.stopping.is_set():
+            while True:  # at least one reading, however short the case
                 self.samples.append(dict(
                     power_w=nvml.nvmlDeviceGetPowerUsage(handle) / 1000,
                     sm_clock_mhz=nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
                     memory_clock_mhz=nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM),
                     temperature_c=nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU),
                     used_mb=nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20))
-                self.stopping.wait(0.01)
+                if self.stopping.wait(0.01):
+                    break
         except Exception:  # a query this GPU does not support ends the sampling, keeping what was read
             pass
         finally:
@@ -188,6 +191,7 @@ def _memory_status_kib(field: str) -> int:
     return 0
 
 
+@functools.cache
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")

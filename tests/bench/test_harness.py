@@ -125,6 +125,29 @@ def test_nvml_missing_gives_no_fields(monkeypatch):
     assert sampler.summary() == {} and harness._driver_version() is None
 
 
+def test_cuda_measurement_logic_with_the_device_calls_stood_in(monkeypatch):
+    """measure_cuda's bookkeeping (warm-up, allocator peak above the inputs, quantiles, TFLOP/s, NVML) on the CPU,
+    with torch.cuda's counters and do_bench replaced: the GPU tier below runs the real thing."""
+    import triton.testing
+
+    calls = []
+    allocated = iter([100 * 2**20])  # memory_allocated after setup and warm-up
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: next(allocated))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 164 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 256 * 2**20)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, quantiles: (fn(), [2.0, 1.5, 3.0])[1])
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
+    row = harness.measure_cuda(SUITES["cross_entropy"].setup, "torch", TINY["cross_entropy"], CPU)
+    assert calls[:2] == ["sync", "reset"]  # the warm-up call is outside the measured peak
+    assert (row["time_ms"], row["time_ms_p20"], row["time_ms_p80"]) == (2.0, 1.5, 3.0)
+    assert row["peak_allocated_mb"] == 64 and row["peak_reserved_mb"] == 256
+    assert row["tflops"] == pytest.approx(6 * 256 * 64 * 4000 / 2e-3 / 1e12)
+    assert row["gbps"] > 0 and row["nvml_samples"] >= 1 and row["nvml_power_w_median"] > 100
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("suite", sorted(TINY))
 def test_cuda_case_is_timed_with_throughput_memory_and_nvml(suite):
