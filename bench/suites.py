@@ -109,8 +109,6 @@ def _padding_lengths(batch: int, seq: int) -> torch.Tensor:
 
 
 def attention_setup(provider: str, p: dict, device: torch.device) -> Setup:
-    from ember.kernels import flash_attention
-
     dtype = _dtype(device)
     batch, heads, kv_heads, seq, head_dim, causal = (p[k] for k in ("batch", "heads", "kv_heads", "seq",
                                                                      "head_dim", "causal"))
@@ -140,7 +138,7 @@ def attention_setup(provider: str, p: dict, device: torch.device) -> Setup:
             leaf(batch, kv_heads, seq, head_dim)
         key_padding_mask = keep.to(device) if p["padded"] else None  # (B, S)
         forward = _attention_forward(provider, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                                     groups=groups, flash_attention=flash_attention)
+                                     groups=groups)
 
     fn = _timed_pass(p["pass"], forward, [q, k, v])
     real_pairs = float((lengths.double() ** 2).sum()) * (0.5 if causal else 1.0)  # (query, key) pairs computed
@@ -150,9 +148,11 @@ def attention_setup(provider: str, p: dict, device: torch.device) -> Setup:
                  inputs=(q, k, v))
 
 
-def _attention_forward(provider: str, q, k, v, *, causal: bool, key_padding_mask, groups: int, flash_attention):
+def _attention_forward(provider: str, q, k, v, *, causal: bool, key_padding_mask, groups: int):
     """The forward of every provider that takes (B, H, S, D) inputs."""
     if provider == "ember":
+        from ember.kernels import flash_attention
+
         return lambda: flash_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
     if provider in ("torch", "torch_compile"):
         def eager():
