@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from .report import describe_size
 from .suites import SUITES, ProviderMissing
 
 CPU_TIMING_NOTE = "CPU wall time: not performance"
@@ -150,10 +151,6 @@ def _is_oom(error: BaseException) -> bool:
     message = str(error).lower()
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in message \
         or "not enough memory" in message
-
-
-def _describe(params: dict) -> str:
-    return ", ".join(f"{key}={value}" for key, value in params.items())
 
 
 def measure_cuda(setup_fn, provider: str, params: dict, device: torch.device) -> dict:
@@ -325,7 +322,7 @@ def run_case(suite: str, provider: str, params: dict, device: torch.device, time
         row.update(status="skipped", message=str(missing))
     except Exception as error:  # noqa: BLE001  (a failed case is a result, not the end of the run)
         if _is_oom(error):
-            row.update(status="oom", message=f"out of memory at {_describe(params)}")
+            row.update(status="oom", message=f"out of memory at {describe_size(params)}")
         else:
             row.update(status="error", message=f"{type(error).__name__}: {error}"[:500])
     return row
@@ -369,7 +366,7 @@ def run(suites: list[str], *, quick: bool, out_dir: Path, device: torch.device, 
             for provider in chosen:
                 row = run_case(suite, provider, params, device)
                 record["results"].append(row)
-                progress(f"{suite:14s} {provider:20s} {_describe(params):60s} {_headline(row)}")
+                progress(f"{suite:14s} {provider:20s} {describe_size(params):60s} {_headline(row)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = out_dir / f"bench-{device.type}-{stamp}.json"

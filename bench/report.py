@@ -42,7 +42,8 @@ def _headline(run: dict) -> tuple[str, str]:
     return ("time_ms", "ms, median") if run["env"]["device"] == "cuda" else ("peak_extra_rss_mb", "MiB peak extra RSS")
 
 
-def _size(params: dict) -> str:
+def describe_size(params: dict) -> str:
+    """A case's parameters as one label, e.g. "seq=1024, head_dim=64" (also the harness's progress lines)."""
     return ", ".join(f"{key}={value}" for key, value in params.items())
 
 
@@ -91,8 +92,8 @@ def _table(rows: list[dict], key: str, bracket: str, ember_provider: str, ceilin
     header = ["size"] + providers
     header += [f"{ember_provider} vs baseline"] if baseline_rows is not None else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for size in dict.fromkeys(_size(row["params"]) for row in rows):
-        by_provider = {row["provider"]: row for row in rows if _size(row["params"]) == size}
+    for size in dict.fromkeys(describe_size(row["params"]) for row in rows):
+        by_provider = {row["provider"]: row for row in rows if describe_size(row["params"]) == size}
         ours = by_provider.get(ember_provider)
         ours_value = ours.get(key) if ours and ours["status"] == "ok" else None
         params = next(iter(by_provider.values()))["params"]
@@ -120,13 +121,13 @@ def tables(run: dict, baseline: dict | None = None) -> str:
         _, fixed = _varying(rows)
         lines.append(f"\n## {suite}: {unit} (in brackets: {ours} / provider)\n")
         if fixed:
-            lines.append(f"All rows: {_size(fixed)}.\n")
+            lines.append(f"All rows: {describe_size(fixed)}.\n")
         lines += _table(rows, key, "ratio", ours, ceilings, baseline_rows)
         for extra, label, bracket in EXTRAS:
             shown = [row for row in rows if extra != "gbps" or "tflops" not in row]  # GB/s where FLOPs say nothing
             if extra != key and any(extra in row for row in shown):
                 lines += [f"\n{suite}: {label}\n"] + _table(rows, extra, bracket, ours, ceilings, None)
-        problems = [f"- {row['provider']} at {_size(row['params'])}: {row['message']}"
+        problems = [f"- {row['provider']} at {describe_size(row['params'])}: {row['message']}"
                     for row in rows if row["status"] not in ("ok", "skipped")]
         skipped = sorted({f"- {row['message']}" for row in rows if row["status"] == "skipped"})
         lines += (["\nNot measured:"] + problems + skipped) if problems or skipped else []
@@ -135,7 +136,7 @@ def tables(run: dict, baseline: dict | None = None) -> str:
 
 def _against_baseline(baseline_rows: list[dict], size: str, key: str, ours_name: str, ours: float | None) -> str:
     for row in baseline_rows:
-        if (row["provider"], _size(row["params"])) == (ours_name, size) and row["status"] == "ok":
+        if (row["provider"], describe_size(row["params"])) == (ours_name, size) and row["status"] == "ok":
             return f"{ours / row[key]:.2f}x" if ours is not None and row.get(key) else "-"
     return "-"
 
@@ -190,7 +191,7 @@ def plots(run: dict, out_dir: Path) -> list[Path]:
                 axis.set_ylabel(axis_label, fontsize=8)
             for index in range(len(panels), axes.size):
                 axes[index // columns][index % columns].set_visible(False)
-            figure.suptitle(f"{suite} on {title_device}" + (f" ({_size(fixed)})" if fixed else ""), fontsize=9)
+            figure.suptitle(f"{suite} on {title_device}" + (f" ({describe_size(fixed)})" if fixed else ""), fontsize=9)
             figure.tight_layout()
             path = out_dir / f"{suite}-{suffix}.png"
             figure.savefig(path, dpi=110)
