@@ -53,7 +53,7 @@ import triton.language as tl
 
 from .backend import use_triton
 from .dynamic_map import dynamic_map
-from .launch import TRITON_DTYPE, CompileCase, KernelSpec, launch, register
+from .launch import TRITON_DTYPE, CompileCase, KernelSpec, compile_case, launch, register
 
 BLOCKSIZE = 256  # values per absmax: bitsandbytes' blockwise optimizers use 256
 BLOCKS_PER_PROGRAM = 4  # one program updates 1024 values of one tensor
@@ -231,20 +231,21 @@ def _adamw8bit_kernel(
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def _compile_case(param: torch.dtype, grad: torch.dtype, state_8bit: bool, scaler: bool, rounding: bool) -> CompileCase:
-    pointers = ("table_ptr program_tensor_ptr program_chunk_ptr signed_code_ptr signed_midpoints_ptr "
-                "unsigned_code_ptr unsigned_midpoints_ptr grad_scale_ptr found_inf_ptr").split()
-    types = "*i64 *i32 *i32 *fp32 *fp32 *fp32 *fp32 *fp32 *fp32".split()
-    signature = dict(zip(pointers, types))
-    signature.update({name: "fp32" for name in "lr beta1 beta2 log_beta1 log_beta2 eps weight_decay".split()})
-    signature["seed"] = "i64"
+# Argument types other than compile_case's defaults (pointers to fp32: the code
+# tables, the scale and the found-inf flag; i32 scalars).
+_ARG_TYPES = dict(table_ptr="*i64", program_tensor_ptr="*i32", program_chunk_ptr="*i32", seed="i64",
+                  **dict.fromkeys(("lr", "beta1", "beta2", "log_beta1", "log_beta2", "eps", "weight_decay"), "fp32"))
+
+
+def _case(param: torch.dtype, grad: torch.dtype, state_8bit: bool, scaler: bool, rounding: bool) -> CompileCase:
     constexprs = dict(PARAM_DTYPE=_TL_DTYPE[param], GRAD_DTYPE=_TL_DTYPE[grad], STATE_8BIT=state_8bit,
                       HAS_SCALER=scaler, STOCHASTIC_ROUNDING=rounding,
                       BLOCKS=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCKSIZE, COLUMNS=len(_COLUMNS))
     label = ",".join([f"param_{TRITON_DTYPE[param]}", f"grad_{TRITON_DTYPE[grad]}",
                       "state_8bit" if state_8bit else "state_fp32"]
                      + (["scaler"] if scaler else []) + (["stochastic_rounding"] if rounding else []))
-    return CompileCase(name=label, signature=signature, constexprs=constexprs, tensor_cores=False)
+    return compile_case(_adamw8bit_kernel, label, dtype=torch.float32, types=_ARG_TYPES, constexprs=constexprs,
+                        tensor_cores=False)
 
 
 _SPEC = register(KernelSpec(
@@ -257,12 +258,12 @@ _SPEC = register(KernelSpec(
     configs=[triton.Config({}, num_warps=8)],
     key=["PARAM_DTYPE", "GRAD_DTYPE", "STATE_8BIT"],
     compile_cases=[
-        _compile_case(torch.float32, torch.float32, True, False, False),   # full fine-tune, fp32 / bf16 autocast
-        _compile_case(torch.float32, torch.float16, True, True, False),    # fp16 autocast with loss scaling
-        _compile_case(torch.bfloat16, torch.bfloat16, True, False, True),  # bf16-pure, stochastic rounding
-        _compile_case(torch.float16, torch.float16, True, True, False),
-        _compile_case(torch.float32, torch.float32, False, False, False),  # small tensors: fp32 state
-        _compile_case(torch.bfloat16, torch.bfloat16, False, True, True),
+        _case(torch.float32, torch.float32, True, False, False),   # full fine-tune, fp32 / bf16 autocast
+        _case(torch.float32, torch.float16, True, True, False),    # fp16 autocast with loss scaling
+        _case(torch.bfloat16, torch.bfloat16, True, False, True),  # bf16-pure, stochastic rounding
+        _case(torch.float16, torch.float16, True, True, False),
+        _case(torch.float32, torch.float32, False, False, False),  # small tensors: fp32 state
+        _case(torch.bfloat16, torch.bfloat16, False, True, True),
     ],
 ))
 

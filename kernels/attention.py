@@ -51,7 +51,7 @@ import triton.language as tl
 
 from .autocast import autocast_dtype, autocast_off, cast_for_autocast
 from .backend import use_triton
-from .launch import TRITON_DTYPE, CompileCase, KernelSpec, launch, register
+from .launch import TRITON_DTYPE, CompileCase, KernelSpec, compile_case, launch, register
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -476,42 +476,26 @@ def _attn_bwd_dkdv_kernel(
 
 _DOT_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "tf32x3"}  # tf32: unused for 16-bit
 
-_COMMON_ARGS = (
-    "seqlen_q seqlen_k num_heads group_size softmax_scale softcap window_left window_right dropout_p seed",
-    "i32 i32 i32 i32 fp32 fp32 i32 i32 fp32 i64",
-)
-_KERNEL_ARGS = {
-    "fwd": ("q_ptr k_ptr v_ptr out_ptr lse_ptr kpm_ptr cu_seqlens_q_ptr cu_seqlens_k_ptr", "T T T T fp32 i8 i32 i32",
-            "q k v o l kpm"),
-    "dq": ("q_ptr k_ptr v_ptr out_ptr dout_ptr lse_ptr delta_ptr dq_ptr kpm_ptr cu_seqlens_q_ptr cu_seqlens_k_ptr",
-           "T T T T T fp32 fp32 T i8 i32 i32", "q k v o do dq l kpm"),
-    "dkdv": ("q_ptr k_ptr v_ptr dout_ptr lse_ptr delta_ptr dk_ptr dv_ptr kpm_ptr cu_seqlens_q_ptr cu_seqlens_k_ptr",
-             "T T T T fp32 fp32 T T i8 i32 i32", "q k v do dk dv l kpm"),
-}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}
+# Argument types other than compile_case's defaults (pointers to the inputs' dtype, i32 scalars).
+_ARG_TYPES = dict(lse_ptr="*fp32", delta_ptr="*fp32", kpm_ptr="*i8", cu_seqlens_q_ptr="*i32",
+                  cu_seqlens_k_ptr="*i32", softmax_scale="fp32", softcap="fp32", dropout_p="fp32", seed="i64")
 
 
-def _stride_names(tensors: str) -> list[str]:
-    suffixes = {"l": ("b", "h"), "kpm": ("_b",)}
-    return [f"stride_{t}{s}" for t in tensors.split() for s in suffixes.get(t, ("b", "h", "m"))]
-
-
-def _compile_case(kernel: str, dtype: torch.dtype, head_dim: int, **flags: bool) -> CompileCase:
-    pointers, pointer_types, strided = _KERNEL_ARGS[kernel]
-    element = TRITON_DTYPE[dtype]
-    signature = {name: "*" + ty.replace("T", element) for name, ty in zip(pointers.split(), pointer_types.split())}
-    signature.update({name: "i32" for name in _stride_names(strided)})
-    signature.update(zip(_COMMON_ARGS[0].split(), _COMMON_ARGS[1].split()))
+def _case(kernel: str, dtype: torch.dtype, head_dim: int, **flags: bool) -> CompileCase:
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), DOT_PRECISION=_DOT_PRECISION[dtype],
                       IS_VARLEN=False, HAS_BAND=False, HAS_KPM=False, HAS_SOFTCAP=False, HAS_DROPOUT=False)
     constexprs.update({name.upper(): value for name, value in flags.items()})
-    label = ",".join([element, f"d{head_dim}"] + [name.removeprefix("has_") for name, value in flags.items() if value])
-    return CompileCase(name=label, signature=signature, constexprs=constexprs, tensor_cores=True)
+    label = ",".join([TRITON_DTYPE[dtype], f"d{head_dim}"]
+                     + [name.removeprefix("has_") for name, value in flags.items() if value])
+    return compile_case(_KERNELS[kernel], label, dtype=dtype, types=_ARG_TYPES, constexprs=constexprs,
+                        tensor_cores=True)
 
 
 def _cases(kernel: str, variant: str) -> list[CompileCase]:
     # The plainest and the heaviest specializations of each variant.
     masks = dict(has_band=True, has_kpm=True, has_softcap=True)
-    case = functools.partial(_compile_case, kernel)
+    case = functools.partial(_case, kernel)
     return {
         "d128": [case(torch.bfloat16, 128, has_band=True), case(torch.float16, 128, **masks),
                  case(torch.bfloat16, 96, is_varlen=True, has_band=True)],
@@ -544,7 +528,6 @@ _CONFIGS = {
     ("dkdv", "d256_dropout"): [_config(16, 32, 8, 1)],
     ("dkdv", "fp32"): [_config(16, 16, 4, 1)],
 }
-_KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}
 # Not keyed on sequence lengths: packed batches change their maximum length every step.
 _AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "HAS_BAND", "HAS_KPM", "HAS_SOFTCAP", "HAS_DROPOUT"]
 

@@ -50,7 +50,7 @@ import triton.language as tl
 
 from .autocast import autocast_dtype, autocast_off, cast_for_autocast
 from .backend import use_triton
-from .launch import TRITON_DTYPE, CompileCase, KernelSpec, launch, register
+from .launch import TRITON_DTYPE, KernelSpec, compile_case, launch, register
 from .tiling import grouped_tile
 
 Reduction = Literal["mean", "sum", "none"]
@@ -400,10 +400,6 @@ def _matmul_config(block_n, block_v, block_h, warps, stages, **extra):
     )
 
 
-def _signature(names: str, types: str) -> dict[str, str]:
-    return dict(zip(names.split(), types.split()))
-
-
 # Strides along H are 1 in practice; the compile gate specializes them as the
 # JIT does for an argument equal to 1.
 _UNIT_STRIDES = dict(stride_hh=1, stride_wh=1)
@@ -413,24 +409,27 @@ _UNIT_STRIDES = dict(stride_hh=1, stride_wh=1)
 # operands need twice the shared memory: a spec of their own with smaller tiles.
 _DOT_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "ieee"}  # tf32: unused for 16-bit
 
-
-def _linear_case(dtype, pointer_args, fp32_args, scalar_args, scalar_types, constexprs):
-    signature = {
-        **{name: f"*{TRITON_DTYPE[dtype]}" for name in pointer_args.split()},
-        "target_ptr": "*i64",
-        **{name: "*fp32" for name in fp32_args.split()},
-        **_signature(scalar_args, scalar_types),
-    }
-    return CompileCase(
-        name=f"{TRITON_DTYPE[dtype]},bias,softcap",
-        signature=signature,
-        constexprs=dict(_UNIT_STRIDES, HAS_BIAS=True, HAS_SOFTCAP=True, DOT_PRECISION=_DOT_PRECISION[dtype],
-                        **constexprs),
-        tensor_cores=dtype != torch.float32,
-    )
+# Argument types other than compile_case's defaults (pointers to the inputs' dtype, i32 scalars).
+_ARG_TYPES = dict(
+    target_ptr="*i64",
+    row_max_ptr="*fp32", row_sumexp_ptr="*fp32", target_logit_ptr="*fp32", logit_sum_ptr="*fp32",
+    lse_ptr="*fp32", dloss_ptr="*fp32", dhidden_ptr="*fp32", dweight_ptr="*fp32", dbias_ptr="*fp32",
+    softcap="fp32", label_smoothing="fp32", z_loss="fp32",
+)
 
 
-def _register_linear(name, kernel, configs_16bit, configs_fp32, key, case_args, reset_to_zero=()):
+def _linear_cases(kernel, dtypes, **constexprs):
+    # The heaviest specialization, with a bias and a softcap.
+    return [
+        compile_case(kernel, f"{TRITON_DTYPE[dtype]},bias,softcap", dtype=dtype, types=_ARG_TYPES,
+                     constexprs=dict(_UNIT_STRIDES, HAS_BIAS=True, HAS_SOFTCAP=True,
+                                     DOT_PRECISION=_DOT_PRECISION[dtype], **constexprs),
+                     tensor_cores=dtype != torch.float32)
+        for dtype in dtypes
+    ]
+
+
+def _register_linear(name, kernel, configs_16bit, configs_fp32, key, reset_to_zero=(), constexprs=None):
     """Register a linear-CE kernel twice: {False: 16-bit spec, True: fp32 spec}."""
     variants = ((False, configs_16bit, (torch.bfloat16, torch.float16)), (True, configs_fp32, (torch.float32,)))
     return {
@@ -439,7 +438,7 @@ def _register_linear(name, kernel, configs_16bit, configs_fp32, key, case_args, 
             kernel=kernel,
             configs=configs,
             key=key,
-            compile_cases=[_linear_case(dtype, *case_args) for dtype in dtypes],
+            compile_cases=_linear_cases(kernel, dtypes, **(constexprs or {})),
             reset_to_zero=reset_to_zero,
         ))
         for is_fp32, configs, dtypes in variants
@@ -460,13 +459,6 @@ _LINEAR_CE_FWD = _register_linear(
     ],
     configs_fp32=[_matmul_config(n, v, h, warps=w, stages=s) for n, v, h, w, s in _FP32_FWD_TILES],
     key=["V", "H", "HAS_BIAS", "HAS_SOFTCAP"],
-    case_args=(
-        "hidden_ptr weight_ptr bias_ptr",
-        "row_max_ptr row_sumexp_ptr target_logit_ptr logit_sum_ptr",
-        "N V H cols_per_split stride_hn stride_wv softcap",
-        "i32 i32 i32 i32 i32 i32 fp32",
-        {},
-    ),
 )
 
 _LINEAR_CE_BWD = _register_linear(
@@ -479,22 +471,17 @@ _LINEAR_CE_BWD = _register_linear(
     ],
     configs_fp32=[_matmul_config(n, v, h, warps=w, stages=s, GROUP_N=8) for n, v, h, w, s in _FP32_BWD_TILES],
     key=["V", "H", "HAS_BIAS", "HAS_SOFTCAP", "COMPUTE_DWEIGHT"],
-    case_args=(
-        "hidden_ptr weight_ptr bias_ptr",
-        "lse_ptr dloss_ptr dhidden_ptr dweight_ptr dbias_ptr",
-        "N V H stride_hn stride_wv softcap label_smoothing z_loss",
-        "i32 i32 i32 i32 i32 fp32 fp32 fp32",
-        dict(COMPUTE_DWEIGHT=True),
-    ),
     reset_to_zero=["dhidden_ptr", "dweight_ptr", "dbias_ptr"],
+    constexprs=dict(COMPUTE_DWEIGHT=True),
 )
 
 
-def _elementwise_cases(signature_of):
+def _elementwise_cases(kernel, **unit_strides):
+    # Strides along V are 1 in practice, specialized as the JIT does (see _UNIT_STRIDES).
     return [
-        CompileCase(name=f"{dtype},softcap", signature=signature_of(dtype),
-                    constexprs=dict(HAS_SOFTCAP=True, stride_lv=1), tensor_cores=False)
-        for dtype in ("bf16", "fp32")
+        compile_case(kernel, f"{TRITON_DTYPE[dtype]},softcap", dtype=dtype, types=_ARG_TYPES,
+                     constexprs=dict(HAS_SOFTCAP=True, **unit_strides), tensor_cores=False)
+        for dtype in (torch.bfloat16, torch.float32)
     ]
 
 
@@ -507,11 +494,7 @@ _CE_FWD = register(KernelSpec(
         triton.Config(dict(BLOCK_N=1, BLOCK_V=4096), num_warps=8),
     ],
     key=["V", "HAS_SOFTCAP"],
-    compile_cases=_elementwise_cases(lambda dtype: _signature(
-        "logits_ptr target_ptr row_max_ptr row_sumexp_ptr target_logit_ptr logit_sum_ptr "
-        "N V cols_per_split stride_ln softcap",
-        f"*{dtype} *i64 *fp32 *fp32 *fp32 *fp32 i32 i32 i32 i32 fp32",
-    )),
+    compile_cases=_elementwise_cases(_ce_fwd_kernel, stride_lv=1),
 ))
 
 _CE_BWD = register(KernelSpec(
@@ -522,14 +505,7 @@ _CE_BWD = register(KernelSpec(
         triton.Config(dict(BLOCK_N=16, BLOCK_V=512), num_warps=8),
     ],
     key=["V", "HAS_SOFTCAP"],
-    compile_cases=[
-        dataclasses.replace(case, constexprs=dict(case.constexprs, stride_dv=1))
-        for case in _elementwise_cases(lambda dtype: _signature(
-            "logits_ptr target_ptr lse_ptr dloss_ptr dlogits_ptr N V stride_ln stride_dn "
-            "softcap label_smoothing z_loss",
-            f"*{dtype} *i64 *fp32 *fp32 *{dtype} i32 i32 i32 i32 fp32 fp32 fp32",
-        ))
-    ],
+    compile_cases=_elementwise_cases(_ce_bwd_kernel, stride_lv=1, stride_dv=1),
 ))
 
 

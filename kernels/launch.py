@@ -1,8 +1,9 @@
 """Kernel registry and launcher: each kernel's tuning configs declared once, as data.
 
 A kernel family registers each ``@triton.jit`` kernel with a ``KernelSpec``:
-its configs, the autotune key, and the argument types of a few representative
-compilations. Three consumers read that one declaration:
+its configs, the autotune key, and a few representative compilations whose
+argument types ``compile_case`` reads off the kernel's own signature. Three
+consumers read that one declaration:
 
 - on a GPU, ``launch`` autotunes over the configs (Triton's autotuner, cached
   per key);
@@ -16,10 +17,12 @@ compilations. Three consumers read that one declaration:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
 import triton
+from triton.runtime.jit import KernelParam
 
 from .backend import interpreting
 
@@ -59,6 +62,64 @@ class KernelSpec:
 
 # Triton's type names for the dtypes ember's kernels take, for compile-case signatures.
 TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def compile_case(
+    kernel: Any,
+    name: str,
+    *,
+    dtype: torch.dtype | None = None,
+    types: dict[str, str] | None = None,
+    constexprs: dict[str, Any],
+    tensor_cores: bool,
+) -> CompileCase:
+    """A ``CompileCase`` of ``kernel`` whose signature is read off the kernel's own arguments.
+
+    Every argument that is not a constexpr gets its Triton type from, in order:
+    ``types``, the exceptions a family states once for all its kernels (names a
+    kernel does not take are skipped): "*fp32" for an fp32 buffer, "*i32" for
+    offsets, "fp32" or "i64" for a scalar; then a name ending in ``_ptr`` points
+    to ``dtype`` elements; any other argument (a shape, a stride) is i32. An
+    argument given a value in ``constexprs`` (a stride the JIT specializes as
+    the constant 1) leaves the signature, as it does at a launch.
+    """
+    types = types or {}
+    arguments = _arguments(kernel)
+    unknown = sorted(set(constexprs) - set(arguments))
+    if unknown:
+        raise ValueError(f"compile case {name!r}: {kernel.__name__} has no argument(s) {unknown}")
+    signature = {}
+    for argument, is_constexpr in arguments.items():
+        if is_constexpr or argument in constexprs:
+            continue
+        is_pointer = argument.endswith("_ptr")
+        if argument in types:
+            triton_type = types[argument]
+            if triton_type.startswith("*") != is_pointer:
+                raise ValueError(f"compile case {name!r}: {kernel.__name__}'s {argument} is typed "
+                                 f"{triton_type!r}, but only the arguments named *_ptr are pointers")
+        elif is_pointer:
+            if dtype is None:
+                raise ValueError(f"compile case {name!r}: no element type for {kernel.__name__}'s {argument}: "
+                                 f"give the case a dtype, or the pointer a type")
+            triton_type = "*" + TRITON_DTYPE[dtype]
+        else:
+            triton_type = "i32"
+        signature[argument] = triton_type
+    return CompileCase(name=name, signature=signature, constexprs=constexprs, tensor_cores=tensor_cores)
+
+
+def _arguments(kernel: Any) -> dict[str, bool]:
+    """{name: is constexpr} of a ``@triton.jit`` kernel's arguments, in order.
+
+    Read off the Python function through Triton's own rule (``KernelParam``):
+    under ``TRITON_INTERPRET=1`` the kernel is an InterpretedFunction, which
+    has no ``params``, only the function.
+    """
+    parameters = inspect.signature(kernel.fn).parameters.values()
+    params = [KernelParam(i, parameter, False, False) for i, parameter in enumerate(parameters)]
+    return {param.name: param.is_constexpr for param in params}
+
 
 REGISTRY: dict[str, KernelSpec] = {}
 _autotuned: dict[str, Callable] = {}

@@ -52,7 +52,7 @@ import triton.language as tl
 
 from .autocast import autocast_dtype, autocast_off, cast_for_autocast
 from .backend import use_triton
-from .launch import TRITON_DTYPE, CompileCase, KernelSpec, launch, register
+from .launch import TRITON_DTYPE, CompileCase, KernelSpec, compile_case, launch, register
 from .nf4 import NF4_CODE, NF4Weight
 from .tiling import grouped_tile
 
@@ -238,47 +238,30 @@ def _lora_rank_grad_kernel(
 # fp32 runs exact fp32 dots, as PyTorch does by default (no TF32).
 _DOT_PRECISION = {torch.float16: "tf32", torch.bfloat16: "tf32", torch.float32: "ieee"}
 
-_SIGNATURES = {
-    "matmul": (
-        "a_ptr w_ptr absmax_ptr code_ptr bias_ptr low_ptr up_ptr out_ptr",
-        "*T *W *fp32 *fp32 *T *fp32 *L *T",
-        "M N K R scaling dropout_p seed nf4_blocksize stride_am stride_ak stride_wk stride_wn stride_lm stride_lr "
-        "stride_ur stride_un stride_om stride_on",
-        "i32 i32 i32 i32 fp32 fp32 i64 i32" + " i32" * 10,
-    ),
-    "down": (
-        "a_ptr u_ptr out_ptr",
-        "*T *L *fp32",
-        "M K R dropout_p seed stride_am stride_ak stride_uk stride_ur stride_om stride_or",
-        "i32 i32 i32 fp32 i64" + " i32" * 6,
-    ),
-    "rank_grad": (
-        "low_ptr a_ptr out_ptr",
-        "*fp32 *T *fp32",
-        "M K R rows_per_split dropout_p seed stride_lm stride_lr stride_am stride_ak stride_os stride_or stride_ok",
-        "i32 i32 i32 i32 fp32 i64" + " i32" * 7,
-    ),
-}
+_KERNELS = {"matmul": _lora_matmul_kernel, "down": _lora_down_kernel, "rank_grad": _lora_rank_grad_kernel}
+# Argument types other than compile_case's defaults (pointers to x's dtype, i32 scalars).
+_ARG_TYPES = dict(absmax_ptr="*fp32", code_ptr="*fp32", low_ptr="*fp32", scaling="fp32", dropout_p="fp32", seed="i64")
 
 
-def _compile_case(kernel: str, dtype: torch.dtype, lora_dtype: torch.dtype, **flags: bool) -> CompileCase:
-    pointers, pointer_types, scalars, scalar_types = _SIGNATURES[kernel]
-    element = TRITON_DTYPE[dtype]
-    weight = "u8" if flags.get("is_nf4") else element
-    types = pointer_types.replace("T", element).replace("W", weight).replace("L", TRITON_DTYPE[lora_dtype])
-    signature = dict(zip(pointers.split(), types.split()))
-    signature.update(zip(scalars.split(), scalar_types.split()))
+def _case(kernel: str, dtype: torch.dtype, lora_dtype: torch.dtype, **flags: bool) -> CompileCase:
+    element, lora = TRITON_DTYPE[dtype], TRITON_DTYPE[lora_dtype]
+    types = dict(_ARG_TYPES, up_ptr=f"*{lora}", u_ptr=f"*{lora}")
+    if kernel != "matmul":
+        types["out_ptr"] = "*fp32"  # the rank-r products stay fp32
+    if flags.get("is_nf4"):
+        types["w_ptr"] = "*u8"  # packed 4-bit codes
     constexprs = {"HAS_DROPOUT": False, "DOT_PRECISION": _DOT_PRECISION[dtype]}
     if kernel == "matmul":
         constexprs.update(HAS_BIAS=False, IS_NF4=False)
     constexprs.update({name.upper(): value for name, value in flags.items()})
-    label = ",".join([element, "lora_" + TRITON_DTYPE[lora_dtype]]
+    label = ",".join([element, "lora_" + lora]
                      + [name.removeprefix("has_").removeprefix("is_") for name, value in flags.items() if value])
-    return CompileCase(name=label, signature=signature, constexprs=constexprs, tensor_cores=dtype != torch.float32)
+    return compile_case(_KERNELS[kernel], label, dtype=dtype, types=types, constexprs=constexprs,
+                        tensor_cores=dtype != torch.float32)
 
 
 def _cases(kernel: str, variant: str) -> list[CompileCase]:
-    case = functools.partial(_compile_case, kernel)
+    case = functools.partial(_case, kernel)
     if kernel == "matmul":
         half = {
             "dense": [case(torch.bfloat16, torch.bfloat16, has_bias=True), case(torch.float16, torch.float32)],
@@ -314,7 +297,6 @@ _CONFIGS = {
     ("rank_grad", "half"): [_config(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_R=32)],
     ("rank_grad", "fp32"): [_config(8, 2, BLOCK_M=32, BLOCK_K=32, BLOCK_R=32)],
 }
-_KERNELS = {"matmul": _lora_matmul_kernel, "down": _lora_down_kernel, "rank_grad": _lora_rank_grad_kernel}
 _AUTOTUNE_KEYS = {
     "matmul": ["N", "K", "R", "HAS_BIAS", "IS_NF4", "HAS_DROPOUT"],
     "down": ["K", "R", "HAS_DROPOUT"],
