@@ -52,14 +52,13 @@ import triton
 import triton.language as tl
 
 from .backend import use_triton
+from .checks import check_tensor
 from .dynamic_map import dynamic_map
 from .launch import TRITON_DTYPE, CompileCase, KernelSpec, compile_case, launch, register
 
 BLOCKSIZE = 256  # values per absmax: bitsandbytes' blockwise optimizers use 256
 BLOCKS_PER_PROGRAM = 4  # one program updates 1024 values of one tensor
 MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 state, as in bitsandbytes
-
-_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Columns of the per-launch tensor table (int64): addresses, then the element count.
 _COLUMNS = ("param", "grad", "state1", "state2", "absmax1", "absmax2", "step", "numel")
@@ -421,8 +420,7 @@ def _check(params, grads, states, lr, betas, eps, weight_decay, grad_scale, foun
     if (grad_scale is None) != (found_inf is None):
         raise ValueError("grad_scale and found_inf must be given together (a GradScaler sets both)")
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
-        if p.dtype not in _PARAM_DTYPES:
-            raise TypeError(f"params[{i}]: dtype must be float32, float16 or bfloat16, got {p.dtype}")
+        check_tensor(f"params[{i}]", p)
         if g.shape != p.shape or g.device != p.device or not g.is_floating_point():
             raise ValueError(f"grads[{i}]: expected a floating tensor of shape {tuple(p.shape)} on {p.device}, "
                              f"got {g.dtype} {tuple(g.shape)} on {g.device}")

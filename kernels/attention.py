@@ -51,9 +51,9 @@ import triton.language as tl
 
 from .autocast import autocast_dtype, autocast_off, cast_for_autocast
 from .backend import use_triton
+from .checks import check_tensor
 from .launch import TRITON_DTYPE, CompileCase, KernelSpec, compile_case, launch, register
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MAX_FP32_HEAD_DIM = 64
 
@@ -812,12 +812,9 @@ class FlashAttentionFunction(torch.autograd.Function):
 
 def _check_qkv(q, k, v, rank: int, layout: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(name, t)
         if t.dim() != rank:
             raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     if not q.device == k.device == v.device:

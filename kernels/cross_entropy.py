@@ -50,6 +50,7 @@ import triton.language as tl
 
 from .autocast import autocast_dtype, autocast_off, cast_for_autocast
 from .backend import use_triton
+from .checks import check_tensor
 from .launch import TRITON_DTYPE, KernelSpec, compile_case, launch, register
 from .tiling import grouped_tile
 
@@ -764,9 +765,6 @@ class CrossEntropyFunction(torch.autograd.Function):
 # Public API
 # ----------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _check_options(label_smoothing, z_loss, softcap, reduction, normalizer) -> None:
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
@@ -783,13 +781,6 @@ def _check_options(label_smoothing, z_loss, softcap, reduction, normalizer) -> N
             raise ValueError(f"normalizer must be > 0, got {normalizer}")
         if not isinstance(normalizer, (Number, torch.Tensor)):
             raise TypeError(f"normalizer must be a number or a tensor, got {type(normalizer).__name__}")
-
-
-def _check_float(name: str, tensor) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
 
 
 def _check_target(target, n_rows: int, vocab: int, device: torch.device, ignore_index: int) -> torch.Tensor:
@@ -857,8 +848,8 @@ def linear_cross_entropy(
     """
     # Under autocast the LM head's matmul runs in its dtype, as F.linear would; the loss stays fp32.
     hidden, weight, bias = cast_for_autocast(autocast_dtype(hidden), hidden, weight, bias)
-    _check_float("hidden", hidden)
-    _check_float("weight", weight)
+    check_tensor("hidden", hidden)
+    check_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be (V, H), got shape {tuple(weight.shape)}")
     if hidden.dim() == 0 or hidden.shape[-1] != weight.shape[1]:
@@ -869,7 +860,7 @@ def linear_cross_entropy(
     if hidden.device != weight.device:
         raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
     if bias is not None:
-        _check_float("bias", bias)
+        check_tensor("bias", bias)
         if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype or bias.device != weight.device:
             raise ValueError(f"bias must be ({weight.shape[0]},) with the dtype and device of weight, got "
                              f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
@@ -907,7 +898,7 @@ def cross_entropy(
     Returns:
         fp32 loss, as ``linear_cross_entropy``. The gradient has the dtype of ``logits``.
     """
-    _check_float("logits", logits)
+    check_tensor("logits", logits)
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must be (..., V) with V >= 1, got shape {tuple(logits.shape)}")
     _check_options(label_smoothing, z_loss, softcap, reduction, normalizer)

@@ -52,11 +52,11 @@ import triton.language as tl
 
 from .autocast import autocast_dtype, autocast_off, cast_for_autocast
 from .backend import use_triton
+from .checks import check_tensor
 from .launch import TRITON_DTYPE, CompileCase, KernelSpec, compile_case, launch, register
 from .nf4 import NF4_CODE, NF4Weight
 from .tiling import grouped_tile
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_RANK = 256
 
 
@@ -559,10 +559,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
 def _check_inputs(x, weight, lora_a, lora_b, scaling, bias, dropout_p) -> None:
     for name, t in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        check_tensor(name, t)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
     if isinstance(weight, NF4Weight):

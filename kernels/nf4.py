@@ -53,6 +53,7 @@ import functools
 
 import torch
 
+from .checks import FLOAT_DTYPES, check_tensor, dtype_names
 from .dynamic_map import dynamic_map
 
 # The NF4 table as bitsandbytes hard-codes it (functional.get_4bit_type("nf4")):
@@ -89,7 +90,6 @@ NESTED_BLOCKSIZE = 256
 # supported block size (chunks hold whole blocks and whole bytes).
 _CHUNK_ELEMENTS = 1 << 22
 
-_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The smallest absmax bitsandbytes divides by: an all-zero block scales to 0
 # instead of NaN.
 _MIN_ABSMAX = 1e-38
@@ -139,15 +139,15 @@ class NF4Weight:
         # inside a kernel; no values are read (no host sync).
         object.__setattr__(self, "shape", _check_shape(self.shape))
         _check_blocksize(self.blocksize, "blocksize")
-        if self.dtype not in _INPUT_DTYPES:
-            raise TypeError(f"dtype must be one of {_INPUT_DTYPES}, got {self.dtype}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be {dtype_names(FLOAT_DTYPES)}, got {self.dtype}")
         numel = self.shape[0] * self.shape[1]
         n_blocks = -(-numel // self.blocksize)
-        _check_tensor(self.packed, "packed", torch.uint8, ((numel + 1) // 2,))
+        check_tensor("packed", self.packed, (torch.uint8,), shape=((numel + 1) // 2,))
         device = self.packed.device
         nested = (self.nested_absmax, self.nested_code, self.offset)
         if all(t is None for t in nested):
-            _check_tensor(self.absmax, "absmax", torch.float32, (n_blocks,), device)
+            check_tensor("absmax", self.absmax, (torch.float32,), shape=(n_blocks,), device=device)
             return
         if any(t is None for t in nested):
             raise ValueError(
@@ -157,11 +157,11 @@ class NF4Weight:
             raise ValueError(
                 f"nested_blocksize must be {NESTED_BLOCKSIZE} (bitsandbytes' only one), got {self.nested_blocksize}"
             )
-        _check_tensor(self.absmax, "absmax", torch.uint8, (n_blocks,), device)
+        check_tensor("absmax", self.absmax, (torch.uint8,), shape=(n_blocks,), device=device)
         n_nested = -(-n_blocks // NESTED_BLOCKSIZE)
-        _check_tensor(self.nested_absmax, "nested_absmax", torch.float32, (n_nested,), device)
-        _check_tensor(self.nested_code, "nested_code", torch.float32, (256,), device)
-        _check_tensor(self.offset, "offset", torch.float32, (), device)
+        check_tensor("nested_absmax", self.nested_absmax, (torch.float32,), shape=(n_nested,), device=device)
+        check_tensor("nested_code", self.nested_code, (torch.float32,), shape=(256,), device=device)
+        check_tensor("offset", self.offset, (torch.float32,), shape=(), device=device)
 
     @property
     def double_quantized(self) -> bool:
@@ -303,17 +303,6 @@ def _check_blocksize(blocksize, name: str) -> None:
         raise ValueError(f"{name} must be a power of two in [32, 4096] (bitsandbytes' sizes), got {blocksize}")
 
 
-def _check_tensor(t, name: str, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but packed is on {device}")
-
-
 # ----------------------------------------------------------------------------
 # 4-bit codes
 # ----------------------------------------------------------------------------
@@ -422,12 +411,9 @@ def quantize_nf4(weight: torch.Tensor, *, blocksize: int = 64, double_quant: boo
         compress_statistics=double_quant, quant_type="nf4")`` on CPU, and which
         dequantizes to ``weight.dtype``.
     """
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    check_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    if weight.dtype not in _INPUT_DTYPES:
-        raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
     _check_blocksize(blocksize, "blocksize")

@@ -309,7 +309,7 @@ def _good():
 @pytest.mark.parametrize(
     "mutate, error, match",
     [
-        (lambda h, w, t, kw: (h.long(), w, t, kw), TypeError, "hidden must be float32"),
+        (lambda h, w, t, kw: (h.long(), w, t, kw), TypeError, "hidden must be float16, bfloat16 or float32"),
         (lambda h, w, t, kw: (h, w.half(), t, kw), TypeError, "same dtype"),
         (lambda h, w, t, kw: (h[:, :6], w, t, kw), ValueError, "hidden must be"),
         (lambda h, w, t, kw: (h, w[0], t, kw), ValueError, "weight must be"),
