@@ -1,1 +1,63 @@
-"""Engine."""
+"""ember.engine: the training loop around ember's kernels, and the pieces it is made of, each usable alone.
+
+    from ember.engine import LoRAConfig, apply_lora, build_optimizer, patch, save_adapter
+    model = patch(AutoModelForCausalLM.from_pretrained(path))         # ember's attention and losses
+    model = apply_lora(model, LoRAConfig(r=16, alpha=32, target_modules="all-linear", quantize_base="nf4"))
+    optimizer = build_optimizer("adamw8bit", [p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    ...                                                                 # your loop, Trainer, TRL
+    save_adapter(model, "out/adapter")                                  # PEFT's format
+
+    from ember.engine import load_config, train
+    result = train(load_config("job.toml", ["--max_steps=200"]))       # ember's own loop: `ember train`
+
+Modules, in the order a run uses them:
+
+- ``config``: ``TrainConfig``, one frozen dataclass with the defaults (the
+  default job), presets, TOML files and ``--key=value`` overrides, checked;
+- ``device``, ``precision``: where it runs and the mixed-precision policy,
+  each decided once;
+- ``data``, ``tasks``: offline assets, files, splits, batches in a resumable
+  order; what each task trains on and how it is evaluated (``metrics``);
+- ``patch``, ``hf_attention``: Hugging Face models through ember's kernels;
+- ``lora``, ``peft_format``: LoRA/QLoRA layers over the fused kernel, and
+  PEFT's adapter files and models;
+- ``optim``, ``schedule``: 8-bit AdamW and its peers; the learning-rate schedule;
+- ``checkpoint``, ``atomic``: checkpoints written so a crash leaves the last
+  good one; ``errors``: the two errors the command line reports on one line;
+- ``train``: the loop itself.
+
+The engine imports ``ember.kernels`` and never ``ember.bench`` or the command line.
+"""
+
+from .config import TrainConfig, load_config
+from .errors import ConfigError, TrainingError
+from .hf_attention import register_attention
+from .lora import LoRAConfig, LoRALinear, apply_lora, lora_report
+from .optim import AdamW8bit
+from .optim import build as build_optimizer
+from .patch import patch
+from .peft_format import from_peft, load_adapter, save_adapter
+from .precision import decide as decide_precision
+from .train import TrainResult, evaluate_checkpoint, train
+
+__all__ = [
+    "AdamW8bit",
+    "ConfigError",
+    "LoRAConfig",
+    "LoRALinear",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
+    "apply_lora",
+    "build_optimizer",
+    "decide_precision",
+    "evaluate_checkpoint",
+    "from_peft",
+    "load_adapter",
+    "load_config",
+    "lora_report",
+    "patch",
+    "register_attention",
+    "save_adapter",
+    "train",
+]

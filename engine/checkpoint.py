@@ -5,15 +5,13 @@ A checkpoint is a folder ``<out_dir>/checkpoints/step-NNNNNNNN`` holding
 ``state.pt`` (optimizer, scheduler, scaler, RNG states, data position, loop
 state), ``config.json`` (the resolved config) and, for LoRA runs, ``adapter/``
 in PEFT's format. The folder appears only
-once complete (``os.replace`` of a finished temporary folder is atomic on one
-filesystem), so a crash or Ctrl-C mid-write leaves the previous checkpoint as
-the latest. Only the last ``keep_last`` are kept.
+once complete (``ember.engine.atomic``), so a crash or Ctrl-C mid-write leaves
+the previous checkpoint as the latest. Only the last ``keep_last`` are kept.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,14 +19,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import write_atomically
+
 PREFIX = "step-"
-
-
-def _fsync_folder(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor], state: dict[str, Any],
@@ -36,20 +29,18 @@ def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     """``write_extra(folder)``, if given, adds files (a PEFT adapter) before the folder is renamed into place."""
     folder = Path(out_dir) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{PREFIX}{step:08d}"
-    temporary = folder / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    save_file({name: t.detach().contiguous().cpu() for name, t in trainable.items()},
-              str(temporary / "trainable.safetensors"))
-    torch.save(state, temporary / "state.pt")
-    (temporary / "config.json").write_text(json.dumps(config, indent=2))
-    if write_extra is not None:
-        write_extra(temporary)
-    _fsync_folder(temporary)
-    if final.exists():  # the same step saved again (a resumed run): replace it whole
-        shutil.rmtree(final)
-    os.replace(temporary, final)
+
+    def write(temporary: Path) -> None:
+        temporary.mkdir()
+        save_file({name: t.detach().contiguous().cpu() for name, t in trainable.items()},
+                  str(temporary / "trainable.safetensors"))
+        torch.save(state, temporary / "state.pt")
+        (temporary / "config.json").write_text(json.dumps(config, indent=2))
+        if write_extra is not None:
+            write_extra(temporary)
+
+    # The same step saved again (a resumed run) replaces the old folder whole.
+    final = write_atomically(folder / f"{PREFIX}{step:08d}", write)
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -17,13 +17,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; the CLI prints it on one line."""
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (repeated non-finite losses, ...); the CLI prints it on one line."""
+from .device import DEVICES
+from .errors import ConfigError, TrainingError  # noqa: F401  (raised by loading and running a config)
+from .optim import OPTIMIZERS
+from .precision import POLICIES
+from .schedule import SCHEDULES
+from .tasks import TASKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,13 +179,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def check(config: TrainConfig) -> None:
     """Values that are well typed but make no sense, named."""
-    choices = {
-        "task": ("sequence-classification", "causal-lm", "token-classification"),
-        "precision": ("auto", "bf16", "fp16", "bf16-pure", "fp32"),
-        "optimizer": ("adamw", "adamw8bit", "bnb_adamw8bit", "bnb_paged_adamw8bit"),
-        "schedule": ("cosine", "linear", "constant"),
-        "device": ("auto", "cpu", "cuda"),
-    }
+    choices = {"task": tuple(TASKS), "precision": ("auto", *POLICIES), "optimizer": OPTIMIZERS,
+               "schedule": SCHEDULES, "device": DEVICES}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(config, name)!r}")

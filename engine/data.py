@@ -17,10 +17,15 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from .atomic import write_atomically
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # the config imports the tasks, which import this module
+    from .config import TrainConfig
 
 # name -> (package, path inside it, pip requirement)
 ASSETS = {
@@ -81,15 +86,32 @@ def read_rows(path: Path, config: TrainConfig) -> list[dict]:
     raise ConfigError(f"data {str(path)!r}: expected a .csv or .jsonl file (or an asset)")
 
 
-def load_classification(config: TrainConfig) -> ClassificationData:
-    """(text, label index) pairs, shuffled with the seed and split into train and held-out eval."""
-    path = resolve(config.data, "data")
-    rows = read_rows(path, config)
+def read_labelled_rows(config: TrainConfig) -> list[dict]:
+    """The rows of ``config.data``, each with the text and label columns (checked, named when missing)."""
+    rows = read_rows(resolve(config.data, "data"), config)
     if not rows:
         raise ConfigError(f"data {config.data!r} is empty")
     for column in (config.text_column, config.label_column):
         if column not in rows[0]:
             raise ConfigError(f"data {config.data!r} has no column {column!r}; it has {', '.join(rows[0])}")
+    return rows
+
+
+def split_held_out(examples: list, config: TrainConfig) -> tuple[list, list]:
+    """(train, held out): shuffled with the seed, the first ``eval_size`` held out, train cut to ``train_size``."""
+    examples = list(examples)
+    random.Random(config.seed).shuffle(examples)
+    if config.eval_size >= len(examples):
+        raise ConfigError(f"eval_size {config.eval_size} leaves no training data ({len(examples)} examples)")
+    held_out, train = examples[: config.eval_size], examples[config.eval_size :]
+    if config.train_size:
+        train = train[: config.train_size]
+    return train, held_out
+
+
+def load_classification(config: TrainConfig) -> ClassificationData:
+    """(text, label index) pairs, shuffled with the seed and split into train and held-out eval."""
+    rows = read_labelled_rows(config)
     labels = [row[config.label_column] for row in rows]
     if all(isinstance(label, int) for label in labels):
         if min(labels) < 0:
@@ -100,12 +122,7 @@ def load_classification(config: TrainConfig) -> ClassificationData:
         class_names = sorted({str(label) for label in labels})
         indices = [class_names.index(str(label)) for label in labels]
     examples = [(str(row[config.text_column]), index) for row, index in zip(rows, indices)]
-    random.Random(config.seed).shuffle(examples)
-    if config.eval_size >= len(examples):
-        raise ConfigError(f"eval_size {config.eval_size} leaves no training data ({len(examples)} examples)")
-    held_out, train = examples[: config.eval_size], examples[config.eval_size :]
-    if config.train_size:
-        train = train[: config.train_size]
+    train, held_out = split_held_out(examples, config)
     return ClassificationData(train=train, eval=held_out, class_names=class_names)
 
 
@@ -185,9 +202,10 @@ def _plain_copy_of_gguf(path: Path) -> Path:
         del config.quantization_config
     plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
-    temporary = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    plain.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(temporary, folder)
-    return folder
+
+    def write(temporary: Path) -> None:
+        plain.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+
+    return write_atomically(folder, write)

@@ -1,10 +1,11 @@
 """LoRA and QLoRA layers that run the fused ``lora_linear`` kernel, interchangeable with PEFT.
 
-    from ember.engine.lora import LoRAConfig, apply_lora, save_adapter, lora_report
+    from ember.engine.lora import LoRAConfig, apply_lora, lora_report
     model = apply_lora(model, LoRAConfig(r=16, alpha=32, quantize_base="nf4"))
     print(lora_report(model))
-    ...train...
-    save_adapter(model, "out/adapter")   # peft.PeftModel.from_pretrained(base, "out/adapter") reads it
+
+PEFT's file format and PEFT models (``save_adapter``, ``load_adapter``,
+``from_peft``) are in ``ember.engine.peft_format``.
 
 Design
 ------
@@ -21,10 +22,8 @@ Design
   matched in full, or ``"all-linear"``), scaling (alpha / r, alpha / sqrt(r)
   with rsLoRA), initialisation (A kaiming-uniform with a = sqrt(5), B zeros),
   dropout on the LoRA input only, adapters kept in fp32 over a 16-bit base (PEFT's
-  ``autocast_adapter_dtype``), and PEFT's on-disk format, written by PEFT's own
-  ``LoraConfig`` and read back through it. Features PEFT has and ember does
-  not (DoRA, LoRA bias, rank/alpha patterns, modules_to_save, ...) are refused
-  with an error naming the field, never silently dropped.
+  ``autocast_adapter_dtype``), and PEFT's on-disk format
+  (``ember.engine.peft_format``).
 - Dtypes: the kernel computes in x's dtype, the "compute dtype": autocast's
   when autocast is on, else the base weight's (NF4: the dtype it dequantizes
   to). Without autocast the layer casts x to the base's dtype; under autocast
@@ -43,37 +42,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import sys
-import tempfile
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ember.kernels.lora import lora_linear
+from ember.kernels.lora import MAX_RANK, lora_linear
 from ember.kernels.nf4 import NF4Weight, quantize_nf4
 
-__all__ = [
-    "LoRAConfig",
-    "LoRALinear",
-    "LoRAReport",
-    "apply_lora",
-    "from_peft",
-    "load_adapter",
-    "lora_report",
-    "save_adapter",
-]
+__all__ = ["LoRAConfig", "LoRALinear", "LoRAReport", "apply_lora", "lora_report"]
 
 ALL_LINEAR = "all-linear"
-MAX_RANK = 256
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-# PEFT's key for one adapter matrix, written without the adapter name ("default")
-_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
-_PEFT_PREFIX = "base_model.model."
 
 # ----------------------------------------------------------------------------
 # Config
@@ -126,7 +108,7 @@ class LoRAConfig:
 
     @property
     def scaling(self) -> float:
-        return _scaling(self.r, self.alpha, self.use_rslora)
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
 
     def to_peft(self):
         """The same adapter as a ``peft.LoraConfig`` (the base quantization is not PEFT's to record)."""
@@ -152,7 +134,7 @@ def _check_dropout(p, name: str) -> None:
         raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
 
 
-def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     # exactly PEFT's LoraLayer.update_layer, so that one adapter means the same in both
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
@@ -215,7 +197,7 @@ class LoRALinear(nn.Module):
 
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
-        self.scaling = _scaling(r, alpha, use_rslora)
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.merged = False
 
         # PEFT's autocast_adapter_dtype: 16-bit adapters would lose the small updates an
@@ -342,7 +324,7 @@ class LoRALinear(nn.Module):
 # ----------------------------------------------------------------------------
 
 
-def _bnb_linear4bit() -> type | None:
+def bnb_linear4bit_class() -> type | None:
     # Only a model built with bitsandbytes can hold its layers: no need to import it otherwise.
     bnb = sys.modules.get("bitsandbytes")
     return None if bnb is None else bnb.nn.Linear4bit
@@ -353,11 +335,11 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear) and name}
 
 
-def _matches(name: str, target: str) -> bool:
+def matches_target(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def _select_targets(model: nn.Module, target_modules: Sequence[str] | str, *, strict: bool = True) -> list[str]:
+def select_targets(model: nn.Module, target_modules: Sequence[str] | str, *, strict: bool = True) -> list[str]:
     """Module names to adapt, in model order.
 
     Strict: each name in a sequence must match something, since a misspelt target
@@ -387,19 +369,19 @@ def _select_targets(model: nn.Module, target_modules: Sequence[str] | str, *, st
         return selected
     if strict:
         for target in target_modules:
-            if not any(_matches(name, target) for name in linear):
+            if not any(matches_target(name, target) for name in linear):
                 raise nothing_matched(repr(target))
-    selected = [name for name in linear if any(_matches(name, target) for target in target_modules)]
+    selected = [name for name in linear if any(matches_target(name, target) for target in target_modules)]
     if not selected:
         raise nothing_matched(f"none of {list(target_modules)}")
     return selected
 
 
 def _lora_layer_for(module: nn.Linear, config: LoRAConfig, name: str) -> LoRALinear:
-    linear4bit = _bnb_linear4bit()
+    linear4bit = bnb_linear4bit_class()
     options = dict(r=config.r, alpha=config.alpha, dropout=config.dropout, use_rslora=config.use_rslora)
     if linear4bit is not None and isinstance(module, linear4bit):
-        return LoRALinear(_nf4_from_bnb(module, name), module.bias, **options)
+        return LoRALinear(nf4_from_bnb(module, name), module.bias, **options)
     if type(module) is not nn.Linear:
         # e.g. bitsandbytes' Linear8bitLt: an nn.Linear whose weight is not a plain matrix
         raise ValueError(f"target_modules: {name} is a {type(module).__name__}, which LoRA cannot wrap; "
@@ -410,7 +392,7 @@ def _lora_layer_for(module: nn.Linear, config: LoRAConfig, name: str) -> LoRALin
     return LoRALinear(weight, module.bias, **options)
 
 
-def _nf4_from_bnb(module: nn.Module, name: str) -> NF4Weight:
+def nf4_from_bnb(module: nn.Module, name: str) -> NF4Weight:
     params = module.weight
     state = getattr(params, "quant_state", None)
     if state is None or not getattr(params, "bnb_quantized", True):
@@ -421,7 +403,7 @@ def _nf4_from_bnb(module: nn.Module, name: str) -> NF4Weight:
     return NF4Weight.from_bnb(params)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -436,12 +418,12 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
-    targets = _select_targets(model, config.target_modules)
+    targets = select_targets(model, config.target_modules)
     # build every layer before replacing any, so a bad target leaves the model untouched
     layers = {name: _lora_layer_for(model.get_submodule(name), config, name) for name in targets}
     for name, layer in layers.items():
         layer.train(model.get_submodule(name).training)  # a fresh module would be in training mode: dropout on
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
     _freeze_all_but_adapters(model)
     return model
 
@@ -449,213 +431,13 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
 def _freeze_all_but_adapters(model: nn.Module) -> None:
     for param in model.parameters():
         param.requires_grad_(False)
-    for layer in _lora_layers(model).values():
+    for layer in lora_layers(model).values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
 
 
-def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-# ----------------------------------------------------------------------------
-# PEFT's on-disk format
-# ----------------------------------------------------------------------------
-
-
-def _uniform(layers: dict[str, LoRALinear], attribute: str):
-    values = {getattr(layer, attribute) for layer in layers.values()}
-    if len(values) != 1:
-        raise ValueError(f"save_adapter: the LoRA layers differ in {attribute} ({sorted(values)}); "
-                         "PEFT's config holds one value (per-layer patterns are not supported)")
-    return values.pop()
-
-
-def _minimal_targets(model: nn.Module, adapted: Iterable[str]) -> list[str]:
-    """Leaf names when they select exactly the adapted modules (PEFT's usual form), else full names."""
-    adapted = set(adapted)
-    candidates = {name.rsplit(".", 1)[-1] for name in adapted}
-    selectable = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)) and name]
-    selected = {name for name in selectable if any(_matches(name, t) for t in candidates)}
-    return sorted(candidates) if selected == adapted else sorted(adapted)
-
-
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapters of ``model`` in PEFT's format: ``peft.PeftModel.from_pretrained`` loads them.
-
-    ``adapter_config.json`` is written by ``peft.LoraConfig`` itself;
-    ``adapter_model.safetensors`` holds "base_model.model.<module>.lora_A.weight" /
-    ".lora_B.weight" as PEFT names them. Each file is written to a temporary
-    name in ``path`` and renamed over the old one, so a crash never leaves a
-    half-written adapter under the real name.
-    """
-    import peft
-    from safetensors.torch import save_file
-
-    layers = _lora_layers(model)
-    if not layers:
-        raise ValueError("model: has no LoRA layers to save (call apply_lora first)")
-    r, alpha = _uniform(layers, "r"), _uniform(layers, "alpha")
-    dropout, use_rslora = _uniform(layers, "dropout"), _uniform(layers, "use_rslora")
-    os.makedirs(path, exist_ok=True)
-
-    tensors = {}
-    for name, layer in layers.items():
-        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous()
-        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous()
-    _atomic_write(path, ADAPTER_WEIGHTS_NAME, lambda file: save_file(tensors, file, metadata={"format": "pt"}))
-
-    config = peft.LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora, bias="none",
-        target_modules=_minimal_targets(model, layers),
-        base_model_name_or_path=getattr(getattr(model, "config", None), "name_or_path", None) or None,
-    )
-    with tempfile.TemporaryDirectory(dir=path, prefix=".tmp-config-") as scratch:
-        config.save_pretrained(scratch)
-        os.replace(os.path.join(scratch, ADAPTER_CONFIG_NAME), os.path.join(path, ADAPTER_CONFIG_NAME))
-
-
-def _atomic_write(directory, filename: str, write) -> None:
-    fd, scratch = tempfile.mkstemp(dir=directory, prefix=f".{filename}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(scratch)
-        os.replace(scratch, os.path.join(directory, filename))
-    except BaseException:
-        os.unlink(scratch)
-        raise
-
-
-# PEFT config fields ember does not implement, with the value that means "unused".
-_UNSUPPORTED_PEFT_FIELDS = {
-    "use_dora": False, "lora_bias": False, "bias": "none", "fan_in_fan_out": False, "rank_pattern": {},
-    "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-    "exclude_modules": None, "target_parameters": None, "trainable_token_indices": None,
-    "layer_replication": None, "use_qalora": False, "use_bdlora": None, "alora_invocation_tokens": None,
-}
-
-
-def _check_supported(peft_config, where: str) -> None:
-    if getattr(peft_config, "peft_type", "LORA") != "LORA":  # PeftType is a str enum
-        raise ValueError(f"{where}: peft_type is {peft_config.peft_type}, only LORA adapters are supported")
-    for field, unused in _UNSUPPORTED_PEFT_FIELDS.items():
-        value = getattr(peft_config, field, unused)
-        if value != unused and value not in (None, {}, [], ()):
-            raise ValueError(f"{where}: {field}={value!r} is a PEFT feature ember's LoRA does not implement")
-
-
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, quantize_base: str | None = None) -> nn.Module:
-    """Apply the adapter PEFT saved in ``path`` (``save_pretrained``) to ``model``; returns ``model``.
-
-    The layers to wrap are the ones the weights file names; they must be exactly
-    the ones the config's ``target_modules`` select, else the error lists the
-    missing and unexpected keys. ``quantize_base="nf4"`` quantizes those bases
-    (PEFT's config does not record how the base was quantized).
-    """
-    import peft
-    from safetensors.torch import load_file
-
-    path = os.fspath(path)
-    for filename in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
-        if not os.path.isfile(os.path.join(path, filename)):
-            raise ValueError(f"path: {path!r} has no {filename} (an adapter saved by PEFT's save_pretrained has both)")
-    peft_config = peft.LoraConfig.from_pretrained(path)
-    _check_supported(peft_config, f"adapter in {path!r}")
-    weights = load_file(os.path.join(path, ADAPTER_WEIGHTS_NAME))
-
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    unexpected = []
-    for key, tensor in weights.items():
-        match = _PEFT_KEY.match(key)
-        if match is None:
-            unexpected.append(key)
-        else:
-            pairs.setdefault(match["module"], {})[match["which"]] = tensor
-    targets = peft_config.target_modules
-    expected = set(_select_targets(model, targets if isinstance(targets, str) else sorted(targets), strict=False))
-    for module in sorted(set(pairs) - expected):
-        unexpected += [f"{_PEFT_PREFIX}{module}.lora_{w}.weight" for w in sorted(pairs[module])]
-    missing = [f"{_PEFT_PREFIX}{m}.lora_{w}.weight" for m in sorted(expected)
-               for w in "AB" if w not in pairs.get(m, {})]
-    if missing or unexpected:
-        raise ValueError(f"adapter in {path!r} does not fit {type(model).__name__}: "
-                         f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
-                         f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-
-    config = LoRAConfig(r=peft_config.r, alpha=peft_config.lora_alpha, dropout=peft_config.lora_dropout,
-                        target_modules=tuple(sorted(expected)), use_rslora=peft_config.use_rslora,
-                        quantize_base=quantize_base)
-    apply_lora(model, config)
-    layers = _lora_layers(model)
-    with torch.no_grad():
-        for name, pair in pairs.items():
-            layer = layers[name]
-            for which, param in (("A", layer.lora_A), ("B", layer.lora_B)):
-                if pair[which].shape != param.shape:
-                    raise ValueError(f"adapter in {path!r}: {_PEFT_PREFIX}{name}.lora_{which}.weight has shape "
-                                     f"{tuple(pair[which].shape)}, the model's layer needs {tuple(param.shape)}")
-                param.copy_(pair[which])
-    return model
-
-
-def from_peft(peft_model: nn.Module) -> nn.Module:
-    """The base model of a PEFT LoRA model with every LoRA Linear swapped for a ``LoRALinear``.
-
-    Like ``merge_and_unload`` but unmerged: each ember layer holds the very same
-    Parameters (base weight, bias, lora_A, lora_B) as the PEFT layer it replaces,
-    so outputs, gradients and optimizer state carry over. Only the adapter
-    "default" with PEFT's plain LoRA over nn.Linear or bitsandbytes Linear4bit
-    (nf4) is supported; anything else raises before the model is changed. The
-    PEFT wrapper is consumed: use the returned model, not ``peft_model``.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else getattr(peft_model, "model", None)
-    if not isinstance(base, nn.Module) or not any(isinstance(m, LoraLayer) for m in base.modules()):
-        raise ValueError(f"peft_model: a {type(peft_model).__name__} with no PEFT LoRA layers")
-    _check_supported(getattr(peft_model, "peft_config", {}).get("default"), "peft_model")
-
-    linear4bit = _bnb_linear4bit()
-    layers = {}
-    for name, module in base.named_modules():
-        if not type(module).__module__.startswith("peft.") or any(name.startswith(done + ".") for done in layers):
-            continue
-        if not isinstance(module, LoraLayer):
-            raise ValueError(f"peft_model: {name} is a PEFT {type(module).__name__}, which ember cannot take over")
-        if set(module.lora_A.keys()) != {"default"}:
-            raise ValueError(f"peft_model: {name} holds adapters {sorted(module.lora_A.keys())}; "
-                             "only 'default' is supported")
-        if module.merged:
-            raise ValueError(f"peft_model: {name} is merged; unmerge it first")
-        if module.disable_adapters or "default" not in module.active_adapters:
-            raise ValueError(f"peft_model: the adapter of {name} is not active")
-        variant = (module.use_dora.get("default"), module.lora_bias.get("default"),
-                   getattr(module, "fan_in_fan_out", False), "default" in getattr(module, "lora_variant", {}))
-        if any(variant):
-            raise ValueError(f"peft_model: {name} uses a LoRA variant (DoRA, lora_bias, fan_in_fan_out, ...) "
-                             "ember does not implement")
-        base_layer = module.get_base_layer()
-        if linear4bit is not None and isinstance(base_layer, linear4bit):
-            weight = _nf4_from_bnb(base_layer, name)
-        elif type(base_layer) is nn.Linear:
-            weight = base_layer.weight
-        else:
-            raise ValueError(f"peft_model: {name} adapts a {type(base_layer).__name__}; "
-                             "only nn.Linear and bitsandbytes Linear4bit are supported")
-        r, alpha, use_rslora = module.r["default"], module.lora_alpha["default"], module.use_rslora["default"]
-        if not math.isclose(module.scaling["default"], _scaling(r, alpha, use_rslora)):
-            raise ValueError(f"peft_model: {name} has scaling {module.scaling['default']} (changed by set_scale?), "
-                             f"not {_scaling(r, alpha, use_rslora)} as its r and alpha give")
-        dropout = module.lora_dropout["default"]
-        layers[name] = LoRALinear(
-            weight, base_layer.bias, r=r, alpha=alpha, use_rslora=use_rslora,
-            dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-            lora_A=module.lora_A["default"].weight, lora_B=module.lora_B["default"].weight,
-        ).train(module.training)
-    # every check passed before the first swap: a refused model is left as it was
-    for name, layer in layers.items():
-        _replace(base, name, layer)
-    return base
 
 
 # ----------------------------------------------------------------------------
@@ -708,7 +490,7 @@ def lora_report(model: nn.Module) -> LoRAReport:
         total += n
         trainable += n if param.requires_grad else 0
     base_params = base_bytes = 0
-    for layer in _lora_layers(model).values():
+    for layer in lora_layers(model).values():
         weight = layer.base_weight
         base_params += layer.in_features * layer.out_features
         if isinstance(weight, NF4Weight):

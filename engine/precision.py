@@ -21,6 +21,8 @@ import logging
 
 import torch
 
+from .device import resolve_device
+
 logger = logging.getLogger("ember.precision")
 
 POLICIES = ("bf16", "fp16", "bf16-pure", "fp32")
@@ -58,13 +60,9 @@ def _bf16_supported(device: torch.device) -> bool:
 
 def decide(requested: str = "auto", device: torch.device | str = "cpu") -> Precision:
     """The precision policy for training on ``device``: ``requested`` (one of POLICIES) or "auto"."""
-    device = torch.device(device)
     if requested not in POLICIES + ("auto",):
         raise ValueError(f"precision must be one of auto, {', '.join(POLICIES)}; got {requested!r}")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {device.type!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda: no CUDA device is available")
+    device = resolve_device(device)
     bf16_ok = _bf16_supported(device)
     where = "the CPU" if device.type == "cpu" else torch.cuda.get_device_name(device)
 

@@ -19,21 +19,35 @@ targets of a whole accumulated batch.
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from .config import ConfigError, TrainConfig
-from .data import read_rows, load_classification, resolve
+from .data import load_classification, read_labelled_rows, read_rows, resolve, split_held_out
+from .errors import ConfigError
 from .metrics import classification_report
 
-EVAL_BATCH = 64
+if TYPE_CHECKING:  # the config validates its task against TASKS: it imports this module
+    from .config import TrainConfig
+
+
+
+def held_out_batches(task, model):
+    """The task's held-out examples in batches of ``task.eval_batch_size``, the model in eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(task.eval_examples), task.eval_batch_size):
+            yield task.batch(task.eval_examples[start : start + task.eval_batch_size])
+    finally:
+        model.train(was_training)
 
 
 class ClassificationTask:
     kind = "sequence-classification"
+    eval_batch_size = 64
 
     def __init__(self, config: TrainConfig, tokenizer, device: torch.device):
         self.config, self.tokenizer, self.device = config, tokenizer, device
@@ -60,11 +74,8 @@ class ClassificationTask:
 
     @torch.no_grad()
     def evaluate(self, model, precision):
-        was_training = model.training
-        model.eval()
         loss_sum, predictions, labels = 0.0, [], []
-        for start in range(0, len(self.eval_examples), EVAL_BATCH):
-            batch = self.batch(self.eval_examples[start : start + EVAL_BATCH])
+        for batch in held_out_batches(self, model):
             targets = batch.pop("labels").reshape(-1)  # (examples,) or, per token, (examples * tokens,)
             with precision.autocast():
                 logits = model(**batch).logits.float()
@@ -72,7 +83,6 @@ class ClassificationTask:
             loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             predictions.append(logits.argmax(-1).cpu())
             labels.append(targets.cpu())
-        model.train(was_training)
         labels = torch.cat(labels)
         report = classification_report(torch.cat(predictions), labels, self.class_names)
         metrics = {"loss": loss_sum / max(int((labels != -100).sum()), 1), "accuracy": report.accuracy,
@@ -85,14 +95,8 @@ class TokenClassificationTask(ClassificationTask):
 
     def __init__(self, config: TrainConfig, tokenizer, device: torch.device):
         self.config, self.tokenizer, self.device = config, tokenizer, device
-        rows = read_rows(resolve(config.data, "data"), config)
-        if not rows:
-            raise ConfigError(f"data {config.data!r} is empty")
-        for column in (config.text_column, config.label_column):
-            if column not in rows[0]:
-                raise ConfigError(f"data {config.data!r} has no column {column!r}; it has {', '.join(rows[0])}")
         examples = []
-        for i, row in enumerate(rows):
+        for i, row in enumerate(read_labelled_rows(config)):
             words, tags = row[config.text_column], row[config.label_column]
             words = words.split() if isinstance(words, str) else [str(w) for w in words]
             tags = tags.split() if isinstance(tags, str) else [str(t) for t in tags]
@@ -101,12 +105,7 @@ class TokenClassificationTask(ClassificationTask):
             examples.append((words, tags))
         self.class_names = sorted({tag for _, tags in examples for tag in tags})
         indexed = [(words, [self.class_names.index(tag) for tag in tags]) for words, tags in examples]
-        random.Random(config.seed).shuffle(indexed)
-        if config.eval_size >= len(indexed):
-            raise ConfigError(f"eval_size {config.eval_size} leaves no training data ({len(indexed)} examples)")
-        self.eval_examples, self.train_examples = indexed[: config.eval_size], indexed[config.eval_size :]
-        if config.train_size:
-            self.train_examples = self.train_examples[: config.train_size]
+        self.train_examples, self.eval_examples = split_held_out(indexed, config)
 
     def describe(self) -> str:
         return (f"{len(self.train_examples)} train / {len(self.eval_examples)} held-out sentences, "
@@ -144,6 +143,7 @@ def _documents(config: TrainConfig) -> list[tuple[str, str]]:
 
 class CausalLMTask:
     kind = "causal-lm"
+    eval_batch_size = 8  # whole documents of up to max_length tokens each
     class_names: list[str] = []
 
     def __init__(self, config: TrainConfig, tokenizer, device: torch.device):
@@ -207,16 +207,11 @@ class CausalLMTask:
 
     @torch.no_grad()
     def evaluate(self, model, precision):
-        was_training = model.training
-        model.eval()
         loss_sum, targets = 0.0, 0
-        for start in range(0, len(self.eval_examples), 8):
-            batch = self.batch(self.eval_examples[start : start + 8])
-            count = self.targets(batch)
+        for batch in held_out_batches(self, model):
+            targets += self.targets(batch)
             with precision.autocast():
                 loss_sum += self.loss(model, batch, 1).float().item()  # the summed loss
-            targets += count
-        model.train(was_training)
         loss = loss_sum / max(targets, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}, None
 

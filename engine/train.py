@@ -1,6 +1,11 @@
-"""The training loop. It reads top to bottom: config, init, model, data, optimizer, schedule, resume, loop.
+"""The training loop. It reads top to bottom: the model, logs, the run's named steps, then ``train`` itself.
 
     result = train(load_config())          # the default job
+
+``train`` is a short loop over the steps below it (nanoGPT's ``train.py`` is
+the model): resume, one accumulated step, the optimizer step (or a skipped
+one), evaluate, checkpoint, finish. Every piece of the run they share lives in
+one ``Run``.
 """
 
 from __future__ import annotations
@@ -14,24 +19,31 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, TrainingError
 from .data import DataPosition, model_folder, next_batch
-from .lora import LoRAConfig, apply_lora, lora_report, save_adapter
+from .device import resolve_device
+from .lora import LoRAConfig, apply_lora, lora_report
 from .metrics import ClassificationReport
 from .optim import build
 from .patch import patch
-from .precision import decide
+from .peft_format import save_adapter
+from .precision import Precision, decide
+from .schedule import lr_factor
 from .tasks import TASKS
+
 
 @dataclasses.dataclass
 class LoopState:
+    """What a checkpoint must hold besides tensors for a resumed run to continue exactly."""
+
     step: int = 0
     position: DataPosition = dataclasses.field(default_factory=DataPosition)
     bad_steps: int = 0
@@ -97,7 +109,7 @@ def _quiet_transformers():
         transformers.logging.enable_progress_bar()
 
 
-def _head_name(model: nn.Module) -> str:
+def head_name(model: nn.Module) -> str:
     for name in ("classifier", "score", "lm_head"):
         if isinstance(getattr(model, name, None), nn.Module):
             return name
@@ -109,7 +121,7 @@ def prepare_model(model: nn.Module, config: TrainConfig, precision) -> nn.Module
     if config.ember_kernels:
         patch(model)
     if config.lora_r:
-        head = _head_name(model)
+        head = head_name(model)
         # LoRA on every Linear of the body. A fresh classification head is trained
         # whole (PEFT's modules_to_save); a causal LM's head stays frozen.
         targets = [name for name, module in model.named_modules()
@@ -128,24 +140,22 @@ def prepare_model(model: nn.Module, config: TrainConfig, precision) -> nn.Module
     return model
 
 
-def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-# ----------------------------------------------------------------------------
-# Schedule, interrupts, logs
-# ----------------------------------------------------------------------------
+def _task_and_model(config: TrainConfig, precision: Precision, device: torch.device):
+    """The tokenizer comes first (the task tokenizes its data), the data before the model (the head's classes)."""
+    folder = model_folder(config.model)
+    task = TASKS[config.task](config, load_tokenizer(folder), device)
+    model = load_model(config, folder, task.class_names)
+    return task, prepare_model(model, config, precision).to(device)
 
 
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to the peak, then cosine or linear decay to min_lr_ratio of it at max_steps."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * decay
+
+# ----------------------------------------------------------------------------
+# Interrupts, logs, random states
+# ----------------------------------------------------------------------------
 
 
 @contextmanager
@@ -195,7 +205,7 @@ class RunLog:
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
 
-    def close(self) -> None:
+    def close(self) -> None:  # contextlib.closing(log) closes it however the run ends
         self.file.close()
         if self.writer is not None:
             self.writer.close()
@@ -216,179 +226,142 @@ def _set_rng_states(states: dict) -> None:
 
 
 # ----------------------------------------------------------------------------
-# The loop
+# The run and its steps
 # ----------------------------------------------------------------------------
 
 
-def train(config: TrainConfig) -> TrainResult:
-    if config.task not in TASKS:
-        raise ConfigError(f"task {config.task!r} is not implemented yet; implemented: {', '.join(TASKS)}")
+@dataclasses.dataclass
+class Run:
+    """Everything one training run holds, built once by ``start`` and read by each step."""
 
-    # -- init: device, precision, output folder, logs
+    config: TrainConfig
+    device: torch.device
+    precision: Precision
+    out_dir: Path
+    log: RunLog
+    task: object  # one of TASKS
+    model: nn.Module
+    trainable: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    state: LoopState = dataclasses.field(default_factory=LoopState)
+    losses: list[float] = dataclasses.field(default_factory=list)  # one per optimizer step of this process
+    tokens_seen: int = 0
+    started: float = 0.0  # when the loop started (time.time())
+    saved_step: int | None = None  # the step of the latest checkpoint on disk
+
+
+def start(config: TrainConfig) -> Run:
+    """Init: seeds, device, precision and logs; then data, model, optimizer, schedule and loss scaling."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    device = _device(config)
+    device = resolve_device(config.device)
     precision = decide(config.precision, device)
     out_dir = Path(config.out_dir)
     log = RunLog(out_dir, config.tensorboard)
     log.write("config", 0, config=config.to_dict(), precision=str(precision))
     print(f"precision: {precision}")
 
-    # -- data and model
     task, model = _task_and_model(config, precision, device)
-    trainable = _trainable(model)
     print(f"model: {config.model}, {lora_report(model) if config.lora_r else 'full fine-tune'}")
     print(f"data: {task.describe()}")
 
-    # -- optimizer, schedule, loss scaling
+    trainable = trainable_parameters(model)
     optimizer = build(config.optimizer, list(trainable.values()), lr=config.lr, betas=config.betas,
                       weight_decay=config.weight_decay, stochastic_rounding=precision.stochastic_rounding)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    scaler = precision.grad_scaler()
-
-    # -- resume
-    state = LoopState()
-    checkpoints = list_checkpoints(out_dir)
-    if config.resume and checkpoints:
-        saved_params, saved = load_checkpoint(checkpoints[-1])
-        with torch.no_grad():
-            for name, p in trainable.items():
-                p.copy_(saved_params[name])
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        scaler.load_state_dict(saved["scaler"])
-        state = saved["loop"]
-        _set_rng_states(saved["rng"])
-        print(f"resumed from {checkpoints[-1]} at step {state.step}")
-    elif checkpoints and not config.resume:
-        raise ConfigError(f"{out_dir} already holds checkpoints: pass --resume=true to continue, "
-                          f"or choose another out_dir")
-
-    def checkpoint() -> None:
-        save_checkpoint(out_dir, state.step, trainable, {
-            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-            "loop": state, "rng": _rng_states(),
-        }, config.to_dict(), config.keep_last,
-            write_extra=(lambda folder: save_adapter(model, folder / "adapter")) if config.lora_r else None)
-
-    eval_before, _ = task.evaluate(model, precision)
-    print(f"held-out before: {_format(eval_before)}")
-    log.write("eval", state.step, **eval_before)
-
-    # -- the loop
-    from tqdm import tqdm
-
-    stopped, losses, started = "max_steps", [], time.time()
-    tokens_seen = 0
-    progress = tqdm(total=config.max_steps, initial=state.step, disable=not config.progress, desc="train")
-    model.train()
-    with interrupt_flag() as interrupted:
-        while state.step < config.max_steps:
-            # A whole accumulated batch: the loss is normalized by its number of targets.
-            micro_batches = [task.batch(next_batch(task.train_examples, config.batch_size, config.seed,
-                                                   state.position)) for _ in range(config.grad_accum)]
-            targets = sum(task.targets(batch) for batch in micro_batches)
-            loss_total = 0.0
-            for batch in micro_batches:
-                with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") \
-                        if config.offload_activations else nullcontext():
-                    with precision.autocast():
-                        loss = task.loss(model, batch, targets)
-                    scaler.scale(loss).backward()
-                loss_total += loss.item()
-                tokens_seen += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
-                    else batch["input_ids"].numel()
-            if not math.isfinite(loss_total):
-                optimizer.zero_grad(set_to_none=True)
-                state.bad_steps += 1
-                warnings.warn(f"step {state.step}: loss is {loss_total}; step skipped "
-                              f"({state.bad_steps} in a row, the run stops at {config.max_bad_steps})")
-                if state.bad_steps >= config.max_bad_steps:
-                    raise TrainingError(f"{state.bad_steps} non-finite losses in a row at step {state.step}: "
-                                        f"lower lr, or use precision bf16/fp32")
-                continue
-            state.bad_steps = 0
-            if config.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            losses.append(loss_total)
-
-            lr = schedule.get_last_lr()[0]
-            elapsed = time.time() - started
-            progress.set_postfix(loss=f"{loss_total:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:.0f}")
-            progress.update(1)
-            if state.step % config.log_every == 0:
-                log.write("train", state.step, loss=loss_total, lr=lr, tokens_per_s=tokens_seen / elapsed,
-                          peak_memory_mb=peak_memory_mb(device))
-
-            if state.step % config.eval_every == 0 and state.step < config.max_steps:
-                metrics, _ = task.evaluate(model, precision)
-                log.write("eval", state.step, **metrics)
-                progress.write(f"step {state.step}: {_format(metrics)}")
-                if _should_stop_early(metrics, state, config):
-                    stopped = "early_stopping"
-            if state.step % config.save_every == 0 or stopped != "max_steps" or interrupted["set"]:
-                checkpoint()
-            if interrupted["set"]:
-                stopped = "interrupted"
-            if stopped != "max_steps":
-                break
-    progress.close()
-    seconds = time.time() - started
-
-    # -- the end: final evaluation, checkpoint and export
-    if stopped == "max_steps" and not (list_checkpoints(out_dir) and
-                                       list_checkpoints(out_dir)[-1].name.endswith(f"{state.step:08d}")):
-        checkpoint()
-    eval_after, report = task.evaluate(model, precision)
-    log.write("eval", state.step, **eval_after)
-    if stopped != "interrupted":
-        _export(model, task.tokenizer, config, out_dir / "final")
-    memory = peak_memory_mb(device)
-    log.write("end", state.step, stopped=stopped, seconds=seconds, peak_memory_mb=memory)
-    log.close()
-    return TrainResult(steps=state.step, stopped=stopped, eval_before=eval_before, eval_after=eval_after,
-                       report=report, seconds=seconds, peak_memory_mb=memory, out_dir=out_dir, losses=losses)
+    return Run(config, device, precision, out_dir, log, task, model, trainable, optimizer, schedule,
+               scaler=precision.grad_scaler())
 
 
-def evaluate_checkpoint(config: TrainConfig) -> tuple[dict, ClassificationReport | None]:
-    """Held-out metrics of the latest checkpoint in ``config.out_dir``, the model prepared as for training."""
-    checkpoints = list_checkpoints(Path(config.out_dir))
+def resume(run: Run) -> None:
+    """Continue from the latest checkpoint with ``resume``; without it, refuse to write over checkpoints."""
+    checkpoints = list_checkpoints(run.out_dir)
     if not checkpoints:
-        raise ConfigError(f"no checkpoint in {config.out_dir!r} to evaluate")
-    device = _device(config)
-    precision = decide(config.precision, device)
-    task, model = _task_and_model(config, precision, device)
-    saved_params, _ = load_checkpoint(checkpoints[-1])
+        return
+    if not run.config.resume:
+        raise ConfigError(f"{run.out_dir} already holds checkpoints: pass --resume=true to continue, "
+                          f"or choose another out_dir")
+    saved_params, saved = load_checkpoint(checkpoints[-1])
     with torch.no_grad():
-        for name, p in _trainable(model).items():
+        for name, p in run.trainable.items():
             p.copy_(saved_params[name])
-    return task.evaluate(model, precision)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.schedule.load_state_dict(saved["schedule"])
+    run.scaler.load_state_dict(saved["scaler"])
+    run.state = saved["loop"]
+    run.saved_step = run.state.step
+    _set_rng_states(saved["rng"])
+    print(f"resumed from {checkpoints[-1]} at step {run.state.step}")
 
 
-def _device(config: TrainConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for but no CUDA device is available")
-    return torch.device(config.device)
+def accumulated_step(run: Run) -> float:
+    """Forward and backward over ``grad_accum`` micro-batches; the loss is normalized by the targets of
+    the whole accumulated batch. Returns the batch's loss."""
+    config, task = run.config, run.task
+    micro_batches = [task.batch(next_batch(task.train_examples, config.batch_size, config.seed, run.state.position))
+                     for _ in range(config.grad_accum)]
+    targets = sum(task.targets(batch) for batch in micro_batches)
+    offload = torch.autograd.graph.save_on_cpu(pin_memory=run.device.type == "cuda") \
+        if config.offload_activations else nullcontext()
+    loss_total = 0.0
+    for batch in micro_batches:
+        with offload:
+            with run.precision.autocast():
+                loss = task.loss(run.model, batch, targets)
+            run.scaler.scale(loss).backward()
+        loss_total += loss.item()
+        run.tokens_seen += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
+            else batch["input_ids"].numel()
+    return loss_total
 
 
-def _task_and_model(config: TrainConfig, precision, device: torch.device):
-    """The tokenizer comes first (the task tokenizes its data), the data before the model (the head's classes)."""
-    folder = model_folder(config.model)
-    task = TASKS[config.task](config, load_tokenizer(folder), device)
-    model = load_model(config, folder, task.class_names)
-    return task, prepare_model(model, config, precision).to(device)
+def optimizer_step(run: Run, loss: float) -> None:
+    """Clip, step (through the scaler: an fp16 overflow changes nothing), advance the schedule."""
+    if run.config.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(list(run.trainable.values()), run.config.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.schedule.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.bad_steps = 0
+    run.state.step += 1
+    run.losses.append(loss)
 
 
-def _should_stop_early(metrics: dict, state: LoopState, config: TrainConfig) -> bool:
-    name = config.early_stopping_metric
+def skip_step(run: Run, loss: float) -> None:
+    """A non-finite loss: drop its gradients; too many in a row end the run."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.bad_steps += 1
+    warnings.warn(f"step {run.state.step}: loss is {loss}; step skipped "
+                  f"({run.state.bad_steps} in a row, the run stops at {run.config.max_bad_steps})")
+    if run.state.bad_steps >= run.config.max_bad_steps:
+        raise TrainingError(f"{run.state.bad_steps} non-finite losses in a row at step {run.state.step}: "
+                            f"lower lr, or use precision bf16/fp32")
+
+
+def report_progress(run: Run, loss: float, progress: tqdm) -> None:
+    lr = run.schedule.get_last_lr()[0]
+    tokens_per_s = run.tokens_seen / (time.time() - run.started)
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+    progress.update(1)
+    if run.state.step % run.config.log_every == 0:
+        run.log.write("train", run.state.step, loss=loss, lr=lr, tokens_per_s=tokens_per_s,
+                      peak_memory_mb=peak_memory_mb(run.device))
+
+
+def evaluate(run: Run) -> tuple[dict[str, float], ClassificationReport | None]:
+    """Held-out metrics of the model as it is now, written to the log."""
+    metrics, report = run.task.evaluate(run.model, run.precision)
+    run.log.write("eval", run.state.step, **metrics)
+    return metrics, report
+
+
+def stops_early(run: Run, metrics: dict[str, float]) -> bool:
+    """True when ``early_stopping_metric`` has not improved for ``early_stopping_patience`` evaluations."""
+    name, state = run.config.early_stopping_metric, run.state
     if not name:
         return False
     if name not in metrics:
@@ -399,7 +372,17 @@ def _should_stop_early(metrics: dict, state: LoopState, config: TrainConfig) -> 
         state.best_metric, state.evals_without_improvement = value, 0
         return False
     state.evals_without_improvement += 1
-    return state.evals_without_improvement >= config.early_stopping_patience
+    return state.evals_without_improvement >= run.config.early_stopping_patience
+
+
+def save(run: Run) -> None:
+    """A checkpoint of this step: trainable tensors, optimizer, schedule, scaler, loop and RNG states."""
+    state = {"optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
+             "scaler": run.scaler.state_dict(), "loop": run.state, "rng": _rng_states()}
+    write_adapter = (lambda folder: save_adapter(run.model, folder / "adapter")) if run.config.lora_r else None
+    save_checkpoint(run.out_dir, run.state.step, run.trainable, state, run.config.to_dict(), run.config.keep_last,
+                    write_extra=write_adapter)
+    run.saved_step = run.state.step
 
 
 def _export(model, tokenizer, config: TrainConfig, folder: Path) -> None:
@@ -410,7 +393,7 @@ def _export(model, tokenizer, config: TrainConfig, folder: Path) -> None:
     if config.lora_r:
         save_adapter(model, folder / "adapter")
     if config.lora_r and config.task != "causal-lm":
-        head = _head_name(model)
+        head = head_name(model)
         save_file({f"{head}.{name}": p.detach().cpu().contiguous() for name, p in getattr(model, head).named_parameters()},
                   str(folder / "head.safetensors"))
     if not config.lora_r:
@@ -420,3 +403,73 @@ def _export(model, tokenizer, config: TrainConfig, folder: Path) -> None:
 
 def _format(metrics: dict) -> str:
     return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items())
+
+
+def finish(run: Run, stopped: str, eval_before: dict[str, float]) -> TrainResult:
+    """The final evaluation and, unless interrupted, the export; the run's result."""
+    seconds = time.time() - run.started
+    eval_after, report = evaluate(run)
+    if stopped != "interrupted":
+        _export(run.model, run.task.tokenizer, run.config, run.out_dir / "final")
+    memory = peak_memory_mb(run.device)
+    run.log.write("end", run.state.step, stopped=stopped, seconds=seconds, peak_memory_mb=memory)
+    return TrainResult(steps=run.state.step, stopped=stopped, eval_before=eval_before, eval_after=eval_after,
+                       report=report, seconds=seconds, peak_memory_mb=memory, out_dir=run.out_dir, losses=run.losses)
+
+
+# ----------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Fine-tune as ``config`` says. Ctrl-C finishes the step, saves a checkpoint and returns
+    ``stopped="interrupted"``; ``resume=true`` continues from it exactly."""
+    run = start(config)
+    with closing(run.log):
+        resume(run)
+        eval_before, _ = evaluate(run)
+        print(f"held-out before: {_format(eval_before)}")
+        stopped = "max_steps" if run.state.step >= config.max_steps else None  # None: still running
+        run.model.train()
+        run.started = time.time()
+        with interrupt_flag() as interrupted, tqdm(total=config.max_steps, initial=run.state.step,
+                                                   disable=not config.progress, desc="train") as progress:
+            while stopped is None:
+                loss = accumulated_step(run)
+                if math.isfinite(loss):
+                    optimizer_step(run, loss)
+                    report_progress(run, loss, progress)
+                    if run.state.step % config.eval_every == 0 and run.state.step < config.max_steps:
+                        metrics, _ = evaluate(run)
+                        progress.write(f"step {run.state.step}: {_format(metrics)}")
+                        stopped = "early_stopping" if stops_early(run, metrics) else None
+                else:
+                    skip_step(run, loss)
+                if interrupted["set"]:
+                    stopped = "interrupted"
+                elif stopped is None and run.state.step >= config.max_steps:
+                    stopped = "max_steps"
+                if (stopped or run.state.step % config.save_every == 0) and run.saved_step != run.state.step:
+                    save(run)
+        return finish(run, stopped, eval_before)
+
+
+# ----------------------------------------------------------------------------
+# Evaluating a saved run
+# ----------------------------------------------------------------------------
+
+
+def evaluate_checkpoint(config: TrainConfig) -> tuple[dict, ClassificationReport | None]:
+    """Held-out metrics of the latest checkpoint in ``config.out_dir``, the model prepared as for training."""
+    checkpoints = list_checkpoints(Path(config.out_dir))
+    if not checkpoints:
+        raise ConfigError(f"no checkpoint in {config.out_dir!r} to evaluate")
+    device = resolve_device(config.device)
+    precision = decide(config.precision, device)
+    task, model = _task_and_model(config, precision, device)
+    saved_params, _ = load_checkpoint(checkpoints[-1])
+    with torch.no_grad():
+        for name, p in trainable_parameters(model).items():
+            p.copy_(saved_params[name])
+    return task.evaluate(model, precision)

@@ -17,15 +17,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from ember.engine.lora import (
-    LoRAConfig,
-    LoRALinear,
-    apply_lora,
-    from_peft,
-    load_adapter,
-    lora_report,
-    save_adapter,
-)
+from ember.engine.lora import LoRAConfig, LoRALinear, apply_lora, lora_report
+from ember.engine.peft_format import from_peft, load_adapter, save_adapter
 from ember.kernels.nf4 import quantize_nf4
 
 _SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)

@@ -145,7 +145,7 @@ def test_default_job_runs_on_the_real_assets(tmp_path):
     except ConfigError as error:
         pytest.skip(str(error))
     env = {**os.environ, "TRITON_INTERPRET": "0"}  # the PyTorch path on the CPU: what a user's run takes
-    command = [sys.executable, "-m", "ember.engine.cli", "train", "--max_steps=3", "--eval_size=64",
+    command = [sys.executable, "-m", "ember.cli", "train", "--max_steps=3", "--eval_size=64",
                "--train_size=96", "--batch_size=8", "--progress=false", f"--out_dir={tmp_path / 'run'}"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -195,21 +195,6 @@ def test_packed_documents_do_not_see_each_other(tiny_llama, story_txt, tmp_path,
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-4)
 
 
-def test_prompts_are_masked_from_the_loss(tiny_llama, tmp_path):
-    from ember.engine.tasks import CausalLMTask
-
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"the film was {w}", "response": "good and warm"})
-                              for w in ("good", "bad", "dull", "fine")))
-    config = _lm_config(tiny_llama, data, tmp_path, data=str(data), prompt_column="prompt",
-                        text_column="response", eval_size=1)
-    task = CausalLMTask(config, train_module.load_tokenizer(tiny_llama), torch.device("cpu"))
-    ids, labels = task.train_examples[0]
-    assert len(ids) == 4 + 3 + 1  # prompt, response, [SEP]
-    assert labels[:4] == [-100] * 4 and labels[4:] == ids[4:]
-    assert task.targets(task.batch([task.train_examples[0]])) == 4
-
-
 def test_smollm2_preset_runs_on_the_real_assets(tmp_path):
     """The smollm2-lora preset, shortened: SmolLM2-135M from its GGUF file and Hamlet, LoRA, packing, fused loss."""
     try:
@@ -217,7 +202,7 @@ def test_smollm2_preset_runs_on_the_real_assets(tmp_path):
     except ConfigError as error:
         pytest.skip(str(error))
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    command = [sys.executable, "-m", "ember.engine.cli", "train", "--preset=smollm2-lora", "--max_steps=2",
+    command = [sys.executable, "-m", "ember.cli", "train", "--preset=smollm2-lora", "--max_steps=2",
                "--eval_size=2", "--train_size=8", "--max_length=64", "--progress=false",
                f"--out_dir={tmp_path / 'run'}"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
@@ -255,7 +240,7 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny_bert, sentiment_csv, t
 
 
 def test_eval_command_reads_the_latest_checkpoint(tiny_bert, sentiment_csv, tmp_path, capsys):
-    from ember.engine.cli import main
+    from ember.cli import main
 
     config = _config(tiny_bert, sentiment_csv, tmp_path, max_steps=40, save_every=40)
     result = _train(config)
@@ -290,31 +275,6 @@ def test_token_classification_learns(tiny_bert, tmp_path, vocabulary):
     assert result.eval_after["macro_f1"] >= 0.9 > result.eval_before["macro_f1"]
 
 
-def test_a_words_tag_goes_to_its_first_sub_word(tmp_path):
-    import transformers
-
-    from ember.engine.tasks import TokenClassificationTask
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "film", "##s", "the"]
-    tokenizer = transformers.BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
-    data = tmp_path / "tags.jsonl"
-    data.write_text(json.dumps({"tokens": ["the", "films", "good"], "tags": ["O", "X", "Y"]}) + "\n"
-                    + json.dumps({"tokens": "good the", "tags": "Y O"}) + "\n")
-    config = TrainConfig(task="token-classification", data=str(data), text_column="tokens", label_column="tags",
-                         eval_size=0, max_length=16)
-    task = TokenClassificationTask(config, tokenizer, torch.device("cpu"))
-    assert task.class_names == ["O", "X", "Y"]
-    batch = task.batch([(["the", "films", "good"], [0, 1, 2])])
-    # [CLS] the film ##s good [SEP]: "films" is scored once, at "film".
-    assert batch["input_ids"].tolist() == [[2, 8, 6, 7, 5, 3]]
-    assert batch["labels"].tolist() == [[-100, 0, 1, -100, 2, -100]]
-    assert task.targets(batch) == 3 and len(task.train_examples) == 2
-
-    data.write_text(json.dumps({"tokens": ["the", "film"], "tags": ["O"]}) + "\n")
-    with pytest.raises(ConfigError, match="row 0: 2 words but 1 tags"):
-        TokenClassificationTask(config, tokenizer, torch.device("cpu"))
-
-
 def test_qlora_run(tiny_bert, sentiment_csv, tmp_path, capsys):
     """qlora=true: the body's Linear weights in NF4 (bitsandbytes' layout), adapters and head trained."""
     result = _train(_config(tiny_bert, sentiment_csv, tmp_path, qlora=True, max_steps=120, eval_every=100,
@@ -339,14 +299,3 @@ def test_tensorboard_events(tiny_bert, sentiment_csv, tmp_path):
     assert [event.step for event in events.Scalars("train/loss")] == [5, 10]
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
-def test_learning_rate_schedule(schedule):
-    config = TrainConfig(schedule=schedule, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
-    factors = [train_module.lr_factor(step, config) for step in range(111)]
-    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # warm-up to the peak
-    assert factors[10] == pytest.approx(1.0)
-    middle = {"cosine": 0.55, "linear": 0.55, "constant": 1.0}[schedule]
-    assert factors[60] == pytest.approx(middle)
-    assert factors[110] == pytest.approx(1.0 if schedule == "constant" else 0.1)
-    if schedule == "cosine":
-        assert factors[35] > 0.55 + 0.45 * 0.5  # cosine stays high longer than linear
