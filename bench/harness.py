@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from ember.engine.errors import ConfigError
+
 from .report import describe_size
 from .suites import SUITES, ProviderMissing
 
@@ -353,11 +355,11 @@ def run(suites: list[str], *, quick: bool, out_dir: Path, device: torch.device, 
     """Every size of every suite for each provider (or only ``providers``); returns the JSON file written."""
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
-        raise ValueError(f"unknown suite(s) {', '.join(unknown)}; suites: {', '.join(SUITES)}")
+        raise ConfigError(f"unknown suite {', '.join(map(repr, unknown))}; suites: {', '.join(SUITES)}")
     known = {name for suite in suites for name in SUITES[suite].providers}
     unknown = [name for name in providers or () if name not in known]
     if unknown:
-        raise ValueError(f"unknown provider(s) {', '.join(unknown)} for these suites; providers: "
+        raise ConfigError(f"unknown provider(s) {', '.join(unknown)} for these suites; providers: "
                          f"{', '.join(sorted(known))}")
     record = {"env": environment(device), "quick": quick, "ceilings": ceilings(device), "results": []}
     for suite in suites:

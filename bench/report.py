@@ -19,6 +19,8 @@ import json
 import math
 from pathlib import Path
 
+from ember.engine.errors import ConfigError
+
 # The provider whose ratios a suite's table shows: ember's own entry.
 EMBER = {"optimizer": "adamw8bit"}
 
@@ -220,4 +222,11 @@ def _panel(axis, rows: list[dict], every_row: list[dict], x_key: str | None, key
 
 
 def load(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """A run written by ``ember bench``; a missing or unreadable file is a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{str(path)!r} is not a JSON run written by 'ember bench': {error}") from None

@@ -14,7 +14,7 @@ import torch
 
 from ember.bench import harness, report
 from ember.bench.suites import SUITES
-from ember.engine.cli import main
+from ember.cli import main
 
 CPU = torch.device("cpu")
 TINY = {
