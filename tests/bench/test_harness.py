@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from ember.bench import harness, report
+from ember.bench import harness
 from ember.bench.suites import SUITES
 from ember.cli import main
 
@@ -183,72 +183,6 @@ def test_out_of_memory_is_a_result(monkeypatch):
     row = harness.run_case("attention", "torch", dict(seq=16384), CPU)
     assert row == dict(suite="attention", provider="torch", params=dict(seq=16384), status="oom",
                        message="out of memory at seq=16384")
-
-
-def _fake_run(device: str, values: dict[str, float]) -> dict:
-    key = "time_ms" if device == "cuda" else "peak_extra_rss_mb"
-    results = [dict(suite="attention", provider=p, params=dict(seq=1024), status="ok", **{key: v})
-               for p, v in values.items()]
-    results.append(dict(suite="attention", provider="flash_attn", params=dict(seq=1024), status="skipped",
-                        message="flash_attn: flash_attn is not installed"))
-    results.append(dict(suite="attention", provider="torch", params=dict(seq=16384), status="oom",
-                        message="out of memory at seq=16384"))
-    env = dict(device=device, cpu="x86_64", time="2026-11-23T00:00:00", ember_git_sha="abc", versions={"torch": "2"},
-               gpu="NVIDIA H100" if device == "cuda" else None)
-    return dict(env=env, quick=True, ceilings={}, results=results)
-
-
-def test_report_tables_give_ratios_and_regressions():
-    run = _fake_run("cuda", {"ember": 2.0, "torch": 8.0, "sdpa": 4.0})
-    baseline = _fake_run("cuda", {"ember": 1.0, "torch": 8.0, "sdpa": 4.0})
-    text = report.tables(run, baseline)
-    assert "## attention: ms, median (in brackets: ember / provider)" in text
-    assert "| seq=1024 | 2.000 | 8.000 (0.25x) | 4.000 (0.50x) | skipped | 2.00x |" in text  # 2x slower than before
-    assert "| seq=16384 | - | OOM | - | - | - |" in text
-    assert "- torch at seq=16384: out of memory at seq=16384" in text
-    assert "- flash_attn: flash_attn is not installed" in text
-    cpu_text = report.tables(_fake_run("cpu", {"ember": 10.0, "torch": 40.0}))
-    assert "MiB peak extra RSS" in cpu_text and "wall times are not performance" in cpu_text
-
-
-def test_report_labels_rows_by_what_varies_and_gives_throughput_against_ceilings():
-    def row(provider, seq, ms, tflops, allocated):
-        return dict(suite="attention", provider=provider, status="ok", time_ms=ms, tflops=tflops,
-                    peak_allocated_mb=allocated, params={"pass": "fwd", "heads": 16, "seq": seq})
-    run = _fake_run("cuda", {})
-    run["ceilings"] = {"matmul_bf16_tflops": 800.0, "copy_gbps": 4000.0}
-    run["results"] = [row("ember", 1024, 1.0, 400.0, 10.0), row("sdpa_flash", 1024, 2.0, 200.0, 40.0),
-                      row("ember", 2048, 3.0, 500.0, 20.0), row("sdpa_flash", 2048, 4.0, 300.0, 80.0)]
-    text = report.tables(run)
-    assert "All rows: pass=fwd, heads=16." in text
-    assert "| size | ember | sdpa_flash |" in text
-    assert "| seq=1024 | 1.000 | 2.000 (0.50x) |" in text
-    assert "attention: TFLOP/s (in brackets: % of the bf16 matmul ceiling measured in this run)" in text
-    assert "| seq=2048 | 500.0 (62%) | 300.0 (38%) |" in text
-    assert "| seq=2048 | 20.0 | 80.0 (0.25x) |" in text  # peak allocated
-    assert "GB/s" not in text  # no row has bytes moved
-
-
-def test_report_plots(tmp_path):
-    pytest.importorskip("matplotlib")
-    run = _fake_run("cuda", {"ember": 2.0, "torch": 8.0})
-    for result in run["results"]:
-        result["peak_allocated_mb"] = 5.0
-    written = report.plots(run, tmp_path)
-    assert [p.name for p in written] == ["attention-time.png", "attention-memory.png"]
-    assert all(p.stat().st_size > 1000 for p in written)
-    cpu_run = _fake_run("cpu", {"ember": 10.0, "torch": 40.0})
-    for result in cpu_run["results"]:
-        result.update(largest_tensor_mb=1.0, params=dict(result["params"], causal=result["provider"] == "ember"))
-    written = report.plots(cpu_run, tmp_path / "cpu")
-    assert [p.name for p in written] == ["attention-memory.png", "attention-largest-tensor.png"]
-
-
-def test_plot_axis_is_the_size_and_panels_the_rest():
-    rows = [dict(params={"pass": p, "seq": s, "heads": 8}) for p in ("fwd", "bwd") for s in (512, 1024, 2048)]
-    varying, fixed = report._varying(rows)
-    assert varying == ["pass", "seq"] and fixed == {"heads": 8}
-    assert report._x_axis(rows, varying) == "seq"
 
 
 def test_bench_command_writes_json_and_reports(tmp_path, monkeypatch, capsys):

@@ -1,22 +1,50 @@
-"""The `ember` command line."""
+"""The `ember` command line: its commands, one-line errors and exit codes."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 
+import pytest
+
+import ember.cli as cli
 from ember.cli import main
 
 
-def test_demo_runs_and_shows_ember_avoids_the_logits(capsys):
-    assert main(["demo", "--tokens", "64", "--hidden", "32", "--vocab", "5000"]) == 0
-    out = capsys.readouterr().out
-    assert "losses agree" in out
-    ember_line = next(line for line in out.splitlines() if line.strip().startswith("ember "))
-    stock_line = next(line for line in out.splitlines() if line.strip().startswith("stock PyTorch"))
-    assert "(64, 5000)" in stock_line and "(64, 5000)" not in ember_line
+def test_demo_command(capsys):
+    assert main(["demo", "--tokens", "16", "--hidden", "16", "--vocab", "300"]) == 0
+    assert "losses agree" in capsys.readouterr().out
 
 
 def test_bad_arguments_give_a_one_line_error():
     result = subprocess.run(["ember", "demo", "--tokens", "0"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "ember: error: --tokens must be >= 1"
+
+
+def test_python_dash_m_runs_the_same_command():
+    result = subprocess.run([sys.executable, "-m", "ember.cli", "bench", "report", "missing.json"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip() == "ember: error: 'missing.json' does not exist"
+
+
+@pytest.mark.parametrize(("argv", "handler", "suites"), [
+    (["bench"], "_bench_run", []),
+    (["bench", "--quick"], "_bench_run", []),
+    (["bench", "lora", "optimizer"], "_bench_run", ["lora", "optimizer"]),
+    (["bench", "run", "lora"], "_bench_run", ["lora"]),
+    (["bench", "report", "run.json"], "_bench_report", None),
+])
+def test_bench_without_a_subcommand_runs_suites(monkeypatch, argv, handler, suites):
+    called = {}
+    monkeypatch.setattr(cli, handler, lambda args: called.setdefault("args", args) and 0)
+    assert main(argv) == 0
+    args = called["args"]
+    assert getattr(args, "suites", None) == suites
+    assert getattr(args, "quick", False) == ("--quick" in argv)
+
+
+def test_options_of_other_commands_are_not_taken_as_config_keys(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--lr=1"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --lr=1" in capsys.readouterr().err

@@ -1,7 +1,9 @@
-"""The suites through pytest-benchmark: ``pytest bench/ --benchmark-only`` (quick sizes).
+"""The suites through pytest-benchmark: ``pytest tests/bench/test_benchmarks.py --benchmark-only`` (quick sizes).
 
-Timings on a CPU are not performance; run it on a GPU. ``ember bench`` is the
-full harness (percentiles, TFLOP/s, memory, NVML, JSON, reports).
+Skipped unless ``--benchmark-only`` is given: a plain ``pytest`` run (CI) proves
+the suites in tests/bench/test_suites.py and test_harness.py instead of timing
+them. Timings on a CPU are not performance; run it on a GPU. ``ember bench`` is
+the full harness (percentiles, TFLOP/s, memory, NVML, JSON, reports).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ CASES = [(name, provider, params) for name, suite in SUITES.items()
 
 @pytest.mark.parametrize(("suite", "provider", "params"), CASES,
                          ids=[f"{s}-{p}-" + "-".join(str(v) for v in params.values()) for s, p, params in CASES])
-def test_suite(benchmark, suite, provider, params):
+def test_suite(benchmark, request, suite, provider, params):
+    if not request.config.getoption("benchmark_only"):
+        pytest.skip("a benchmark: run with --benchmark-only")
     reason = SUITES[suite].unavailable(provider, DEVICE)
     if reason is not None:
         pytest.skip(reason)
