@@ -1,13 +1,18 @@
-"""Fixtures for engine tests: a tiny BERT folder with its own tokenizer, and a generated sentiment data set."""
+"""Fixtures for engine tests: tiny model folders with their own tokenizer, generated data sets, and the tiny
+random models the LoRA and PEFT-format tests share."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import random
 
+import peft
 import pytest
 import torch
 import transformers
+
+from ember.engine.lora import LoRALinear, apply_lora
 
 POSITIVE = ["good", "great", "fine", "moving", "clever", "warm"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "clumsy", "cold"]
@@ -79,3 +84,104 @@ def story_txt(tmp_path_factory):
         paragraphs.append(" and ".join(sentences))
     path.write_text("\n\n".join(paragraphs))
     return path
+
+
+class LoRATestModels:
+    """Tiny random Llama and BERT models with LoRA adapters, shared by the LoRA layer and PEFT-format tests."""
+
+    SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+    FAMILIES = {
+        "llama": dict(
+            build=lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**LoRATestModels.SIZES,
+                                                                                 num_key_value_heads=2)),
+            targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        ),
+        "bert": dict(
+            build=lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
+                **LoRATestModels.SIZES, max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0)),
+            targets=("query", "key", "value", "dense"),
+        ),
+    }
+
+    @staticmethod
+    def base_model(family: str, dtype=torch.float32) -> torch.nn.Module:
+        torch.manual_seed(0)  # the same base weights for every copy
+        return LoRATestModels.FAMILIES[family]["build"]().to(dtype).eval()
+
+    @staticmethod
+    def randomize_adapters(model: torch.nn.Module, seed: int = 1) -> None:
+        """Non-zero B (PEFT initializes it to 0), so that the low-rank path shows in every output."""
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, peft.tuners.lora.LoraLayer):
+                    weights = (module.lora_A["default"].weight, module.lora_B["default"].weight)
+                elif isinstance(module, LoRALinear):
+                    weights = (module.lora_A, module.lora_B)
+                else:
+                    continue
+                for weight, std in zip(weights, (0.1, 0.05)):
+                    weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+
+    @staticmethod
+    def peft_layers(peft_model) -> dict[str, torch.nn.Module]:
+        base = peft_model.get_base_model()
+        return {name: m for name, m in base.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+    @staticmethod
+    def ember_layers(model) -> dict[str, LoRALinear]:
+        return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+    @staticmethod
+    def copy_adapters(peft_model, model) -> None:
+        ember = LoRATestModels.ember_layers(model)
+        peft_layers = LoRATestModels.peft_layers(peft_model)
+        assert sorted(ember) == sorted(peft_layers)
+        with torch.no_grad():  # copy_ keeps ember's fp32 adapters fp32
+            for name, layer in peft_layers.items():
+                ember[name].lora_A.copy_(layer.lora_A["default"].weight)
+                ember[name].lora_B.copy_(layer.lora_B["default"].weight)
+
+    @staticmethod
+    def inputs(model, dtype, batch=2, seq=7):
+        """Input embeddings (B, S, hidden) of random tokens, in ``dtype``."""
+        embedding = model.get_input_embeddings()
+        ids = torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            return embedding(ids.to(embedding.weight.device)).to(dtype)
+
+    @staticmethod
+    def run(model, embeds):
+        """logits and d(sum(logits * w))/d(embeds) for a fixed random w."""
+        embeds = embeds.detach().clone().requires_grad_(True)
+        logits = model(inputs_embeds=embeds).logits
+        w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(logits.device)
+        (logits.double() * w).sum().backward()
+        return logits.detach(), embeds.grad
+
+    @staticmethod
+    def three_models(family, dtype, config, device="cpu"):
+        """ember, stock PEFT in ``dtype`` and PEFT in float64, with the same random adapters.
+
+        Stock PEFT runs wholly in ``dtype``, adapters included (PEFT would keep them
+        in fp32 over a bf16 base and run the low-rank path in fp32): that is stock
+        PyTorch computing the same thing in the same dtype, as the tolerance rule
+        asks. ember keeps fp32 adapters holding the same (bf16-exact) values.
+        """
+        model = LoRATestModels.base_model(family, dtype).to(device)
+        peft_model = peft.get_peft_model(copy.deepcopy(model), config.to_peft(), autocast_adapter_dtype=False)
+        LoRATestModels.randomize_adapters(peft_model)
+        reference = copy.deepcopy(peft_model).double()
+        apply_lora(model, config)
+        LoRATestModels.copy_adapters(peft_model, model)
+        return model, peft_model, reference
+
+    @staticmethod
+    def targets(family: str) -> tuple[str, ...]:
+        return LoRATestModels.FAMILIES[family]["targets"]
+
+
+@pytest.fixture(scope="session")
+def lora_models():
+    return LoRATestModels
