@@ -675,6 +675,11 @@ def _finish_rows(partials, target, vocab, opts: _Options):
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
+    def no_rows(hidden, weight, bias):
+        # The (0,) losses of an empty batch, no kernel launched: in the graph, so the weight gets a zero gradient.
+        return hidden.sum(dim=1).float() + 0.0 * weight.sum()
+
+    @staticmethod
     @autocast_off
     def forward(ctx, hidden, weight, bias, target, opts: _Options):
         # hidden (N, H), weight (V, H), bias (V,) or None, target (N,) -> loss (N,) fp32
@@ -729,6 +734,10 @@ def _torch_linear_ce_bwd(hidden, weight, bias, target, lse, dloss, opts: _Option
 
 
 class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def no_rows(logits):
+        return logits.sum(dim=1).float()  # the (0,) losses of an empty batch, no kernel launched
+
     @staticmethod
     @autocast_off
     def forward(ctx, logits, target, opts: _Options):
@@ -805,6 +814,24 @@ def _check_target(target, n_rows: int, vocab: int, device: torch.device, ignore_
     return target
 
 
+def _loss(function, inputs, target, vocab, ignore_index, label_smoothing, z_loss, softcap, reduction, normalizer):
+    """What both losses do once their inputs are checked: check the options and the target,
+    take the per-row losses, reduce them, and shape them like ``target`` for reduction="none".
+
+    ``inputs``: ``function``'s tensors, the (N, H) hidden states or (N, V) logits first.
+    """
+    _check_options(label_smoothing, z_loss, softcap, reduction, normalizer)
+    rows = inputs[0]
+    rows_target = _check_target(target, rows.shape[0], vocab, rows.device, ignore_index)
+    opts = _Options(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    if rows.shape[0] == 0:  # a grid of 0 programs is not launched
+        loss_rows = function.no_rows(*inputs)
+    else:
+        loss_rows = function.apply(*inputs, rows_target, opts)
+    loss = _reduce(loss_rows, rows_target != ignore_index, reduction, normalizer)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -864,17 +891,9 @@ def linear_cross_entropy(
         if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype or bias.device != weight.device:
             raise ValueError(f"bias must be ({weight.shape[0]},) with the dtype and device of weight, got "
                              f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
-    _check_options(label_smoothing, z_loss, softcap, reduction, normalizer)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])  # (N, H), a view when possible
-    rows_target = _check_target(target, hidden_2d.shape[0], weight.shape[0], hidden.device, ignore_index)
-
-    opts = _Options(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
-    if hidden_2d.shape[0] == 0:
-        loss_rows = hidden_2d.sum(dim=1).float() + 0.0 * weight.sum()  # keeps the graph for empty batches
-    else:
-        loss_rows = LinearCrossEntropyFunction.apply(hidden_2d, weight, bias, rows_target, opts)
-    loss = _reduce(loss_rows, rows_target != ignore_index, reduction, normalizer)
-    return loss.reshape(target.shape) if reduction == "none" else loss
+    return _loss(LinearCrossEntropyFunction, (hidden_2d, weight, bias), target, weight.shape[0], ignore_index,
+                 label_smoothing, z_loss, softcap, reduction, normalizer)
 
 
 def cross_entropy(
@@ -901,17 +920,9 @@ def cross_entropy(
     check_tensor("logits", logits)
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must be (..., V) with V >= 1, got shape {tuple(logits.shape)}")
-    _check_options(label_smoothing, z_loss, softcap, reduction, normalizer)
     logits_2d = logits.reshape(-1, logits.shape[-1])  # (N, V)
-    rows_target = _check_target(target, logits_2d.shape[0], logits.shape[-1], logits.device, ignore_index)
-
-    opts = _Options(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
-    if logits_2d.shape[0] == 0:
-        loss_rows = logits_2d.sum(dim=1).float()
-    else:
-        loss_rows = CrossEntropyFunction.apply(logits_2d, rows_target, opts)
-    loss = _reduce(loss_rows, rows_target != ignore_index, reduction, normalizer)
-    return loss.reshape(target.shape) if reduction == "none" else loss
+    return _loss(CrossEntropyFunction, (logits_2d,), target, logits.shape[-1], ignore_index, label_smoothing, z_loss,
+                 softcap, reduction, normalizer)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
