@@ -71,18 +71,9 @@ class _Options:
 # ----------------------------------------------------------------------------
 
 
-def cross_entropy_ref(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    reduction: Reduction = "mean",
-    normalizer: float | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Reference for ``cross_entropy``: logits (N, V), target (N,)."""
+def cross_entropy_ref(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                      reduction="mean", normalizer=None):
+    """Reference for ``cross_entropy``, with its options: logits (N, V), target (N,)."""
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     valid = target != ignore_index
@@ -99,14 +90,7 @@ def cross_entropy_ref(
     return _reduce(loss, valid, reduction, normalizer)
 
 
-def linear_cross_entropy_ref(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    **options,
-) -> torch.Tensor:
+def linear_cross_entropy_ref(hidden, weight, target, *, bias=None, **options):
     """Reference for ``linear_cross_entropy``: materializes the (N, V) logits."""
     logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.T  # (N, V)
     if bias is not None:
@@ -139,6 +123,13 @@ def _softcap(logits, softcap):
 
 
 @triton.jit
+def _load_h_slice(ptr, rows, row_mask, stride_row, hs, h_mask, stride_h):
+    # Columns hs of some rows of an (N, H) or (V, H) matrix, as a (rows, BLOCK_H) tile, 0 outside.
+    return tl.load(ptr + rows[:, None] * stride_row + hs[None, :] * stride_h,
+                   mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+
+
+@triton.jit
 def _linear_logits_tile(
     hidden_ptr, weight_ptr, bias_ptr,  # at the tile's first row / first column
     row_mask, col_mask,
@@ -157,10 +148,7 @@ def _linear_logits_tile(
     for h0 in range(0, H, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
         h_mask = hs < H
-        x = tl.load(
-            hidden_ptr + rows[:, None] * stride_hn + hs[None, :] * stride_hh,
-            mask=row_mask[:, None] & h_mask[None, :], other=0.0,
-        )  # (BLOCK_N, BLOCK_H)
+        x = _load_h_slice(hidden_ptr, rows, row_mask, stride_hn, hs, h_mask, stride_hh)  # (BLOCK_N, BLOCK_H)
         w = tl.load(
             weight_ptr + cols[None, :] * stride_wv + hs[:, None] * stride_wh,
             mask=col_mask[None, :] & h_mask[:, None], other=0.0,
@@ -174,12 +162,28 @@ def _linear_logits_tile(
 
 
 @triton.jit
-def _fold_logits(logits, cols, col_mask, target, row_max, row_sumexp, target_logit, logit_sum):
-    # Fold one logit tile into the running per-row max, sum of exp, target logit and sum.
+def _split_columns(split, cols_per_split, V, BLOCK_N: tl.constexpr):
+    # [start, end) of one vocabulary split, and the statistics of its rows before
+    # any column: (running max, sum of exp, target logit, sum of logits), fp32.
+    v_start = split * cols_per_split
+    v_end = tl.minimum(v_start + cols_per_split, V)
+    stats = (
+        tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32),
+        tl.zeros((BLOCK_N,), dtype=tl.float32),
+        tl.zeros((BLOCK_N,), dtype=tl.float32),
+        tl.zeros((BLOCK_N,), dtype=tl.float32),
+    )
+    return v_start, v_end, stats
+
+
+@triton.jit
+def _fold_logits(logits, cols, col_mask, target, stats):
+    # Fold one logit tile into the statistics (running max, sum of exp, target logit, sum of logits).
     # Columns outside the slice hold exactly 0 (every load feeding them is masked
     # to 0, and softcap(0) = 0), so they add nothing to the target logit or the
     # sum without a mask of their own; only the softmax must not see them. Fewer
     # tile-sized temporaries is what keeps this free of register spills.
+    row_max, row_sumexp, target_logit, logit_sum = stats
     target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], logits, 0.0), axis=1)
     logit_sum += tl.sum(logits, axis=1)
     logits = tl.where(col_mask[None, :], logits, float("-inf"))
@@ -189,10 +193,8 @@ def _fold_logits(logits, cols, col_mask, target, row_max, row_sumexp, target_log
 
 
 @triton.jit
-def _store_partials(
-    row_max_ptr, row_sumexp_ptr, target_logit_ptr, logit_sum_ptr,
-    offsets, mask, row_max, row_sumexp, target_logit, logit_sum,
-):
+def _store_partials(row_max_ptr, row_sumexp_ptr, target_logit_ptr, logit_sum_ptr, offsets, mask, stats):
+    row_max, row_sumexp, target_logit, logit_sum = stats
     tl.store(row_max_ptr + offsets, row_max, mask=mask)
     tl.store(row_sumexp_ptr + offsets, row_sumexp, mask=mask)
     tl.store(target_logit_ptr + offsets, target_logit, mask=mask)
@@ -231,13 +233,7 @@ def _linear_ce_fwd_kernel(
     row_mask = rows < N
     target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
     hidden_ptr += tl.cast(row_start, tl.int64) * stride_hn
-    v_start = split * cols_per_split
-    v_end = tl.minimum(v_start + cols_per_split, V)
-
-    row_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    row_sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    logit_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_start, v_end, stats = _split_columns(split, cols_per_split, V, BLOCK_N)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
@@ -246,13 +242,8 @@ def _linear_ce_fwd_kernel(
             stride_hn, stride_hh, stride_wv, stride_wh, softcap,
             HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )
-        row_max, row_sumexp, target_logit, logit_sum = _fold_logits(
-            logits, cols, col_mask, target, row_max, row_sumexp, target_logit, logit_sum
-        )
-    _store_partials(
-        row_max_ptr, row_sumexp_ptr, target_logit_ptr, logit_sum_ptr,
-        split * N + rows, row_mask, row_max, row_sumexp, target_logit, logit_sum,
-    )
+        stats = _fold_logits(logits, cols, col_mask, target, stats)
+    _store_partials(row_max_ptr, row_sumexp_ptr, target_logit_ptr, logit_sum_ptr, split * N + rows, row_mask, stats)
 
 
 @triton.jit
@@ -302,18 +293,13 @@ def _linear_ce_bwd_kernel(
         for h0 in range(0, H, BLOCK_H):
             hs = h0 + tl.arange(0, BLOCK_H)
             h_mask = hs < H
-            w = tl.load(
-                weight_ptr + tile_cols[:, None] * stride_wv + hs[None, :] * stride_wh,
-                mask=col_mask[:, None] & h_mask[None, :], other=0.0,
-            )  # (BLOCK_V, BLOCK_H)
+            w = _load_h_slice(weight_ptr, tile_cols, col_mask, stride_wv, hs, h_mask, stride_wh)  # (BLOCK_V, BLOCK_H)
             dhidden = tl.dot(dlogits, w, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_H)
             tl.atomic_add(dhidden_ptr + tile_rows[:, None] * H + hs[None, :], dhidden,
                           mask=row_mask[:, None] & h_mask[None, :])
             if COMPUTE_DWEIGHT:
-                x = tl.load(
-                    hidden_ptr + tile_rows[:, None] * stride_hn + hs[None, :] * stride_hh,
-                    mask=row_mask[:, None] & h_mask[None, :], other=0.0,
-                )  # (BLOCK_N, BLOCK_H)
+                x = _load_h_slice(hidden_ptr, tile_rows, row_mask, stride_hn, hs, h_mask,
+                                  stride_hh)  # (BLOCK_N, BLOCK_H)
                 dweight = tl.dot(tl.trans(dlogits), x, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
                 tl.atomic_add(dweight_ptr + tile_cols[:, None] * H + hs[None, :], dweight,
                               mask=col_mask[:, None] & h_mask[None, :])
@@ -335,13 +321,7 @@ def _ce_fwd_kernel(
     row_mask = rows < N
     target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
     rows = rows.to(tl.int64)
-    v_start = split * cols_per_split
-    v_end = tl.minimum(v_start + cols_per_split, V)
-
-    row_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    row_sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    logit_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_start, v_end, stats = _split_columns(split, cols_per_split, V, BLOCK_N)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
@@ -351,13 +331,8 @@ def _ce_fwd_kernel(
         ).to(tl.float32)
         if HAS_SOFTCAP:
             logits = _softcap(logits, softcap)
-        row_max, row_sumexp, target_logit, logit_sum = _fold_logits(
-            logits, cols, col_mask, target, row_max, row_sumexp, target_logit, logit_sum
-        )
-    _store_partials(
-        row_max_ptr, row_sumexp_ptr, target_logit_ptr, logit_sum_ptr,
-        split * N + rows, row_mask, row_max, row_sumexp, target_logit, logit_sum,
-    )
+        stats = _fold_logits(logits, cols, col_mask, target, stats)
+    _store_partials(row_max_ptr, row_sumexp_ptr, target_logit_ptr, logit_sum_ptr, split * N + rows, row_mask, stats)
 
 
 @triton.jit
@@ -477,37 +452,26 @@ _LINEAR_CE_BWD = _register_linear(
 )
 
 
-def _elementwise_cases(kernel, **unit_strides):
-    # Strides along V are 1 in practice, specialized as the JIT does (see _UNIT_STRIDES).
-    return [
-        compile_case(kernel, f"{TRITON_DTYPE[dtype]},softcap", dtype=dtype, types=_ARG_TYPES,
-                     constexprs=dict(HAS_SOFTCAP=True, **unit_strides), tensor_cores=False)
-        for dtype in (torch.bfloat16, torch.float32)
-    ]
+def _register_elementwise(name, kernel, tiles, **unit_strides):
+    """Register a kernel over existing logits: tiles are (BLOCK_N, BLOCK_V, warps); strides along V are 1 in
+    practice, specialized as the JIT does (see _UNIT_STRIDES)."""
+    return register(KernelSpec(
+        name=name,
+        kernel=kernel,
+        configs=[triton.Config(dict(BLOCK_N=n, BLOCK_V=v), num_warps=warps) for n, v, warps in tiles],
+        key=["V", "HAS_SOFTCAP"],
+        compile_cases=[
+            compile_case(kernel, f"{TRITON_DTYPE[dtype]},softcap", dtype=dtype, types=_ARG_TYPES,
+                         constexprs=dict(HAS_SOFTCAP=True, **unit_strides), tensor_cores=False)
+            for dtype in (torch.bfloat16, torch.float32)
+        ],
+    ))
 
 
-_CE_FWD = register(KernelSpec(
-    name="cross_entropy_fwd",
-    kernel=_ce_fwd_kernel,
-    configs=[
-        triton.Config(dict(BLOCK_N=4, BLOCK_V=1024), num_warps=4),
-        triton.Config(dict(BLOCK_N=16, BLOCK_V=512), num_warps=8),
-        triton.Config(dict(BLOCK_N=1, BLOCK_V=4096), num_warps=8),
-    ],
-    key=["V", "HAS_SOFTCAP"],
-    compile_cases=_elementwise_cases(_ce_fwd_kernel, stride_lv=1),
-))
-
-_CE_BWD = register(KernelSpec(
-    name="cross_entropy_bwd",
-    kernel=_ce_bwd_kernel,
-    configs=[
-        triton.Config(dict(BLOCK_N=4, BLOCK_V=1024), num_warps=4),
-        triton.Config(dict(BLOCK_N=16, BLOCK_V=512), num_warps=8),
-    ],
-    key=["V", "HAS_SOFTCAP"],
-    compile_cases=_elementwise_cases(_ce_bwd_kernel, stride_lv=1, stride_dv=1),
-))
+_CE_FWD = _register_elementwise("cross_entropy_fwd", _ce_fwd_kernel, [(4, 1024, 4), (16, 512, 8), (1, 4096, 8)],
+                                stride_lv=1)
+_CE_BWD = _register_elementwise("cross_entropy_bwd", _ce_bwd_kernel, [(4, 1024, 4), (16, 512, 8)],
+                                stride_lv=1, stride_dv=1)
 
 
 # ----------------------------------------------------------------------------
@@ -896,17 +860,9 @@ def linear_cross_entropy(
                  label_smoothing, z_loss, softcap, reduction, normalizer)
 
 
-def cross_entropy(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    reduction: Reduction = "mean",
-    normalizer: float | torch.Tensor | None = None,
-) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100, label_smoothing: float = 0.0,
+                  z_loss: float = 0.0, softcap: float | None = None, reduction: Reduction = "mean",
+                  normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over logits that already exist (classification and tagging heads).
 
     Args:
