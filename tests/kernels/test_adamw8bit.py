@@ -201,12 +201,6 @@ def test_one_launch_per_bucket(monkeypatch):
     assert len(launches) == 3
 
 
-def test_maps_match_bitsandbytes():
-    F = pytest.importorskip("bitsandbytes.functional")
-    assert torch.equal(dynamic_map(signed=True), F.create_dynamic_map(signed=True))
-    assert torch.equal(dynamic_map(signed=False), F.create_dynamic_map(signed=False))
-
-
 def test_state_sizes():
     """2 bytes of codes per parameter plus 2 fp32 absmax per 256; fp32 state below 4096 elements."""
     big, small = torch.empty(4096 * 3, dtype=torch.bfloat16), torch.empty(4095)

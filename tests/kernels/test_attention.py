@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ember.bench.memory import TensorSizeTracker
-from ember.kernels import attention_ref, flash_attention, flash_attention_varlen
+from ember.kernels import flash_attention, flash_attention_varlen
+from ember.kernels.attention import attention_ref
 from ember.kernels.backend import backend_for
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

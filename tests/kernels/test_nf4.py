@@ -86,10 +86,8 @@ def _bnb_2d_kernel_is_right(shape, blocksize) -> bool:
 # ----------------------------------------------------------------------------
 
 
-def test_tables_match_bnb(bnb_functional):
-    F = bnb_functional
-    assert torch.equal(NF4_CODE, F.get_4bit_type("nf4", device="cpu"))
-    assert torch.equal(dynamic_map(signed=True), F.create_dynamic_map())
+def test_table_matches_bnb(bnb_functional):
+    assert torch.equal(NF4_CODE, bnb_functional.get_4bit_type("nf4", device="cpu"))
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
