@@ -1,7 +1,7 @@
 """The `ember` command line. It only puts library pieces together, and nothing imports it.
 
-    ember train [CONFIG.toml] [--key=value ...]   fine-tune (no arguments: the default job)
-    ember eval  [CONFIG.toml] [--key=value ...]   held-out metrics of the run's latest checkpoint
+    ember train [CONFIG.toml] [--key=value | --key value ...]   fine-tune (no arguments: the default job)
+    ember eval  [CONFIG.toml] [--key=value | --key value ...]   held-out metrics of the latest checkpoint
     ember bench [run] [SUITE ...] [--quick] [--providers P,Q] [--out DIR] [--device cpu|cuda]
                                                   benchmarks against stock PyTorch and peers (JSON)
     ember bench report RUN.json [BASELINE.json] [--out DIR]   markdown tables and PNG plots of a run
@@ -25,7 +25,7 @@ from pathlib import Path
 from ember.bench import harness, report
 from ember.bench.demo import DTYPES, run_demo
 from ember.bench.suites import SUITES
-from ember.engine.config import load_config
+from ember.engine.config import load_command_line
 from ember.engine.device import resolve_device
 from ember.engine.errors import ConfigError, TrainingError
 from ember.engine.train import evaluate_checkpoint, train
@@ -34,7 +34,7 @@ EXIT_CONFIG_ERROR, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def _train(args: argparse.Namespace) -> int:
-    result = train(load_config(args.config, args.overrides))
+    result = train(load_command_line(args.overrides))
     print(f"held-out after {result.steps} steps: "
           + ", ".join(f"{key} {value:.4f}" for key, value in result.eval_after.items()))
     if result.report is not None:
@@ -48,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    metrics, classification = evaluate_checkpoint(load_config(args.config, args.overrides))
+    metrics, classification = evaluate_checkpoint(load_command_line(args.overrides))
     print(", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
     if classification is not None:
         print(classification.format())
@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, handler, text in (("train", _train, "fine-tune a model (no arguments: the default job)"),
                                 ("eval", _eval, "evaluate the latest checkpoint of a run")):
-        command = commands.add_parser(name, help=text, description=text + ". Keys: see ember.engine.config.")
-        command.add_argument("config", nargs="?", default=None, help="a TOML file of config keys")
+        # The config file and the keys (--key=value, --key value) are read by ember.engine.config: argparse
+        # would take the value of '--lr 3e-4' for the config file.
+        command = commands.add_parser(name, help=text, usage=f"ember {name} [CONFIG.toml] [--key=value ...]",
+                                      description=text + ". Keys: see ember.engine.config.TrainConfig.")
         command.set_defaults(handler=handler, takes_overrides=True)
 
     bench = commands.add_parser("bench", help="benchmarks against stock PyTorch and peers; 'report' prints tables",

@@ -12,10 +12,13 @@ message naming it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from pathlib import Path
 from typing import Any
+
+from ember.kernels.lora import MAX_RANK
 
 from .device import DEVICES
 from .errors import ConfigError, TrainingError  # noqa: F401  (raised by loading and running a config)
@@ -69,6 +72,7 @@ class TrainConfig:
     keep_last: int = 2
     out_dir: str = "runs/ember"
     resume: bool = False
+    resume_allow_changes: bool = False  # resume even where the saved config differs (e.g. a deliberate new seed)
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     log_every: int = 10
     tensorboard: bool = False
@@ -91,6 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _coerce(name: str, value: Any, from_text: bool) -> Any:
@@ -99,8 +104,8 @@ def _coerce(name: str, value: Any, from_text: bool) -> Any:
     if expected is bool:
         if isinstance(value, bool):
             return value
-        if from_text and str(value).lower() in ("true", "1", "yes", "false", "0", "no"):
-            return str(value).lower() in ("true", "1", "yes")
+        if from_text and str(value).lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[str(value).lower()]
     elif expected is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -142,14 +147,49 @@ def _apply(values: dict[str, Any], updates: dict[str, Any], source: str, from_te
         values[key] = _coerce(key, value, from_text)
 
 
+def _scan(arguments: list[str]) -> tuple[list[int], dict[str, str]]:
+    """(indices of the positional arguments, {key: text}) of ``--key=value``, ``--key value`` and, for a bool
+    key, ``--key`` alone (true), as argparse and ``TrainingArguments`` users type them."""
+    positional, options, i = [], {}, 0
+    while i < len(arguments):
+        item = arguments[i]
+        i += 1
+        if not item.startswith("--"):
+            positional.append(i - 1)
+            continue
+        key, has_value, value = item[2:].partition("=")
+        key = key.replace("-", "_")
+        if not has_value:
+            following = arguments[i] if i < len(arguments) else None
+            takes_next = following is not None and not following.startswith("--") and (
+                _FIELDS.get(key) is None or typing.get_type_hints(TrainConfig)[key] is not bool
+                or following.lower() in _BOOL_WORDS)
+            if takes_next:
+                value, i = following, i + 1
+            elif key in _FIELDS and typing.get_type_hints(TrainConfig)[key] is not bool:
+                raise ConfigError(f"{key}: expected a value: --{key}=VALUE or --{key} VALUE")
+            else:
+                value = "true"
+        options[key] = value
+    return positional, options
+
+
 def _parse_overrides(overrides: list[str]) -> dict[str, str]:
-    parsed = {}
-    for item in overrides:
-        if not item.startswith("--") or "=" not in item:
-            raise ConfigError(f"expected --key=value, got {item!r}")
-        key, value = item[2:].split("=", 1)
-        parsed[key.replace("-", "_")] = value
-    return parsed
+    positional, options = _scan(overrides)
+    if positional:
+        raise ConfigError(f"expected --key=value or --key value, got {overrides[positional[0]]!r}")
+    return options
+
+
+def load_command_line(arguments: list[str]) -> TrainConfig:
+    """``[CONFIG.toml] [--key=value | --key value | --flag ...]``, in any order, as ``ember train`` takes it."""
+    positional, _ = _scan(arguments)
+    if len(positional) > 1:
+        raise ConfigError(f"expected one config file and --key=value options, got {arguments[positional[1]]!r} "
+                          f"after {arguments[positional[0]]!r}")
+    if not positional:
+        return load_config(None, arguments)
+    return load_config(arguments[positional[0]], arguments[: positional[0]] + arguments[positional[0] + 1 :])
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -160,8 +200,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            from_file = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as error:
+            from_file = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
     from_command_line = _parse_overrides(overrides or [])
     preset = from_command_line.get("preset", from_file.get("preset", "minilm-sentiment"))
@@ -177,22 +217,53 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+# Numbers with a range: (lowest, highest, lowest included, highest included); every one must be finite.
+_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "lr": (0.0, math.inf, False, False),
+    "weight_decay": (0.0, math.inf, True, False),
+    "min_lr_ratio": (0.0, 1.0, True, True),
+    "grad_clip": (0.0, math.inf, True, False),  # 0: no clipping
+    "lora_alpha": (0.0, math.inf, False, False),
+    "lora_dropout": (0.0, 1.0, True, False),
+}
+
+
+def _range_text(low: float, high: float, low_in: bool, high_in: bool) -> str:
+    if high == math.inf:
+        return f"a finite number {'>=' if low_in else '>'} {low:g}"
+    return f"a number in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def _in_range(value: float, low: float, high: float, low_in: bool, high_in: bool) -> bool:
+    return (math.isfinite(value) and (value >= low if low_in else value > low)
+            and (value <= high if high_in else value < high))
+
+
 def check(config: TrainConfig) -> None:
-    """Values that are well typed but make no sense, named."""
+    """Values that are well typed but make no sense, named with what was expected."""
     choices = {"task": tuple(TASKS), "precision": ("auto", *POLICIES), "optimizer": OPTIMIZERS,
                "schedule": SCHEDULES, "device": DEVICES}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(config, name)!r}")
     for name in ("batch_size", "grad_accum", "max_steps", "max_length", "eval_every", "save_every", "keep_last",
-                 "max_bad_steps", "log_every"):
+                 "max_bad_steps", "log_every", "eval_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name}: expected a positive integer, got {getattr(config, name)}")
-    for name in ("warmup_steps", "lora_r", "eval_size", "train_size", "early_stopping_patience"):
+    for name in ("warmup_steps", "train_size", "early_stopping_patience"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(config, name)}")
-    if not config.lr > 0:
-        raise ConfigError(f"lr: expected a number > 0, got {config.lr}")
+    if not 0 <= config.lora_r <= MAX_RANK:
+        raise ConfigError(f"lora_r: expected an integer from 0 (full fine-tune) to {MAX_RANK}, got {config.lora_r}")
+    for name, limits in _RANGES.items():
+        if not _in_range(getattr(config, name), *limits):
+            raise ConfigError(f"{name}: expected {_range_text(*limits)}, got {getattr(config, name)}")
+    if not all(_in_range(beta, 0.0, 1.0, True, False) for beta in config.betas):
+        raise ConfigError(f"betas: expected two numbers in [0, 1), got {config.betas}")
+    metrics = TASKS[config.task].metric_names
+    if config.early_stopping_metric and config.early_stopping_metric not in metrics:
+        raise ConfigError(f"early_stopping_metric: expected one of {', '.join(metrics)} (task {config.task}), "
+                          f"got {config.early_stopping_metric!r}")
     if config.qlora and config.lora_r == 0:
         raise ConfigError("qlora: needs lora_r > 0 (QLoRA trains adapters over a frozen NF4 base)")
     if config.offload_activations and not config.gradient_checkpointing:

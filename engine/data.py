@@ -72,18 +72,34 @@ class ClassificationData:
 
 
 def read_rows(path: Path, config: TrainConfig) -> list[dict]:
-    if path.name == "rotten_tomatoes_corpus_full.csv.bz2":
-        with bz2.open(path, "rt", encoding="utf-8") as f:
-            # Critic snippets only: "plot" rows are synopses, not opinions.
-            return [{config.text_column: row["text"], config.label_column: row["category"]}
-                    for row in csv.DictReader(f) if row["category"] in ("fresh", "rotten")]
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+    """The rows of a .csv or .jsonl file (or a data asset) as dicts; a file that is not that is a ConfigError."""
+    try:
+        if path.name == "rotten_tomatoes_corpus_full.csv.bz2":
+            with bz2.open(path, "rt", encoding="utf-8") as f:
+                # Critic snippets only: "plot" rows are synopses, not opinions.
+                return [{config.text_column: row["text"], config.label_column: row["category"]}
+                        for row in csv.DictReader(f) if row["category"] in ("fresh", "rotten")]
+        if path.suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                return [_json_row(line, number, path) for number, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError:
+        raise ConfigError(f"data {str(path)!r} is not UTF-8 text") from None
+    except csv.Error as error:
+        raise ConfigError(f"data {str(path)!r} is not valid CSV: {error}") from None
     raise ConfigError(f"data {str(path)!r}: expected a .csv or .jsonl file (or an asset)")
+
+
+def _json_row(line: str, number: int, path: Path) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"data {str(path)!r}, line {number}: not JSON ({error.msg})") from None
+    if not isinstance(row, dict):
+        raise ConfigError(f"data {str(path)!r}, line {number}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def read_labelled_rows(config: TrainConfig) -> list[dict]:
@@ -112,18 +128,41 @@ def split_held_out(examples: list, config: TrainConfig) -> tuple[list, list]:
 def load_classification(config: TrainConfig) -> ClassificationData:
     """(text, label index) pairs, shuffled with the seed and split into train and held-out eval."""
     rows = read_labelled_rows(config)
-    labels = [row[config.label_column] for row in rows]
-    if all(isinstance(label, int) for label in labels):
-        if min(labels) < 0:
-            raise ConfigError(f"data {config.data!r}: label {min(labels)} out of range (labels must be >= 0)")
-        class_names = [str(i) for i in range(max(labels) + 1)]
-        indices = labels
-    else:
-        class_names = sorted({str(label) for label in labels})
-        indices = [class_names.index(str(label)) for label in labels]
-    examples = [(str(row[config.text_column]), index) for row, index in zip(rows, indices)]
-    train, held_out = split_held_out(examples, config)
+    texts = [row_text(row, i, config) for i, row in enumerate(rows)]
+    class_names, indices = classes_of([row.get(config.label_column) for row in rows], config)
+    train, held_out = split_held_out(list(zip(texts, indices)), config)
     return ClassificationData(train=train, eval=held_out, class_names=class_names)
+
+
+def row_text(row: dict, index: int, config: TrainConfig) -> str:
+    """Row ``index``'s text; a missing or non-string one is a ConfigError naming the row."""
+    text = row.get(config.text_column)
+    if not isinstance(text, str):
+        raise ConfigError(f"data {config.data!r}, row {index}: {config.text_column!r} is "
+                          f"{'missing' if text is None else f'not text ({text!r})'}")
+    return text
+
+
+def classes_of(labels: list, config: TrainConfig) -> tuple[list[str], list[int]]:
+    """(class names, each label's class index). The classes are the distinct labels, all integers >= 0 (in
+    numeric order) or all strings (in alphabetical order): a label 9 among 0 and 1 makes three classes, not ten."""
+    for i, label in enumerate(labels):
+        if label is None or label == "":
+            raise ConfigError(f"data {config.data!r}, row {i}: {config.label_column!r} is missing")
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise ConfigError(f"data {config.data!r}, row {i}: label {label!r} is neither an integer nor a string")
+        if isinstance(label, int) and label < 0:
+            raise ConfigError(f"data {config.data!r}: label {label} out of range (labels must be >= 0)")
+    other = next((i for i, label in enumerate(labels) if type(label) is not type(labels[0])), None)
+    if other is not None:
+        raise ConfigError(f"data {config.data!r}: row 0 has the label {labels[0]!r} and row {other} the label "
+                          f"{labels[other]!r}: labels must be all integers or all strings")
+    distinct = sorted(set(labels))
+    if len(distinct) < 2:
+        raise ConfigError(f"data {config.data!r}: every row has the label {distinct[0]!r}; "
+                          f"classification needs at least 2 classes")
+    index = {label: i for i, label in enumerate(distinct)}
+    return [str(label) for label in distinct], [index[label] for label in labels]
 
 
 # ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ targets of a whole accumulated batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from .data import load_classification, read_labelled_rows, read_rows, resolve, split_held_out
+from .data import load_classification, read_labelled_rows, read_rows, resolve, row_text, split_held_out
 from .errors import ConfigError
 from .metrics import classification_report
 
@@ -47,6 +48,7 @@ def held_out_batches(task, model):
 
 class ClassificationTask:
     kind = "sequence-classification"
+    metric_names = ("loss", "accuracy", "macro_f1")  # what evaluate reports
     eval_batch_size = 64
 
     def __init__(self, config: TrainConfig, tokenizer, device: torch.device):
@@ -97,13 +99,15 @@ class TokenClassificationTask(ClassificationTask):
         self.config, self.tokenizer, self.device = config, tokenizer, device
         examples = []
         for i, row in enumerate(read_labelled_rows(config)):
-            words, tags = row[config.text_column], row[config.label_column]
-            words = words.split() if isinstance(words, str) else [str(w) for w in words]
-            tags = tags.split() if isinstance(tags, str) else [str(t) for t in tags]
+            words, tags = (_sequence(row.get(column), column, i, config)
+                           for column in (config.text_column, config.label_column))
             if len(words) != len(tags):
                 raise ConfigError(f"data {config.data!r}, row {i}: {len(words)} words but {len(tags)} tags")
             examples.append((words, tags))
         self.class_names = sorted({tag for _, tags in examples for tag in tags})
+        if len(self.class_names) < 2:
+            raise ConfigError(f"data {config.data!r}: every word has the tag {self.class_names[0]!r}; "
+                              f"token classification needs at least 2 tags")
         indexed = [(words, [self.class_names.index(tag) for tag in tags]) for words, tags in examples]
         self.train_examples, self.eval_examples = split_held_out(indexed, config)
 
@@ -126,6 +130,16 @@ class TokenClassificationTask(ClassificationTask):
         return batch
 
 
+def _sequence(value, column: str, row: int, config: TrainConfig) -> list[str]:
+    """A row's words or tags: a whitespace-separated string or a list of strings."""
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list) and all(isinstance(item, (str, int)) and not isinstance(item, bool) for item in value):
+        return [str(item) for item in value]
+    raise ConfigError(f"data {config.data!r}, row {row}: {column!r} is "
+                      f"{'missing' if value is None else 'not a string or a list of strings'}")
+
+
 def _documents(config: TrainConfig) -> list[tuple[str, str]]:
     """(prompt, text) pairs; the prompt is "" unless prompt_column names one."""
     path = resolve(config.data, "data")
@@ -137,12 +151,14 @@ def _documents(config: TrainConfig) -> list[tuple[str, str]]:
         raise ConfigError(f"data {config.data!r} has no column {config.text_column!r}; it has {', '.join(rows[0])}")
     if config.prompt_column and rows and config.prompt_column not in rows[0]:
         raise ConfigError(f"data {config.data!r} has no column {config.prompt_column!r}")
-    return [(str(row[config.prompt_column]) if config.prompt_column else "", str(row[config.text_column]))
-            for row in rows]
+    prompts = [row_text(row, i, dataclasses.replace(config, text_column=config.prompt_column))
+               if config.prompt_column else "" for i, row in enumerate(rows)]
+    return [(prompt, row_text(row, i, config)) for i, (prompt, row) in enumerate(zip(prompts, rows))]
 
 
 class CausalLMTask:
     kind = "causal-lm"
+    metric_names = ("loss", "perplexity")  # what evaluate reports
     eval_batch_size = 8  # whole documents of up to max_length tokens each
     class_names: list[str] = []
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ember.cli import main
-from ember.engine.config import PRESETS, ConfigError, TrainConfig, load_config
+from ember.engine.config import PRESETS, ConfigError, TrainConfig, load_command_line, load_config
 
 
 def test_sources_in_order(tmp_path):
@@ -40,13 +40,40 @@ def test_presets(tmp_path):
     (["--precision=fp8"], "precision: expected one of auto, bf16, fp16, bf16-pure, fp32, got 'fp8'"),
     (["--batch_size=0"], "batch_size: expected a positive integer, got 0"),
     (["--preset=huge"], "unknown preset 'huge'"),
-    (["lr=1"], "expected --key=value, got 'lr=1'"),
+    (["lr=1"], "expected --key=value or --key value, got 'lr=1'"),
+    (["--lr"], "lr: expected a value: --lr=VALUE or --lr VALUE"),
     (["--qlora=true", "--lora_r=0"], "qlora: needs lora_r > 0"),
+    # Well typed, but they would train the wrong way or crash later: refused by range.
+    (["--grad_clip=-1"], "grad_clip: expected a finite number >= 0, got -1.0"),
+    (["--min_lr_ratio=-1"], "min_lr_ratio: expected a number in [0, 1], got -1.0"),
+    (["--min_lr_ratio=5"], "min_lr_ratio: expected a number in [0, 1], got 5.0"),
+    (["--betas=0.9,1.5"], "betas: expected two numbers in [0, 1), got (0.9, 1.5)"),
+    (["--weight_decay=-0.1"], "weight_decay: expected a finite number >= 0, got -0.1"),
+    (["--lr=inf"], "lr: expected a finite number > 0, got inf"),
+    (["--lr=nan"], "lr: expected a finite number > 0, got nan"),
+    (["--lora_r=257"], "lora_r: expected an integer from 0 (full fine-tune) to 256, got 257"),
+    (["--lora_alpha=nan"], "lora_alpha: expected a finite number > 0, got nan"),
+    (["--lora_dropout=1"], "lora_dropout: expected a number in [0, 1), got 1.0"),
+    (["--eval_size=0"], "eval_size: expected a positive integer, got 0"),
+    (["--early_stopping_metric=acc"],
+     "early_stopping_metric: expected one of loss, accuracy, macro_f1 (task sequence-classification), got 'acc'"),
+    (["--task=causal-lm", "--early_stopping_metric=accuracy"], "expected one of loss, perplexity (task causal-lm)"),
 ])
 def test_bad_overrides(overrides, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, overrides)
     assert message in str(error.value)
+
+
+def test_keys_as_argparse_users_type_them(tmp_path):
+    """--key value (a space), a bool flag alone, and the config file anywhere among them."""
+    job = tmp_path / "job.toml"
+    job.write_text("max_steps = 7\n")
+    config = load_command_line(["--lr", "3e-4", "--resume", str(job), "--progress", "false", "--seed=3"])
+    assert (config.lr, config.resume, config.max_steps, config.progress, config.seed) == (3e-4, True, 7, False, 3)
+    assert load_command_line(["--resume"]).resume is True
+    with pytest.raises(ConfigError, match="expected one config file and --key=value options, got 'b.toml'"):
+        load_command_line(["a.toml", "b.toml"])
 
 
 def test_bad_files(tmp_path):
@@ -56,6 +83,10 @@ def test_bad_files(tmp_path):
     broken.write_text("lr = = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(broken)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("model = 'caf\xe9'".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(latin1)
     typed = tmp_path / "typed.toml"
     typed.write_text('max_steps = "ten"')
     with pytest.raises(ConfigError, match="max_steps: expected int, got 'ten'"):
@@ -76,16 +107,40 @@ def test_cli_errors_are_one_line(arguments, message, capsys, tiny_bert, sentimen
     assert capsys.readouterr().err.strip().splitlines()[-1] == message
 
 
-def test_bad_data_is_reported(capsys, tiny_bert, tmp_path):
-    empty = tmp_path / "empty.csv"
-    empty.write_text("text,label\n")
-    negative = tmp_path / "negative.jsonl"
-    negative.write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": -3}\n')
-    for data, message in ((empty, "is empty"), (negative, "label -3 out of range"),
-                          (tmp_path / "none.csv", "does not exist")):
-        code = main(["train", f"--model={tiny_bert}", f"--data={data}", f"--out_dir={tmp_path}", "--progress=false"])
-        assert code == 2
-        assert message in capsys.readouterr().err
+BAD_DATA = {  # file name: (contents, what the one-line error says)
+    "empty.csv": ("text,label\n", "is empty"),
+    "negative.jsonl": ('{"text": "good", "label": 1}\n{"text": "bad", "label": -3}\n', "label -3 out of range"),
+    "latin1.csv": ("text,label\ncaf\xe9 good,pos\n".encode("latin-1"), "is not UTF-8 text"),
+    "broken.jsonl": ('{"text": "good", "label": 1}\n{"text": "bad", \n', "line 2: not JSON"),
+    "list.jsonl": ('{"text": "good", "label": 1}\n["bad", 0]\n', "line 2: expected a JSON object, got list"),
+    "null_label.jsonl": ('{"text": "good", "label": 1}\n{"text": "bad", "label": null}\n',
+                         "row 1: 'label' is missing"),
+    "no_label.jsonl": ('{"text": "good", "label": 1}\n{"text": "bad"}\n', "row 1: 'label' is missing"),
+    "null_text.jsonl": ('{"text": "good", "label": 1}\n{"text": null, "label": 0}\n', "row 1: 'text' is missing"),
+    "mixed.jsonl": ('{"text": "good", "label": 1}\n{"text": "bad", "label": "0"}\n',
+                    "labels must be all integers or all strings"),
+    "one_class.jsonl": ('{"text": "good", "label": 1}\n{"text": "bad", "label": 1}\n',
+                        "classification needs at least 2 classes"),
+    "float_label.jsonl": ('{"text": "good", "label": 1.5}\n{"text": "bad", "label": 0}\n',
+                          "row 0: label 1.5 is neither an integer nor a string"),
+    "missing.csv": (None, "does not exist"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_DATA))
+def test_bad_data_is_one_line_exit_2_and_leaves_no_output(name, capsys, tiny_bert, tmp_path):
+    contents, message = BAD_DATA[name]
+    data = tmp_path / name
+    if isinstance(contents, bytes):
+        data.write_bytes(contents)
+    elif contents is not None:
+        data.write_text(contents)
+    out_dir = tmp_path / "run"
+    code = main(["train", f"--model={tiny_bert}", f"--data={data}", f"--out_dir={out_dir}", "--eval_size=1",
+                 "--progress=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("ember: error: ") and message in err[0], err
+    assert not out_dir.exists()
 
 
 def test_no_traceback_from_the_command(tmp_path):

@@ -7,7 +7,14 @@ import json
 import pytest
 
 from ember.engine.config import TrainConfig
-from ember.engine.data import DataPosition, load_classification, next_batch, read_labelled_rows, split_held_out
+from ember.engine.data import (
+    DataPosition,
+    classes_of,
+    load_classification,
+    next_batch,
+    read_labelled_rows,
+    split_held_out,
+)
 from ember.engine.errors import ConfigError
 
 
@@ -52,3 +59,15 @@ def test_batches_follow_an_order_that_depends_only_on_seed_and_epoch():
     assert [next_batch(examples, 4, seed=3, position=resumed_at) for _ in range(3)] == whole[2:]
     with pytest.raises(ConfigError, match="batch_size 11 is larger than the training set"):
         next_batch(examples, 11, seed=3, position=DataPosition())
+
+
+def test_classes_are_the_distinct_labels():
+    """A stray large label is one class, not a head of a billion; gaps make no empty classes."""
+    config = TrainConfig()
+    assert classes_of([0, 1, 10**9, 1], config) == (["0", "1", "1000000000"], [0, 1, 2, 1])
+    assert classes_of([9, 0, 1], config) == (["0", "1", "9"], [2, 0, 1])
+    assert classes_of(["rotten", "fresh"], config) == (["fresh", "rotten"], [1, 0])
+    for labels, message in (([0, "1"], "all integers or all strings"), ([0, None], "row 1: 'label' is missing"),
+                            ([True, False], "neither an integer nor a string"), ([3, 3], "at least 2 classes")):
+        with pytest.raises(ConfigError, match=message):
+            classes_of(labels, config)
