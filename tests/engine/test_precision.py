@@ -14,13 +14,20 @@ from ember.kernels import linear_cross_entropy
 from ember.kernels.backend import forced_backend
 
 
-def test_auto_on_cpu_is_bf16_and_logged(caplog):
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "emulated-bf16"])
+def test_auto_on_cpu_follows_native_bf16_and_is_logged(caplog, monkeypatch, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     with caplog.at_level(logging.INFO, logger="ember.precision"):
         precision = decide("auto", "cpu")
-    assert precision.policy == "bf16"
-    assert precision.autocast_dtype == torch.bfloat16 and precision.param_dtype == torch.float32
-    assert not precision.loss_scaling and not precision.stochastic_rounding
-    assert "precision: bf16 (auto: the CPU supports bf16" in caplog.text
+    if native:
+        assert precision.policy == "bf16" and precision.autocast_dtype == torch.bfloat16
+        assert "precision: bf16 (auto: the CPU supports bf16" in caplog.text
+    else:
+        assert precision.policy == "fp32" and precision.autocast_dtype is None
+        assert "precision: fp32 (auto: the CPU has no native bf16" in caplog.text
+    assert precision.param_dtype == torch.float32 and not precision.loss_scaling and not precision.stochastic_rounding
+    assert decide("bf16", "cpu").policy == "bf16"  # asked for, bf16 runs on any CPU
 
 
 @pytest.mark.parametrize("policy", POLICIES)
