@@ -1,10 +1,13 @@
-"""Atomic writes: the target names a complete file or folder, the old one or the new one, never a half."""
+"""Atomic writes: the target names a complete file or folder, the old one or the new one, never a half; the
+temporaries of killed writers are cleared."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from ember.engine.atomic import write_atomically
+from ember.engine.atomic import remove_stale_temporaries, write_atomically
 
 
 def test_a_file_and_a_folder_replace_the_old_ones_whole(tmp_path):
@@ -39,3 +42,17 @@ def test_a_failed_write_leaves_the_target_and_no_temporary(tmp_path, error):
         write_atomically(target, write)
     assert target.read_text() == "the last good one"
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_and_nothing_else(tmp_path):
+    dead = 2**22 + 1  # above Linux's largest process id: no process has it
+    stale = [tmp_path / f".step-00000005.tmp-{dead}", tmp_path / f".final.tmp-{os.getpid()}"]  # ours: not writing
+    kept = [tmp_path / f".step-00000006.tmp-{os.getppid()}",  # a live writer's: it may be mid-write
+            tmp_path / ".hidden", tmp_path / ".notes.tmp-x", tmp_path / "step-00000004"]
+    for path in (*stale, *kept):
+        path.mkdir()
+    (tmp_path / f".log.jsonl.tmp-{dead}").write_text("half")  # files go too
+    stale.append(tmp_path / f".log.jsonl.tmp-{dead}")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+    assert remove_stale_temporaries(tmp_path / "nowhere") == []
