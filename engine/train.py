@@ -3,16 +3,22 @@
     result = train(load_config())          # the default job
 
 ``train`` is a short loop over the steps below it (nanoGPT's ``train.py`` is
-the model): resume, one accumulated step, the optimizer step (or a skipped
-one), evaluate, checkpoint, finish. Every piece of the run they share lives in
-one ``Run``.
+the model): start, resume, open the log, one accumulated step, the optimizer
+step (or a skipped one), evaluate, checkpoint, finish. Every piece of the run
+they share lives in one ``Run``.
+
+A start that fails (bad data, a model that does not load, a refused resume)
+leaves ``out_dir`` as it found it: nothing is written there until the run
+has started and resumed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import os
 import random
 import resource
 import signal
@@ -26,7 +32,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .atomic import remove_stale_temporaries, write_atomically
+from .checkpoint import (check_config, copy_parameters, latest, list_checkpoints, load_checkpoint, load_trainable,
+                         remove_damaged, save_checkpoint)
 from .config import ConfigError, TrainConfig, TrainingError
 from .data import DataPosition, model_folder, next_batch
 from .device import resolve_device
@@ -49,6 +57,11 @@ class LoopState:
     bad_steps: int = 0
     best_metric: float | None = None
     evals_without_improvement: int = 0
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> LoopState:
+        """The inverse of ``dataclasses.asdict``: checkpoints hold the loop state as plain data."""
+        return cls(**{**saved, "position": DataPosition(**saved["position"])})
 
 
 @dataclasses.dataclass
@@ -184,18 +197,27 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class RunLog:
-    """JSON lines in out_dir/log.jsonl, and TensorBoard events when asked for."""
+    """JSON lines in out_dir/log.jsonl, and TensorBoard events when asked for.
 
-    def __init__(self, out_dir: Path, tensorboard: bool):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(out_dir / "log.jsonl", "a", encoding="utf-8")
-        self.writer = None
-        if tensorboard:
+    The log describes the run in out_dir once: a fresh run starts it anew, a
+    run resumed at step N keeps the records up to step N (those of the steps
+    it redoes go, so no step is logged twice) and appends its own, starting
+    with a "config" record at step N. Each run segment ends with one "end"
+    record.
+    """
+
+    def __init__(self, out_dir: Path, tensorboard: bool, resumed_step: int | None):
+        if tensorboard:  # checked before anything is written
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as error:
                 raise ConfigError(f"tensorboard = true needs the tensorboard package ({error})") from None
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "log.jsonl"
+        kept = _records_through(path, resumed_step) if resumed_step is not None else []
+        write_atomically(path, lambda temporary: temporary.write_text("".join(kept), encoding="utf-8"))
+        self.file = open(path, "a", encoding="utf-8")
+        self.writer = SummaryWriter(str(out_dir / "tensorboard")) if tensorboard else None
 
     def write(self, kind: str, step: int, **values) -> None:
         self.file.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
@@ -209,6 +231,21 @@ class RunLog:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _records_through(path: Path, step: int) -> list[str]:
+    """The lines of the log at ``path`` whose step is at most ``step``; a line torn by a kill is dropped."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(record_step, int) and record_step <= step:
+            kept.append(line + "\n")
+    return kept
 
 
 def _rng_states() -> dict:
@@ -238,13 +275,13 @@ class Run:
     device: torch.device
     precision: Precision
     out_dir: Path
-    log: RunLog
     task: object  # one of TASKS
     model: nn.Module
     trainable: dict[str, nn.Parameter]
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
+    log: RunLog | None = None  # opened by open_log once the run has started and resumed
     state: LoopState = dataclasses.field(default_factory=LoopState)
     losses: list[float] = dataclasses.field(default_factory=list)  # one per optimizer step of this process
     tokens_seen: int = 0
@@ -252,15 +289,25 @@ class Run:
     saved_step: int | None = None  # the step of the latest checkpoint on disk
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """A ConfigError now, rather than after the model has loaded, when out_dir cannot hold the run."""
+    existing = next(folder for folder in (out_dir, *out_dir.parents) if folder.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == out_dir else f"cannot be created: {str(existing)!r} is a file"
+        raise ConfigError(f"out_dir {str(out_dir)!r} {where}; expected a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is not writable" if existing == out_dir else f"cannot be created in {str(existing)!r}, not writable"
+        raise ConfigError(f"out_dir {str(out_dir)!r} {where}")
+
+
 def start(config: TrainConfig) -> Run:
-    """Init: seeds, device, precision and logs; then data, model, optimizer, schedule and loss scaling."""
+    """Init: seeds, device, precision, out_dir checked; then data, model, optimizer, schedule and loss scaling."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     device = resolve_device(config.device)
     precision = decide(config.precision, device)
     out_dir = Path(config.out_dir)
-    log = RunLog(out_dir, config.tensorboard)
-    log.write("config", 0, config=config.to_dict(), precision=str(precision))
+    _check_out_dir(out_dir)
     print(f"precision: {precision}")
 
     task, model = _task_and_model(config, precision, device)
@@ -271,29 +318,56 @@ def start(config: TrainConfig) -> Run:
     optimizer = build(config.optimizer, list(trainable.values()), lr=config.lr, betas=config.betas,
                       weight_decay=config.weight_decay, stochastic_rounding=precision.stochastic_rounding)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    return Run(config, device, precision, out_dir, log, task, model, trainable, optimizer, schedule,
+    return Run(config, device, precision, out_dir, task, model, trainable, optimizer, schedule,
                scaler=precision.grad_scaler())
 
 
 def resume(run: Run) -> None:
-    """Continue from the latest checkpoint with ``resume``; without it, refuse to write over checkpoints."""
-    checkpoints = list_checkpoints(run.out_dir)
-    if not checkpoints:
+    """Continue from the latest whole checkpoint with ``resume``; without it, refuse to write over checkpoints.
+
+    Damaged checkpoints are skipped with a warning; a saved config that differs from this run's in what is
+    trained is refused (``resume_allow_changes`` lets it through). Only once the checkpoint is loaded does
+    the housekeeping change out_dir.
+    """
+    if not list_checkpoints(run.out_dir):
         return
     if not run.config.resume:
         raise ConfigError(f"{run.out_dir} already holds checkpoints: pass --resume=true to continue, "
                           f"or choose another out_dir")
-    saved_params, saved = load_checkpoint(checkpoints[-1])
-    with torch.no_grad():
-        for name, p in run.trainable.items():
-            p.copy_(saved_params[name])
+    folder, damaged = latest(run.out_dir)
+    check_config(folder, run.config.to_dict(), allow_changes=run.config.resume_allow_changes)
+    saved_params, saved = load_checkpoint(folder)
+    copy_parameters(saved_params, run.trainable, folder)
+    try:
+        _restore_states(run, saved)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ConfigError(f"{folder / 'state.pt'} does not fit this run: {str(error).splitlines()[0]}") from None
+    remove_damaged(run.out_dir, damaged)
+    print(f"resumed from {folder} at step {run.state.step}")
+
+
+def _restore_states(run: Run, saved: dict) -> None:
     run.optimizer.load_state_dict(saved["optimizer"])
     run.schedule.load_state_dict(saved["schedule"])
     run.scaler.load_state_dict(saved["scaler"])
-    run.state = saved["loop"]
+    run.state = LoopState.from_dict(saved["loop"])
     run.saved_step = run.state.step
     _set_rng_states(saved["rng"])
-    print(f"resumed from {checkpoints[-1]} at step {run.state.step}")
+    # lr, betas and weight decay may change on resume, but the saved optimizer and schedule carry the old
+    # ones: this run's config wins (unchanged values give the same floats, so the resume stays exact).
+    config = run.config
+    run.schedule.base_lrs = [config.lr] * len(run.optimizer.param_groups)
+    for group in run.optimizer.param_groups:
+        group.update(initial_lr=config.lr, lr=config.lr * lr_factor(run.schedule.last_epoch, config),
+                     betas=config.betas, weight_decay=config.weight_decay)
+
+
+def open_log(run: Run) -> RunLog:
+    """The run's log, opened once it has started and resumed; its first record is the config of this segment."""
+    run.log = RunLog(run.out_dir, run.config.tensorboard, resumed_step=run.saved_step)
+    remove_stale_temporaries(run.out_dir)  # a final/ export or log rewrite killed mid-write
+    run.log.write("config", run.state.step, config=run.config.to_dict(), precision=str(run.precision))
+    return run.log
 
 
 def accumulated_step(run: Run) -> float:
@@ -378,7 +452,7 @@ def stops_early(run: Run, metrics: dict[str, float]) -> bool:
 def save(run: Run) -> None:
     """A checkpoint of this step: trainable tensors, optimizer, schedule, scaler, loop and RNG states."""
     state = {"optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
-             "scaler": run.scaler.state_dict(), "loop": run.state, "rng": _rng_states()}
+             "scaler": run.scaler.state_dict(), "loop": dataclasses.asdict(run.state), "rng": _rng_states()}
     write_adapter = (lambda folder: save_adapter(run.model, folder / "adapter")) if run.config.lora_r else None
     save_checkpoint(run.out_dir, run.state.step, run.trainable, state, run.config.to_dict(), run.config.keep_last,
                     write_extra=write_adapter)
@@ -386,10 +460,12 @@ def save(run: Run) -> None:
 
 
 def _export(model, tokenizer, config: TrainConfig, folder: Path) -> None:
-    """LoRA: the adapter in PEFT's format (and a trained classification head); full fine-tune: a model folder."""
+    """LoRA: the adapter in PEFT's format (and a trained classification head); full fine-tune: a model folder.
+
+    Written to ``folder`` by ``write_atomically``: a kill mid-export leaves the previous export, never half."""
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir()
     if config.lora_r:
         save_adapter(model, folder / "adapter")
     if config.lora_r and config.task != "causal-lm":
@@ -410,7 +486,8 @@ def finish(run: Run, stopped: str, eval_before: dict[str, float]) -> TrainResult
     seconds = time.time() - run.started
     eval_after, report = evaluate(run)
     if stopped != "interrupted":
-        _export(run.model, run.task.tokenizer, run.config, run.out_dir / "final")
+        export = functools.partial(_export, run.model, run.task.tokenizer, run.config)
+        write_atomically(run.out_dir / "final", export)
     memory = peak_memory_mb(run.device)
     run.log.write("end", run.state.step, stopped=stopped, seconds=seconds, peak_memory_mb=memory)
     return TrainResult(steps=run.state.step, stopped=stopped, eval_before=eval_before, eval_after=eval_after,
@@ -426,8 +503,8 @@ def train(config: TrainConfig) -> TrainResult:
     """Fine-tune as ``config`` says. Ctrl-C finishes the step, saves a checkpoint and returns
     ``stopped="interrupted"``; ``resume=true`` continues from it exactly."""
     run = start(config)
-    with closing(run.log):
-        resume(run)
+    resume(run)
+    with closing(open_log(run)):
         eval_before, _ = evaluate(run)
         print(f"held-out before: {_format(eval_before)}")
         stopped = "max_steps" if run.state.step >= config.max_steps else None  # None: still running
@@ -462,14 +539,9 @@ def train(config: TrainConfig) -> TrainResult:
 
 def evaluate_checkpoint(config: TrainConfig) -> tuple[dict, ClassificationReport | None]:
     """Held-out metrics of the latest checkpoint in ``config.out_dir``, the model prepared as for training."""
-    checkpoints = list_checkpoints(Path(config.out_dir))
-    if not checkpoints:
-        raise ConfigError(f"no checkpoint in {config.out_dir!r} to evaluate")
+    folder, _ = latest(Path(config.out_dir))  # damaged ones skipped with a warning, left as they are
     device = resolve_device(config.device)
     precision = decide(config.precision, device)
     task, model = _task_and_model(config, precision, device)
-    saved_params, _ = load_checkpoint(checkpoints[-1])
-    with torch.no_grad():
-        for name, p in trainable_parameters(model).items():
-            p.copy_(saved_params[name])
+    copy_parameters(load_trainable(folder), trainable_parameters(model), folder)
     return task.evaluate(model, precision)
