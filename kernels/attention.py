@@ -97,19 +97,8 @@ class _Problem:
 # ----------------------------------------------------------------------------
 
 
-def attention_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    softmax_scale: float | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    window: tuple[int, int] | None = None,
-    softcap: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def attention_ref(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=None, window=None, softcap=None,
+                  dropout_p=0.0, dropout_mask=None):
     """Attention of (B, Hq, Sq, D) queries over (B, Hkv, Sk, D) keys, computed plainly.
 
     Same semantics as ``flash_attention``; ``dropout_mask`` (B, Hq, Sq, Sk) bool
@@ -187,10 +176,32 @@ def _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, seqlen_q, seqlen_k, IS_VARL
 
 
 @triton.jit
+def _query_block(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, num_heads, BLOCK_M: tl.constexpr,
+                 IS_VARLEN: tl.constexpr):
+    # A forward or dq program's first query, its (sequence b, query head h) and
+    # bh = b * num_heads + h, and the sequence's (first token, length) of queries and keys.
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    q_start, q_len, k_start, k_len = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, seqlen_q, seqlen_k, IS_VARLEN)
+    return start_m, bh, b, h, q_start, q_len, k_start, k_len
+
+
+@triton.jit
 def _head_base(ptr, b, h, start, stride_b, stride_h, stride_m):
     # Offsets in int64: B * H * S * D passes 2**31 elements at real sizes.
     return (ptr + tl.cast(b, tl.int64) * stride_b + tl.cast(h, tl.int64) * stride_h
             + tl.cast(start, tl.int64) * stride_m)
+
+
+@triton.jit
+def _kv_bases(k_ptr, v_ptr, kpm_ptr, b, kv_head, k_start, stride_kb, stride_kh, stride_km, stride_vb, stride_vh,
+              stride_vm, stride_kpm_b):
+    # Where the keys and the values of one (sequence, kv head) begin, and the sequence's key padding mask row.
+    k_base = _head_base(k_ptr, b, kv_head, k_start, stride_kb, stride_kh, stride_km)
+    v_base = _head_base(v_ptr, b, kv_head, k_start, stride_vb, stride_vh, stride_vm)
+    return k_base, v_base, kpm_ptr + tl.cast(b, tl.int64) * stride_kpm_b
 
 
 @triton.jit
@@ -277,19 +288,15 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: the output and log-sum-exp of BLOCK_M queries of one (sequence, query head).
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    q_start, q_len, k_start, k_len = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, seqlen_q, seqlen_k, IS_VARLEN)
+    start_m, bh, b, h, q_start, q_len, k_start, k_len = _query_block(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q,
+                                                                     seqlen_k, num_heads, BLOCK_M, IS_VARLEN)
     if start_m >= q_len:
         return
     kv_head = h // group_size
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q_base = _head_base(q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm)
-    k_base = _head_base(k_ptr, b, kv_head, k_start, stride_kb, stride_kh, stride_km)
-    v_base = _head_base(v_ptr, b, kv_head, k_start, stride_vb, stride_vh, stride_vm)
-    kpm_row_ptr = kpm_ptr + tl.cast(b, tl.int64) * stride_kpm_b
+    k_base, v_base, kpm_row_ptr = _kv_bases(k_ptr, v_ptr, kpm_ptr, b, kv_head, k_start, stride_kb, stride_kh,
+                                            stride_km, stride_vb, stride_vh, stride_vm, stride_kpm_b)
     q = _load_rows(q_base, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -344,19 +351,15 @@ def _attn_bwd_dq_kernel(
 ):
     # One program: dq for BLOCK_M queries of one (sequence, query head), and
     # their delta = rowsum(dO * O), which the dk/dv pass reads.
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    q_start, q_len, k_start, k_len = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, seqlen_q, seqlen_k, IS_VARLEN)
+    start_m, bh, b, h, q_start, q_len, k_start, k_len = _query_block(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q,
+                                                                     seqlen_k, num_heads, BLOCK_M, IS_VARLEN)
     if start_m >= q_len:
         return
     kv_head = h // group_size
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q_base = _head_base(q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm)
-    k_base = _head_base(k_ptr, b, kv_head, k_start, stride_kb, stride_kh, stride_km)
-    v_base = _head_base(v_ptr, b, kv_head, k_start, stride_vb, stride_vh, stride_vm)
-    kpm_row_ptr = kpm_ptr + tl.cast(b, tl.int64) * stride_kpm_b
+    k_base, v_base, kpm_row_ptr = _kv_bases(k_ptr, v_ptr, kpm_ptr, b, kv_head, k_start, stride_kb, stride_kh,
+                                            stride_km, stride_vb, stride_vh, stride_vm, stride_kpm_b)
     q = _load_rows(q_base, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
     out = _load_rows(_head_base(out_ptr, b, h, q_start, stride_ob, stride_oh, stride_om), q_len, stride_om,
                      start_m, BLOCK_M, HEAD_DIM, BLOCK_D)

@@ -20,3 +20,10 @@ def grouped_tile(pid, num_row_blocks, num_col_blocks, GROUP_ROWS: tl.constexpr):
     row_block = first_row_block + (pid % tiles_per_group) % group_rows
     col_block = (pid % tiles_per_group) // group_rows
     return row_block, col_block
+
+
+@triton.jit
+def span(start, end, BLOCK: tl.constexpr):
+    """The BLOCK offsets from ``start``, and which of them fall before ``end``: one block of a masked dimension."""
+    offsets = start + tl.arange(0, BLOCK)
+    return offsets, offsets < end
