@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from ember.bench import harness, report
@@ -128,7 +129,12 @@ def _with_default_bench_command(argv: list[str]) -> list[str]:
     return argv
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"ember: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning  # a skipped step or checkpoint: one line, not a source listing
     parser = build_parser()
     args, overrides = parser.parse_known_args(_with_default_bench_command(sys.argv[1:] if argv is None else argv))
     if overrides and not getattr(args, "takes_overrides", False):

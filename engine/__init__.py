@@ -1,14 +1,14 @@
 """ember.engine: the training loop around ember's kernels, and the pieces it is made of, each usable alone.
 
-    from ember.engine import LoRAConfig, apply_lora, build_optimizer, patch, save_adapter
-    model = patch(AutoModelForCausalLM.from_pretrained(path))         # ember's attention and losses
+    from ember.engine import LoRAConfig, apply_lora, build_optimizer, patch_model, save_adapter
+    model = patch_model(AutoModelForCausalLM.from_pretrained(path))   # ember's attention and losses
     model = apply_lora(model, LoRAConfig(r=16, alpha=32, target_modules="all-linear", quantize_base="nf4"))
     optimizer = build_optimizer("adamw8bit", [p for p in model.parameters() if p.requires_grad], lr=2e-4)
     ...                                                                 # your loop, Trainer, TRL
     save_adapter(model, "out/adapter")                                  # PEFT's format
 
-    from ember.engine import load_config, train
-    result = train(load_config("job.toml", ["--max_steps=200"]))       # ember's own loop: `ember train`
+    from ember.engine import load_config, run_training
+    result = run_training(load_config("job.toml", ["--max_steps=200"]))  # ember's own loop: `ember train`
 
 Modules, in the order a run uses them:
 
@@ -27,6 +27,8 @@ Modules, in the order a run uses them:
 - ``train``: the loop itself.
 
 The engine imports ``ember.kernels`` and never ``ember.bench`` or the command line.
+No export takes the name of a module (``train``, ``patch``): ``import
+ember.engine.train as train_module`` must give the module.
 """
 
 from .config import TrainConfig, load_config
@@ -35,10 +37,11 @@ from .hf_attention import register_attention
 from .lora import LoRAConfig, LoRALinear, apply_lora, lora_report
 from .optim import AdamW8bit
 from .optim import build as build_optimizer
-from .patch import patch
+from .patch import patch as patch_model
 from .peft_format import from_peft, load_adapter, save_adapter
 from .precision import decide as decide_precision
-from .train import TrainResult, evaluate_checkpoint, train
+from .train import TrainResult, evaluate_checkpoint
+from .train import train as run_training
 
 __all__ = [
     "AdamW8bit",
@@ -56,8 +59,8 @@ __all__ = [
     "load_adapter",
     "load_config",
     "lora_report",
-    "patch",
+    "patch_model",
     "register_attention",
+    "run_training",
     "save_adapter",
-    "train",
 ]

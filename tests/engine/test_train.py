@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -15,15 +14,12 @@ import sys
 import pytest
 import torch
 
+import ember.engine.patch as patch_module
+import ember.engine.train as train_module
 from ember.engine.checkpoint import list_checkpoints
 from ember.engine.config import ConfigError, TrainConfig, TrainingError, load_config
 from ember.engine.data import asset_path
 from ember.kernels.backend import forced_backend
-
-# The modules themselves: `import ember.engine.train as ...` gives the function that ember.engine exports
-# under the same name.
-train_module = importlib.import_module("ember.engine.train")
-patch_module = importlib.import_module("ember.engine.patch")
 
 
 def _config(tiny_bert, sentiment_csv, tmp_path, **overrides) -> TrainConfig:
