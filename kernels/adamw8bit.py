@@ -448,7 +448,8 @@ def adamw8bit_step(
     found_inf: torch.Tensor | None = None,
     stochastic_rounding: bool = False,
 ) -> None:
-    """One AdamW step on ``params`` in place, with 8-bit (or fp32) state from ``init_state``.
+    """One AdamW step on ``params`` in place, with 8-bit (or fp32) state from ``init_state``
+    (``ember.kernels.adamw8bit_init_state``), one dict per parameter.
 
     ``grad_scale`` / ``found_inf``: a GradScaler's scale and overflow flag
     (0-d fp32 device tensors); the gradients are divided by the scale, and when

@@ -738,6 +738,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 # Public API
 # ----------------------------------------------------------------------------
 
+
 def _check_options(label_smoothing, z_loss, softcap, reduction, normalizer) -> None:
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
