@@ -82,17 +82,31 @@ class TrainResult:
 # ----------------------------------------------------------------------------
 
 
+@contextmanager
+def _named_load_errors(folder: Path, what: str):
+    """A folder transformers cannot read (garbage config, truncated weights, ...) as a ConfigError naming it."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError, StrictDataclassError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"model folder {str(folder)!r}: cannot load its {what}: {reason}") from None
+
+
 def load_tokenizer(folder: Path):
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(folder)
+    with _named_load_errors(folder, "tokenizer"):
+        return transformers.AutoTokenizer.from_pretrained(folder)
 
 
 def load_model(config: TrainConfig, folder: Path, class_names: list[str]) -> nn.Module:
     """The task's model from ``folder``, with a fresh classification head where there is one."""
     import transformers
 
-    with _quiet_transformers():
+    with _quiet_transformers(), _named_load_errors(folder, "model"):
         if config.task == "causal-lm":
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         else:
@@ -142,7 +156,10 @@ def prepare_model(model: nn.Module, config: TrainConfig, precision) -> nn.Module
         lora = LoRAConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                           target_modules=targets if config.lora_targets == "all-linear" else config.lora_targets,
                           quantize_base="nf4" if config.qlora else None)
-        model = apply_lora(model, lora)
+        try:
+            model = apply_lora(model, lora)
+        except ValueError as error:  # apply_lora names what matched nothing and what there is
+            raise ConfigError(f"lora_targets {config.lora_targets!r}: {error}") from None
         if config.task != "causal-lm":
             for p in getattr(model, head).parameters():
                 p.requires_grad_(True)

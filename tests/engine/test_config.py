@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -150,3 +151,30 @@ def test_no_traceback_from_the_command(tmp_path):
     assert result.stderr.strip() == "ember: error: max_steps: expected a positive integer, got -1"
 
 
+
+
+@pytest.mark.parametrize("damage", ["garbage config", "truncated weights", "zeroed weights", "no weights",
+                                    "targets matching nothing"])
+def test_bad_model_folders_and_targets_are_one_line_errors(damage, capsys, tiny_bert, sentiment_csv, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert, model)
+    weights = model / "model.safetensors"
+    extra = []
+    if damage == "garbage config":
+        (model / "config.json").write_text("{not json")
+    elif damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "zeroed weights":
+        weights.write_bytes(bytes(weights.stat().st_size))
+    elif damage == "no weights":
+        weights.unlink()
+    else:
+        extra = ["--lora_targets=q_prj"]
+    out_dir = tmp_path / "run"
+    code = main(["train", f"--model={model}", f"--data={sentiment_csv}", f"--out_dir={out_dir}", "--eval_size=10",
+                 "--max_length=16",
+                 "--progress=false", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = "lora_targets 'q_prj': target_modules" if extra else f"model folder '{model}': cannot load its"
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"ember: error: {expected}"), err
+    assert not out_dir.exists()
