@@ -172,8 +172,7 @@ def test_bad_model_folders_and_targets_are_one_line_errors(damage, capsys, tiny_
         extra = ["--lora_targets=q_prj"]
     out_dir = tmp_path / "run"
     code = main(["train", f"--model={model}", f"--data={sentiment_csv}", f"--out_dir={out_dir}", "--eval_size=10",
-                 "--max_length=16",
-                 "--progress=false", *extra])
+                 "--max_length=16", "--progress=false", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     expected = "lora_targets 'q_prj': target_modules" if extra else f"model folder '{model}': cannot load its"
     assert code == 2 and len(err) == 1 and err[0].startswith(f"ember: error: {expected}"), err
