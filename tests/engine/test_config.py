@@ -60,10 +60,15 @@ def test_presets(tmp_path):
      "early_stopping_metric: expected one of loss, accuracy, macro_f1 (task sequence-classification), got 'acc'"),
     (["--task=causal-lm", "--early_stopping_metric=accuracy"], "expected one of loss, perplexity (task causal-lm)"),
 ])
-def test_bad_overrides(overrides, message):
+def test_bad_overrides(overrides, message, capsys, tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config(None, overrides)
     assert message in str(error.value)
+    # The command line: exit status 2, one line on stderr, nothing written.
+    out_dir = tmp_path / "run"
+    assert main(["train", *overrides, f"--out_dir={out_dir}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ember: error: ") and not out_dir.exists(), err
 
 
 def test_keys_as_argparse_users_type_them(tmp_path):
