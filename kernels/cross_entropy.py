@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from numbers import Number
 from typing import Literal
 
 import torch
@@ -50,7 +49,7 @@ import triton.language as tl
 
 from .autocast import autocast_dtype, autocast_off, cast_for_autocast
 from .backend import use_triton
-from .checks import check_tensor
+from .checks import check_int, check_number, check_tensor, check_values
 from .launch import TRITON_DTYPE, KernelSpec, compile_case, launch, register
 from .tiling import grouped_tile
 
@@ -134,7 +133,7 @@ def _linear_logits_tile(
     hidden_ptr, weight_ptr, bias_ptr,  # at the tile's first row / first column
     row_mask, col_mask,
     H,
-    stride_hn, stride_hh, stride_wv, stride_wh,
+    stride_hn, stride_hh, stride_wv, stride_wh, stride_b,
     softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -155,7 +154,7 @@ def _linear_logits_tile(
         )  # (BLOCK_H, BLOCK_V)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols * stride_b, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
         acc = _softcap(acc, softcap)
     return acc
@@ -221,7 +220,7 @@ def _linear_ce_fwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, target_ptr,
     row_max_ptr, row_sumexp_ptr, target_logit_ptr, logit_sum_ptr,  # (SPLITS, N) fp32
     N, V, H, cols_per_split,
-    stride_hn, stride_hh, stride_wv, stride_wh,
+    stride_hn, stride_hh, stride_wv, stride_wh, stride_b,
     softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -238,8 +237,8 @@ def _linear_ce_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
         logits = _linear_logits_tile(
-            hidden_ptr, weight_ptr + tl.cast(v0, tl.int64) * stride_wv, bias_ptr + v0, row_mask, col_mask, H,
-            stride_hn, stride_hh, stride_wv, stride_wh, softcap,
+            hidden_ptr, weight_ptr + tl.cast(v0, tl.int64) * stride_wv, bias_ptr + v0 * stride_b, row_mask, col_mask,
+            H, stride_hn, stride_hh, stride_wv, stride_wh, stride_b, softcap,
             HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )
         stats = _fold_logits(logits, cols, col_mask, target, stats)
@@ -251,7 +250,7 @@ def _linear_ce_bwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, target_ptr, lse_ptr, dloss_ptr,
     dhidden_ptr, dweight_ptr, dbias_ptr,  # fp32 accumulators: (N, H), (V, H), (V,)
     N, V, H,
-    stride_hn, stride_hh, stride_wv, stride_wh,
+    stride_hn, stride_hh, stride_wv, stride_wh, stride_b,
     softcap, label_smoothing, z_loss,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DWEIGHT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -277,8 +276,8 @@ def _linear_ce_bwd_kernel(
         dhidden_ptr += row_offset * H
         dweight_ptr += col_offset * H
         logits = _linear_logits_tile(
-            hidden_ptr, weight_ptr, bias_ptr + col_offset, row_mask, col_mask, H,
-            stride_hn, stride_hh, stride_wv, stride_wh, softcap,
+            hidden_ptr, weight_ptr, bias_ptr + col_offset * stride_b, row_mask, col_mask, H,
+            stride_hn, stride_hh, stride_wv, stride_wh, stride_b, softcap,
             HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )
         dlogits = _dlogits(logits, cols, col_mask, target, lse, dloss, V, softcap, label_smoothing, z_loss,
@@ -376,9 +375,9 @@ def _matmul_config(block_n, block_v, block_h, warps, stages, **extra):
     )
 
 
-# Strides along H are 1 in practice; the compile gate specializes them as the
-# JIT does for an argument equal to 1.
-_UNIT_STRIDES = dict(stride_hh=1, stride_wh=1)
+# Strides along H, and the bias's, are 1 in practice; the compile gate
+# specializes them as the JIT does for an argument equal to 1.
+_UNIT_STRIDES = dict(stride_hh=1, stride_wh=1, stride_b=1)
 
 # 16-bit inputs take tensor-core dots and large tiles. fp32 inputs take exact
 # fp32 dots on CUDA cores ("ieee": no TF32, as PyTorch's default), whose
@@ -499,6 +498,11 @@ def _vocab_splits(n_rows: int, vocab: int, device: torch.device) -> tuple[int, i
     return triton.cdiv(vocab, cols_per_split), cols_per_split
 
 
+def _bias_stride(bias) -> int:
+    # Without a bias the kernels never read it; 1 keeps the specialization a contiguous bias gets.
+    return 1 if bias is None else bias.stride(0)
+
+
 def _linear_ce_fwd(hidden, weight, bias, target, opts: _Options):
     # hidden (N, H), weight (V, H) -> partial statistics (4, SPLITS, N) fp32
     n_rows, hidden_size = hidden.shape
@@ -510,7 +514,7 @@ def _linear_ce_fwd(hidden, weight, bias, target, opts: _Options):
         hidden, weight, weight if bias is None else bias, target,
         partials[0], partials[1], partials[2], partials[3],
         n_rows, vocab, hidden_size, cols_per_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), _bias_stride(bias),
         opts.softcap or 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
         DOT_PRECISION=_DOT_PRECISION[hidden.dtype],
@@ -532,7 +536,7 @@ def _linear_ce_bwd(hidden, weight, bias, target, lse, dloss, opts: _Options, com
         hidden, weight, weight if bias is None else bias, target, lse, dloss,
         dhidden, dhidden if dweight is None else dweight, dhidden if dbias is None else dbias,
         n_rows, vocab, hidden_size,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), _bias_stride(bias),
         opts.softcap or 1.0, opts.label_smoothing, opts.z_loss,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, COMPUTE_DWEIGHT=compute_dweight,
         DOT_PRECISION=_DOT_PRECISION[hidden.dtype],
@@ -739,43 +743,54 @@ class CrossEntropyFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------
 
 
-def _check_options(label_smoothing, z_loss, softcap, reduction, normalizer) -> None:
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if z_loss < 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if softcap is not None and not softcap > 0.0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+def _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction) -> _Options:
+    """The options as the kernels take them. Each is checked for its range: NaN or an infinity in a loss
+    option gives NaN losses or gradients, and a float ignore_index would silently match no target."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if normalizer is not None:
-        if reduction != "mean":
-            raise ValueError(f"normalizer is only used with reduction='mean', got reduction={reduction!r}")
-        if isinstance(normalizer, Number) and not normalizer > 0:
-            raise ValueError(f"normalizer must be > 0, got {normalizer}")
-        if not isinstance(normalizer, (Number, torch.Tensor)):
-            raise TypeError(f"normalizer must be a number or a tensor, got {type(normalizer).__name__}")
+    return _Options(
+        ignore_index=check_int("ignore_index", ignore_index),
+        label_smoothing=check_number("label_smoothing", label_smoothing, at_least=0.0, at_most=1.0),
+        z_loss=check_number("z_loss", z_loss, at_least=0.0),
+        softcap=None if softcap is None else check_number("softcap", softcap, above=0.0),
+    )
+
+
+def _check_normalizer(normalizer, reduction, device: torch.device) -> None:
+    """A number, or a 0-dim tensor on the inputs' device or the CPU, > 0. A CUDA tensor's value is not
+    checked: reading it would stall the host, and a device-side assertion would end the process on an
+    accumulated batch whose targets are all ignored."""
+    if normalizer is None:
+        return
+    if reduction != "mean":
+        raise ValueError(f"normalizer is only used with reduction='mean', got reduction={reduction!r}")
+    if not isinstance(normalizer, torch.Tensor):
+        check_number("normalizer", normalizer, above=0.0)
+        return
+    if normalizer.dtype == torch.bool or normalizer.is_complex():
+        raise TypeError(f"normalizer must be a real number or a real 0-dim tensor, got a {normalizer.dtype} tensor")
+    if normalizer.dim() != 0:
+        raise ValueError(f"normalizer must be a 0-dim tensor (one count for the whole loss), got shape "
+                         f"{tuple(normalizer.shape)}")
+    if normalizer.device not in (device, torch.device("cpu")):
+        raise ValueError(f"normalizer is on {normalizer.device} but the inputs are on {device}")
+    if not normalizer.is_cuda:
+        check_number("normalizer", normalizer.item(), above=0.0)
 
 
 def _check_target(target, n_rows: int, vocab: int, device: torch.device, ignore_index: int) -> torch.Tensor:
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target must hold int64 (or int32) class indices, got {target.dtype}")
+    """The target as the kernels read it: (N,) and contiguous. Copying N indices costs nothing next to the loss,
+    and the kernels then need no stride for it (an expanded target, stride 0, is read correctly as well)."""
+    check_tensor("target", target, (torch.int64, torch.int32))
     if target.numel() != n_rows:
         raise ValueError(f"target must have one entry per row: expected {n_rows} entries, got shape "
                          f"{tuple(target.shape)}")
     if target.device != device:
         raise ValueError(f"target is on {target.device} but the inputs are on {device}")
-    target = target.reshape(-1)
+    target = target.reshape(-1).contiguous()
     in_range = ((target >= 0) & (target < vocab)) | (target == ignore_index)
-    message = f"target values must be in [0, {vocab}) or equal ignore_index={ignore_index}"
-    if target.is_cuda:
-        # Checked on the device: raising here would stall the host on every call.
-        torch._assert_async(in_range.all(), message)
-    elif not bool(in_range.all()):
-        bad = target[~in_range][0].item()
-        raise ValueError(f"{message}; found {bad}")
+    check_values(in_range.all(), f"target values must be in [0, {vocab}) or equal ignore_index={ignore_index}",
+                 found=lambda: f"found {target[~in_range][0].item()}")
     return target
 
 
@@ -785,10 +800,10 @@ def _loss(function, inputs, target, vocab, ignore_index, label_smoothing, z_loss
 
     ``inputs``: ``function``'s tensors, the (N, H) hidden states or (N, V) logits first.
     """
-    _check_options(label_smoothing, z_loss, softcap, reduction, normalizer)
+    opts = _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction)
     rows = inputs[0]
-    rows_target = _check_target(target, rows.shape[0], vocab, rows.device, ignore_index)
-    opts = _Options(ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    _check_normalizer(normalizer, reduction, rows.device)
+    rows_target = _check_target(target, rows.shape[0], vocab, rows.device, opts.ignore_index)
     if rows.shape[0] == 0:  # a grid of 0 programs is not launched
         loss_rows = function.no_rows(*inputs)
     else:
@@ -816,18 +831,20 @@ def linear_cross_entropy(
         hidden: (..., H) float32/float16/bfloat16, the final hidden states; flattened
             to N = prod(...) rows.
         weight: (V, H), same dtype and device, the LM head (``lm_head.weight``).
-        target: N int64 class indices (any shape with N elements, e.g. (N,) or
+        target: N int64 (or int32) class indices (any shape and strides with N elements, e.g. (N,) or
             hidden.shape[:-1]); ``ignore_index`` marks rows that do not count.
         bias: optional (V,), same dtype.
-        ignore_index: target value whose rows contribute nothing.
+        ignore_index: an int, the target value whose rows contribute nothing.
         label_smoothing: in [0, 1], as in ``torch.nn.functional.cross_entropy``.
-        z_loss: adds ``z_loss * logsumexp(logits)**2`` per counted row (PaLM).
-        softcap: if given, the softmax sees ``softcap * tanh(logits / softcap)`` (Gemma 2).
+        z_loss: a finite number >= 0; adds ``z_loss * logsumexp(logits)**2`` per counted row (PaLM).
+        softcap: None, or a finite number > 0: the softmax sees ``softcap * tanh(logits / softcap)`` (Gemma 2).
         reduction: "mean" (sum over counted rows divided by their number, or by
             ``normalizer``), "sum", or "none" (per-row losses shaped like ``target``,
             0 on ignored rows).
         normalizer: for "mean" only: divide the sum by this number or 0-dim tensor
             instead, e.g. the target-token count of a whole accumulated batch.
+            It must be > 0; a CUDA tensor's value is not checked (that would
+            stall the host), so a count of 0 there gives NaN.
 
     Returns:
         fp32 loss: a scalar, or per-row losses for reduction="none". With every
@@ -842,8 +859,8 @@ def linear_cross_entropy(
     hidden, weight, bias = cast_for_autocast(autocast_dtype(hidden), hidden, weight, bias)
     check_tensor("hidden", hidden)
     check_tensor("weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be (V, H), got shape {tuple(weight.shape)}")
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"weight must be (V, H) with V >= 1, got shape {tuple(weight.shape)}")
     if hidden.dim() == 0 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden must be (..., H) with H = weight.shape[1] = {weight.shape[1]}, "
                          f"got shape {tuple(hidden.shape)}")
@@ -888,7 +905,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     def __init__(self, *, ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
                  softcap: float | None = None, reduction: Reduction = "mean") -> None:
         super().__init__()
-        _check_options(label_smoothing, z_loss, softcap, reduction, None)
+        _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction)
         self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                             softcap=softcap, reduction=reduction)
 

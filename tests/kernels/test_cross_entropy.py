@@ -162,6 +162,41 @@ def test_batched_hidden_and_strided_views(device):
     torch.testing.assert_close(d_weight, ref_weight.float(), rtol=1e-4, atol=1e-5)
 
 
+def test_strided_and_expanded_targets_and_bias(device):
+    # Issue 15, finding 2: the Triton path read the target as contiguous. A target
+    # of stride 2 gave 7.3416 against PyTorch's 7.6429, and an expanded one (stride
+    # 0) read past its memory. The bias is read through its stride as well.
+    generator = torch.Generator().manual_seed(15)
+    logits = torch.randn(6, 11, generator=generator, dtype=torch.float64)
+    hidden = torch.randn(6, 16, generator=generator, dtype=torch.float64)
+    weight = torch.randn(11, 16, generator=generator, dtype=torch.float64)
+    wide_bias = torch.randn(11, 2, generator=generator, dtype=torch.float64)
+    targets = {
+        "stride 2": torch.randint(0, 11, (6, 2), generator=generator)[:, 0],
+        "expanded": torch.tensor([3]).expand(6),
+        "transposed (2, 3)": torch.randint(0, 11, (3, 2), generator=generator).t(),
+    }
+    for bias in (None, wide_bias[:, 1], wide_bias[:1, 0].expand(11)):
+        for name, target in targets.items():
+            expected_logits = hidden @ weight.T + (0 if bias is None else bias)
+            expected = F.cross_entropy(expected_logits, target.reshape(-1))
+            leaves = [t.float().to(device).requires_grad_() for t in (hidden, weight)]
+            on_device = dict(target=target.to(device), bias=None if bias is None else bias.float().to(device))
+            loss = linear_cross_entropy(*leaves, **on_device)
+            torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-5, msg=name)
+            grads = torch.autograd.grad(loss, leaves)
+            reference = [t.clone().requires_grad_() for t in (hidden, weight)]
+            reference_logits = reference[0] @ reference[1].T + (0 if bias is None else bias)
+            expected_grads = torch.autograd.grad(F.cross_entropy(reference_logits, target.reshape(-1)), reference)
+            for grad, expected_grad in zip(grads, expected_grads):
+                torch.testing.assert_close(grad.double().cpu(), expected_grad, rtol=1e-4, atol=1e-5, msg=name)
+
+            logits_leaf = logits.float().to(device).requires_grad_()
+            loss = cross_entropy(logits_leaf, target.to(device))
+            torch.testing.assert_close(loss.double().cpu(), F.cross_entropy(logits, target.reshape(-1)), rtol=1e-5,
+                                       atol=1e-5, msg=name)
+
+
 def test_frozen_weight_gets_no_gradient(device):
     # A frozen LM head (LoRA fine-tuning): the kernel skips d(weight) entirely.
     hidden, weight, _, target, _ = _make_case(11, 16, 90, torch.float32, device, {}, seed=4)
@@ -312,7 +347,7 @@ def _good():
         (lambda h, w, t, kw: (h, w.half(), t, kw), TypeError, "same dtype"),
         (lambda h, w, t, kw: (h[:, :6], w, t, kw), ValueError, "hidden must be"),
         (lambda h, w, t, kw: (h, w[0], t, kw), ValueError, "weight must be"),
-        (lambda h, w, t, kw: (h, w, t.float(), kw), TypeError, "target must hold int64"),
+        (lambda h, w, t, kw: (h, w, t.float(), kw), TypeError, "target must be int64 or int32"),
         (lambda h, w, t, kw: (h, w, t[:3], kw), ValueError, "one entry per row"),
         (lambda h, w, t, kw: (h, w, t + 10, kw), ValueError, r"target values must be in \[0, 10\)"),
         (lambda h, w, t, kw: (h, w, t - 5, kw), ValueError, "target values"),
@@ -321,7 +356,25 @@ def _good():
         (lambda h, w, t, kw: (h, w, t, dict(z_loss=-1.0)), ValueError, "z_loss"),
         (lambda h, w, t, kw: (h, w, t, dict(softcap=0.0)), ValueError, "softcap"),
         (lambda h, w, t, kw: (h, w, t, dict(reduction="sum", normalizer=3)), ValueError, "normalizer"),
-        (lambda h, w, t, kw: (h, w, t, dict(normalizer=0)), ValueError, "normalizer must be > 0"),
+        (lambda h, w, t, kw: (h, w, t, dict(normalizer=0)), ValueError, "normalizer must be a finite number > 0"),
+        # Issue 15, finding 10: options that were accepted and gave NaN, inf or nonsense.
+        (lambda h, w, t, kw: (h, w, t, dict(softcap=float("inf"))), ValueError, "softcap must be a finite number > 0"),
+        (lambda h, w, t, kw: (h, w, t, dict(softcap=float("nan"))), ValueError, "softcap must be a finite number > 0"),
+        (lambda h, w, t, kw: (h, w, t, dict(z_loss=float("nan"))), ValueError, "z_loss must be a finite number >= 0"),
+        (lambda h, w, t, kw: (h, w, t, dict(z_loss=float("inf"))), ValueError, "z_loss must be a finite number >= 0"),
+        (lambda h, w, t, kw: (h, w, t, dict(label_smoothing=float("nan"))), ValueError,
+         r"label_smoothing must be a finite number in \[0, 1\]"),
+        (lambda h, w, t, kw: (h, w, t, dict(label_smoothing=-0.1)), ValueError, "label_smoothing"),
+        (lambda h, w, t, kw: (h, w, t, dict(normalizer=-4.0)), ValueError, "normalizer must be a finite number > 0"),
+        (lambda h, w, t, kw: (h, w, t, dict(normalizer=float("nan"))), ValueError, "normalizer must be a finite"),
+        (lambda h, w, t, kw: (h, w, t, dict(normalizer=torch.tensor(0))), ValueError, "normalizer must be a finite"),
+        (lambda h, w, t, kw: (h, w, t, dict(normalizer=torch.tensor(-3.0))), ValueError, "normalizer must be"),
+        (lambda h, w, t, kw: (h, w, t, dict(normalizer=torch.tensor([2.0, 3.0]))), ValueError, "0-dim tensor"),
+        (lambda h, w, t, kw: (h, w, t, dict(normalizer=torch.tensor(True))), TypeError, "normalizer must be a real"),
+        (lambda h, w, t, kw: (h, w, t, dict(normalizer="4")), TypeError, "normalizer must be a finite number"),
+        (lambda h, w, t, kw: (h, w, t, dict(ignore_index=-100.0)), TypeError, "ignore_index must be an int"),
+        (lambda h, w, t, kw: (h, w, t, dict(ignore_index=None)), TypeError, "ignore_index must be an int"),
+        (lambda h, w, t, kw: (h, w[:0], t, kw), ValueError, r"weight must be \(V, H\) with V >= 1"),
         (lambda h, w, t, kw: (h, w, t, dict(bias=torch.randn(9))), ValueError, "bias must be"),
         (lambda h, w, t, kw: (h.to("meta"), w, t, kw), ValueError, "hidden is on meta"),
     ],
