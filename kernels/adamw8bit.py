@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from .backend import use_triton
-from .checks import check_tensor
+from .checks import check_number, check_tensor
 from .dynamic_map import dynamic_map
 from .launch import TRITON_DTYPE, CompileCase, KernelSpec, compile_case, launch, register
 
@@ -409,29 +409,49 @@ def _step_torch_chunk(chunk, hyper, corrections, grad_scale, found_inf, generato
 
 
 def _check(params, grads, states, lr, betas, eps, weight_decay, grad_scale, found_inf) -> None:
+    """Every argument of a step. The kernel reads each parameter, gradient and state tensor flat through
+    one address, and writes most of them in place: they must be contiguous (a copy would not be
+    updated, and an expanded tensor would be written many times over)."""
     if not (len(params) == len(grads) == len(states)):
         raise ValueError(f"params, grads and states must have the same length, got "
                          f"{len(params)}, {len(grads)}, {len(states)}")
     for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+        check_number(name, value, at_least=0.0)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    for i, beta in enumerate(betas):
+        check_number(f"betas[{i}]", beta, at_least=0.0, below=1.0)
     if (grad_scale is None) != (found_inf is None):
         raise ValueError("grad_scale and found_inf must be given together (a GradScaler sets both)")
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
-        check_tensor(f"params[{i}]", p)
-        if g.shape != p.shape or g.device != p.device or not g.is_floating_point():
-            raise ValueError(f"grads[{i}]: expected a floating tensor of shape {tuple(p.shape)} on {p.device}, "
-                             f"got {g.dtype} {tuple(g.shape)} on {g.device}")
-        if not (p.is_contiguous() and g.is_contiguous()):
-            raise ValueError(f"params[{i}] and grads[{i}] must be contiguous: the step reads and writes them flat")
-        expected = {"step", "state1", "state2"} | ({"absmax1", "absmax2"} if s["state1"].dtype == torch.uint8 else set())
-        if not expected <= set(s):
-            raise ValueError(f"states[{i}]: missing {sorted(expected - set(s))}; make it with init_state(param)")
-        if s["state1"].shape != p.shape or s["state1"].device != p.device:
-            raise ValueError(f"states[{i}]: state1 has shape {tuple(s['state1'].shape)} on {s['state1'].device}, "
-                             f"but the parameter is {tuple(p.shape)} on {p.device}")
+        check_tensor(f"params[{i}]", p, contiguous=True)
+        check_tensor(f"grads[{i}]", g, shape=tuple(p.shape), device=p.device, contiguous=True)
+        _check_state(f"states[{i}]", s, p)
+    for name, flag in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if flag is not None:
+            # One value, read on the device: a GradScaler's (1,) tensors, or 0-dim ones.
+            check_tensor(name, flag, (torch.float32,), device=params[0].device if params else None)
+            if flag.numel() != 1:
+                raise ValueError(f"{name} must hold one value, got shape {tuple(flag.shape)}")
+
+
+def _check_state(name: str, state, param: torch.Tensor) -> None:
+    """A state as ``init_state`` makes it: uint8 moments with fp32 absmax, or fp32 moments; an fp32 step."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{name} must be a dict from init_state(param), got {type(state).__name__}")
+    state_8bit = isinstance(state.get("state1"), torch.Tensor) and state["state1"].dtype == torch.uint8
+    expected = {"step", "state1", "state2"} | ({"absmax1", "absmax2"} if state_8bit else set())
+    if not expected <= set(state):
+        raise ValueError(f"{name}: missing {sorted(expected - set(state))}; make it with init_state(param)")
+    check_tensor(f"{name}['step']", state["step"], (torch.float32,), shape=(), device=param.device)
+    check_tensor(f"{name}['state1']", state["state1"], (torch.uint8, torch.float32))
+    for key in ("state1", "state2"):
+        check_tensor(f"{name}['{key}']", state[key], (state["state1"].dtype,), shape=tuple(param.shape),
+                     device=param.device, contiguous=True)
+    if state_8bit:
+        for key in ("absmax1", "absmax2"):
+            check_tensor(f"{name}['{key}']", state[key], (torch.float32,), shape=(num_blocks(param.numel()),),
+                         device=param.device, contiguous=True)
 
 
 @torch.no_grad()
@@ -450,6 +470,11 @@ def adamw8bit_step(
 ) -> None:
     """One AdamW step on ``params`` in place, with 8-bit (or fp32) state from ``init_state``
     (``ember.kernels.adamw8bit_init_state``), one dict per parameter.
+
+    Parameters, gradients and state tensors must be contiguous: the step reads
+    and writes them flat, in place (a non-contiguous or expanded one is refused
+    with a ValueError naming it). ``lr``, ``eps`` and ``weight_decay`` are
+    finite numbers >= 0, ``betas`` two numbers in [0, 1).
 
     ``grad_scale`` / ``found_inf``: a GradScaler's scale and overflow flag
     (0-d fp32 device tensors); the gradients are divided by the scale, and when

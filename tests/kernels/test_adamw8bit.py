@@ -236,6 +236,52 @@ def test_bad_input():
         init_state(p, state_bits=16)
 
 
+def _strided(t):
+    return torch.stack([t, t], dim=-1)[..., 0]
+
+
+BAD_STEPS = {
+    # The step reads and writes every tensor flat and in place: another layout is refused, never misread.
+    "expanded-grad": (lambda p, g, s: ([p], [g[:1].expand(4096)], [s]), {}, ValueError,
+                      r"grads\[0\] must be contiguous"),
+    "strided-grad": (lambda p, g, s: ([p], [_strided(g)], [s]), {}, ValueError, r"grads\[0\] must be contiguous"),
+    "strided-state": (lambda p, g, s: ([p], [g], [{**s, "state2": _strided(s["state2"])}]), {}, ValueError,
+                      r"states\[0\]\['state2'\] must be contiguous"),
+    "strided-absmax": (lambda p, g, s: ([p], [g], [{**s, "absmax1": _strided(s["absmax1"])}]), {}, ValueError,
+                       r"states\[0\]\['absmax1'\] must be contiguous"),
+    "float64-grad": (lambda p, g, s: ([p], [g.double()], [s]), {}, TypeError, r"grads\[0\] must be float16"),
+    "fp16-state": (lambda p, g, s: ([p], [g], [{**s, "state1": s["state1"].half()}]), {}, TypeError,
+                   r"states\[0\]\['state1'\] must be uint8 or float32, got torch.float16"),
+    "short-absmax": (lambda p, g, s: ([p], [g], [{**s, "absmax2": s["absmax2"][:-1]}]), {}, ValueError,
+                     r"states\[0\]\['absmax2'\] must have shape \(16,\)"),
+    "step-on-another-dtype": (lambda p, g, s: ([p], [g], [{**s, "step": s["step"].long()}]), {}, TypeError,
+                              r"states\[0\]\['step'\] must be float32"),
+    "not-a-state": (lambda p, g, s: ([p], [g], [None]), {}, TypeError, r"states\[0\] must be a dict"),
+    "lr-inf": (lambda p, g, s: ([p], [g], [s]), dict(lr=float("inf")), ValueError, "lr must be a finite number >= 0"),
+    "eps-negative": (lambda p, g, s: ([p], [g], [s]), dict(eps=-1e-8), ValueError, "eps must be a finite number"),
+    "weight-decay-nan": (lambda p, g, s: ([p], [g], [s]), dict(weight_decay=float("nan")), ValueError,
+                         "weight_decay must be"),
+    "beta-nan": (lambda p, g, s: ([p], [g], [s]), dict(betas=(float("nan"), 0.9)), ValueError, r"betas\[0\]"),
+    "one-beta": (lambda p, g, s: ([p], [g], [s]), dict(betas=(0.9,)), ValueError, "betas must be two numbers"),
+    "grad-scale-of-two": (lambda p, g, s: ([p], [g], [s]), dict(grad_scale=torch.ones(2), found_inf=torch.zeros(1)),
+                          ValueError, "grad_scale must hold one value"),
+    "found-inf-int": (lambda p, g, s: ([p], [g], [s]),
+                      dict(grad_scale=torch.ones(1), found_inf=torch.zeros(1, dtype=torch.int32)), TypeError,
+                      "found_inf must be float32"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STEPS))
+def test_bad_tensors_and_options_are_refused_by_name(case):
+    make, options, error, message = BAD_STEPS[case]
+    param = torch.randn(4096)
+    params, grads, states = make(param, torch.randn(4096), init_state(param))
+    before = param.clone()
+    with pytest.raises(error, match=message):
+        adamw8bit_step(params, grads, states, **{"lr": 1e-3, **options})
+    assert torch.equal(param, before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_torch_path_slices_give_the_one_pass_result(monkeypatch, dtype):
     """The PyTorch path works through slices of _TORCH_CHUNK values: any slicing gives the same bits."""
