@@ -51,7 +51,7 @@ import triton.language as tl
 
 from .autocast import autocast_dtype, autocast_off, cast_for_autocast
 from .backend import use_triton
-from .checks import check_tensor
+from .checks import check_int, check_number, check_tensor, check_values
 from .launch import TRITON_DTYPE, CompileCase, KernelSpec, compile_case, launch, register
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -842,21 +842,21 @@ def _check_heads(num_heads: int, num_kv_heads: int) -> None:
 
 
 def _options(head_dim, causal, softmax_scale, dropout_p, window, softcap) -> _Options:
+    """The options as the kernels take them. Each number is checked for its range: an infinite or NaN scale or
+    softcap turns every score into NaN, and dropout_p = 1 divides by zero."""
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    elif not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    softmax_scale = check_number("softmax_scale", softmax_scale, above=0.0)
+    dropout_p = check_number("dropout_p", dropout_p, at_least=0.0, below=1.0)
     if window is not None:
-        if len(window) != 2 or not all(isinstance(w, int) and w >= -1 for w in window):
+        if not isinstance(window, (tuple, list)) or len(window) != 2:
             raise ValueError(f"window must be (left, right) ints >= 0, or -1 for no limit, got {window!r}")
-        if tuple(window) == (-1, -1):
+        window = tuple(check_int(f"window[{side}]", w, at_least=-1) for side, w in enumerate(window))
+        if window == (-1, -1):
             window = None
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
-    return _Options(float(softmax_scale), _band(bool(causal), window and tuple(window)),
-                    None if softcap is None else float(softcap), float(dropout_p))
+    if softcap is not None:
+        softcap = check_number("softcap", softcap, above=0.0)
+    return _Options(softmax_scale, _band(bool(causal), window), softcap, dropout_p)
 
 
 def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
@@ -901,10 +901,10 @@ def flash_attention(
             aligned to the bottom right, as in FlashAttention 2: the last query
             sees the last key, and with Sq > Sk the first Sq - Sk queries see
             nothing (their output is 0).
-        softmax_scale: default 1 / sqrt(D).
+        softmax_scale: a finite number > 0; default 1 / sqrt(D).
         key_padding_mask: (B, Sk) bool, True = keep (BERT-style padded batches).
             A query row that sees no key gives output 0 and zero gradients.
-        dropout_p: dropout on the attention probabilities. The bits come from a
+        dropout_p: in [0, 1), dropout on the attention probabilities. The bits come from a
             counter-based generator keyed by a seed drawn from torch's default
             (CPU) generator, so ``torch.manual_seed`` makes runs repeatable and
             the backward regenerates the forward's mask. The PyTorch (CPU)
@@ -912,8 +912,8 @@ def flash_attention(
         window: (left, right) sliding window: query i sees keys j with
             i' - left <= j <= i' + right, where i' = i + Sk - Sq; -1 is no
             limit on that side. Combined with ``causal``, right is at most 0.
-        softcap: if given, scores become ``softcap * tanh(scores / softcap)``
-            before the softmax (Gemma 2).
+        softcap: None, or a finite number > 0: scores become
+            ``softcap * tanh(scores / softcap)`` before the softmax (Gemma 2).
         return_lse: also return the (B, Hq, Sq) fp32 log-sum-exp of the scores
             (natural log, -inf for rows that see no key); it has no gradient.
 
@@ -965,8 +965,12 @@ def flash_attention_varlen(
         k, v: (Tk, Hkv, D).
         cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 (int64 is converted)
             cumulative lengths: sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1].
-            Sequences of length 0 and 1 are fine.
-        max_seqlen_q, max_seqlen_k: the longest sequence (an upper bound is fine).
+            They must start at 0, never decrease, and end at Tq (Tk).
+            Sequences of length 0 and 1 are fine. On a CPU offsets that break
+            these rules raise ValueError; on CUDA a device-side assertion
+            reports them at the next synchronization (no host sync per call),
+            and no kernel runs on them.
+        max_seqlen_q, max_seqlen_k: ints, at least the longest sequence (an upper bound is fine).
         Other options as in ``flash_attention`` (``causal`` aligns each
         sequence's queries to the bottom right of its keys).
 
@@ -976,21 +980,53 @@ def flash_attention_varlen(
     q, k, v = cast_for_autocast(autocast_dtype(q), q, k, v)  # as autocast casts SDPA's inputs
     _check_qkv(q, k, v, 3, "(T, H, D)")
     _check_heads(q.shape[1], k.shape[1])
-    cu_seqlens = []
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype not in (torch.int32,
-                                                                                                   torch.int64):
-            raise ValueError(f"{name} must be a 1-D int32 tensor of B + 1 cumulative lengths")
-        if cu.device != q.device:
-            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
-        cu_seqlens.append(cu.to(torch.int32).contiguous())
-    if cu_seqlens[0].numel() != cu_seqlens[1].numel():
+        check_tensor(name, cu, (torch.int32, torch.int64), device=q.device)
+        if cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be 1-D, the B + 1 >= 2 cumulative lengths of B sequences, "
+                             f"got shape {tuple(cu.shape)}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
-                         f"{cu_seqlens[0].numel()} and {cu_seqlens[1].numel()}")
-    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, at_least=0)
+    max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, at_least=0)
     opts = _options(q.shape[-1], causal, softmax_scale, dropout_p, window, softcap)
-    problem = _Problem(cu_seqlens[0].numel() - 1, q.shape[1], k.shape[1], q.shape[-1], max_seqlen_q, max_seqlen_k,
-                       cu_seqlens_q=cu_seqlens[0], cu_seqlens_k=cu_seqlens[1])
+    cu_seqlens_q = _checked_cu_seqlens("cu_seqlens_q", cu_seqlens_q, "q", q.shape[0], "max_seqlen_q", max_seqlen_q)
+    cu_seqlens_k = _checked_cu_seqlens("cu_seqlens_k", cu_seqlens_k, "k", k.shape[0], "max_seqlen_k", max_seqlen_k)
+    problem = _Problem(cu_seqlens_q.numel() - 1, q.shape[1], k.shape[1], q.shape[-1], max_seqlen_q, max_seqlen_k,
+                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return _result(q, k, v, problem, opts, return_lse)
+
+
+def _checked_cu_seqlens(name: str, cu: torch.Tensor, packed_name: str, packed_length: int, max_name: str,
+                        max_seqlen: int) -> torch.Tensor:
+    """``cu`` as the kernels read it, (B + 1,) int32 contiguous, once its values are known to be offsets.
+
+    The kernels take every sequence's rows from these offsets and launch
+    max_seqlen // BLOCK programs per sequence: an offset past the packed
+    tokens reads and writes outside q, k and v, a decreasing one gives a
+    negative length, and a max_seqlen below the longest sequence leaves rows
+    unwritten. Checked on the values as given (int64 included, before the
+    cast could wrap them): on a CPU at once, on CUDA by a device-side
+    assertion, with no host sync (see ``checks.check_values``).
+    """
+    lengths = cu.diff()
+    ok = (cu[0] == 0) & (cu[-1] == packed_length) & (lengths >= 0).all() & (lengths.max() <= max_seqlen)
+    check_values(ok, f"{name} must start at 0, never decrease, and end at {packed_name}.shape[0] = {packed_length}, "
+                     f"with no sequence longer than {max_name} = {max_seqlen}",
+                 found=lambda: _cu_seqlens_fault(cu, packed_length, max_seqlen))
+    return cu.to(torch.int32).contiguous()
+
+
+def _cu_seqlens_fault(cu: torch.Tensor, packed_length: int, max_seqlen: int) -> str:
+    """The first thing wrong with offsets the check refused, in words (a CPU tensor: it reads the values)."""
+    lengths = cu.diff()
+    if cu[0] != 0:
+        return f"it starts at {cu[0].item()}"
+    if (lengths < 0).any():
+        i = int((lengths < 0).nonzero()[0])
+        return f"it decreases from {cu[i].item()} to {cu[i + 1].item()} (sequence {i})"
+    if cu[-1] != packed_length:
+        return f"it ends at {cu[-1].item()}"
+    i = int(lengths.argmax())
+    return f"sequence {i} has {lengths[i].item()} tokens"

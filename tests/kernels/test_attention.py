@@ -279,8 +279,35 @@ BAD_INPUTS = {
     "dropout-1": (lambda: flash_attention(_q, _kv, _kv, dropout_p=1.0), ValueError, "dropout_p"),
     "window": (lambda: flash_attention(_q, _kv, _kv, window=(4,)), ValueError, "window must be"),
     "softcap": (lambda: flash_attention(_q, _kv, _kv, softcap=0.0), ValueError, "softcap"),
+    # Issue 15, finding 10: options that were accepted and gave NaN or nonsense.
+    "scale-inf": (lambda: flash_attention(_q, _kv, _kv, softmax_scale=float("inf")), ValueError,
+                  "softmax_scale must be a finite number > 0, got inf"),
+    "scale-nan": (lambda: flash_attention(_q, _kv, _kv, softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    "scale-0": (lambda: flash_attention(_q, _kv, _kv, softmax_scale=0.0), ValueError, "softmax_scale"),
+    "scale-negative": (lambda: flash_attention(_q, _kv, _kv, softmax_scale=-0.5), ValueError, "softmax_scale"),
+    "scale-str": (lambda: flash_attention(_q, _kv, _kv, softmax_scale="0.1"), TypeError, "softmax_scale"),
+    "softcap-inf": (lambda: flash_attention(_q, _kv, _kv, softcap=float("inf")), ValueError,
+                    "softcap must be a finite number > 0, got inf"),
+    "softcap-nan": (lambda: flash_attention(_q, _kv, _kv, softcap=float("nan")), ValueError, "softcap"),
+    "dropout-nan": (lambda: flash_attention(_q, _kv, _kv, dropout_p=float("nan")), ValueError,
+                    r"dropout_p must be a finite number in \[0, 1\)"),
+    "dropout-negative": (lambda: flash_attention(_q, _kv, _kv, dropout_p=-0.1), ValueError, "dropout_p"),
+    "window-float": (lambda: flash_attention(_q, _kv, _kv, window=(2.5, 0)), TypeError, r"window\[0\] must be an int"),
+    "window-below-minus-1": (lambda: flash_attention(_q, _kv, _kv, window=(2, -3)), ValueError, r"window\[1\]"),
+    "varlen-softcap-inf": (lambda: flash_attention_varlen(_q[0], _kv[0], _kv[0], torch.tensor([0, 4]),
+                                                          torch.tensor([0, 2]), 4, 2, softcap=float("inf")),
+                           ValueError, "softcap"),
+    "varlen-max-seqlen-float": (lambda: flash_attention_varlen(_q[0], _kv[0], _kv[0], torch.tensor([0, 4]),
+                                                               torch.tensor([0, 2]), 4.0, 2), TypeError,
+                                "max_seqlen_q must be an int"),
+    "varlen-max-seqlen-negative": (lambda: flash_attention_varlen(_q[0], _kv[0], _kv[0], torch.tensor([0, 4]),
+                                                                  torch.tensor([0, 2]), 4, -1), ValueError,
+                                   "max_seqlen_k must be an int >= 0"),
+    "varlen-cu-2d": (lambda: flash_attention_varlen(_q[0], _kv[0], _kv[0], torch.tensor([[0, 4]]),
+                                                    torch.tensor([0, 2]), 4, 2), ValueError,
+                     "cu_seqlens_q must be 1-D"),
     "varlen-cu-dtype": (lambda: flash_attention_varlen(_q[0], _kv[0], _kv[0], torch.tensor([0.0, 4.0]),
-                                                       torch.tensor([0, 8]), 4, 8), ValueError, "cu_seqlens_q"),
+                                                       torch.tensor([0, 8]), 4, 8), TypeError, "cu_seqlens_q"),
     "varlen-cu-lengths": (lambda: flash_attention_varlen(_q[0], _kv[0], _kv[0], torch.tensor([0, 2, 4]),
                                                          torch.tensor([0, 8]), 4, 8), ValueError, "same length"),
 }
@@ -296,3 +323,55 @@ def test_bad_input_gets_a_clear_error(case):
 def test_devices_that_differ():
     with pytest.raises(ValueError, match="one device"):
         flash_attention(_q, _kv.to("meta"), _kv)
+
+
+# Issue 15, finding 3: with 7 packed tokens, offsets [0, 3, 8] aborted the interpreter
+# with heap corruption, [0, 3, 20] segfaulted, [-2, 3, 7] aborted, and on the PyTorch
+# path [0, 3, 5] and [0, 5, 3] returned values up to 1e35 read from uninitialised memory.
+BAD_OFFSETS = {
+    "past-the-end": ([0, 3, 8], 7, "it ends at 8"),
+    "far-past-the-end": ([0, 3, 20], 7, "it ends at 20"),
+    "negative-start": ([-2, 3, 7], 7, "it starts at -2"),
+    "short-of-the-end": ([0, 3, 5], 7, "it ends at 5"),
+    "decreasing": ([0, 5, 3], 7, r"it decreases from 5 to 3 \(sequence 1\)"),
+    "longer-than-max-seqlen": ([0, 3, 7], 3, "sequence 1 has 4 tokens"),
+    # Checked before the cast to int32, which would wrap 2**32 + 3 to 3.
+    "int64-that-wraps": ([0, 2**32 + 3, 7], 7, "it decreases from 4294967299 to 7"),
+}
+
+
+@pytest.mark.parametrize("which", ["q", "k"])
+@pytest.mark.parametrize("case", list(BAD_OFFSETS))
+def test_varlen_refuses_offsets_that_do_not_delimit_the_packed_tokens(case, which, device):
+    if device == "cuda":
+        pytest.skip("on CUDA the check is a device-side assertion, which ends the process's CUDA context")
+    offsets, max_seqlen, fault = BAD_OFFSETS[case]
+    packed = torch.randn(7, 2, 16, device=device)
+    good = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+    bad = torch.tensor(offsets, dtype=torch.int64 if max(offsets) >= 2**31 else torch.int32, device=device)
+    cu_q, cu_k = (bad, good) if which == "q" else (good, bad)
+    max_q, max_k = (max_seqlen, 7) if which == "q" else (7, max_seqlen)
+    message = (rf"cu_seqlens_{which} must start at 0, never decrease, and end at {which}.shape\[0\] = 7, "
+               rf"with no sequence longer than max_seqlen_{which} = {max_seqlen}; {fault}")
+    with pytest.raises(ValueError, match=message):
+        flash_attention_varlen(packed, packed, packed, cu_q, cu_k, max_q, max_k)
+
+
+def test_varlen_offsets_may_be_strided_int64_with_empty_sequences(device, assert_within_tolerance):
+    # The offsets are read as given: a strided int64 view is converted, not misread.
+    generator = torch.Generator().manual_seed(18)
+    packed = [torch.randn(7, 2, 16, generator=generator) for _ in range(3)]
+    wide = torch.tensor([[0, 9], [0, 9], [3, 9], [7, 9]])
+    cu = wide[:, 0]  # [0, 0, 3, 7]: an empty sequence first, stride 2
+    dout = torch.randn(7, 2, 16, generator=generator)
+
+    def per_sequence_reference(q, k, v):
+        as_batch = lambda t: t.transpose(0, 1)[None]  # noqa: E731
+        return torch.cat([attention_ref(as_batch(q[rows]), as_batch(k[rows]), as_batch(v[rows]), causal=True)[0]
+                          .transpose(0, 1) for rows in (slice(0, 0), slice(0, 3), slice(3, 7))])
+
+    _check_against_reference(
+        lambda *t: flash_attention_varlen(*t, cu.to(device), cu.to(device), 4, 4, causal=True),
+        per_sequence_reference, *(t.to(device) for t in packed), dout.to(device), torch.float32,
+        assert_within_tolerance,
+    )
