@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from numbers import Number
 
 import torch
 import triton
@@ -52,7 +50,7 @@ import triton.language as tl
 
 from .autocast import autocast_dtype, autocast_off, cast_for_autocast
 from .backend import use_triton
-from .checks import check_tensor
+from .checks import check_number, check_tensor
 from .launch import TRITON_DTYPE, CompileCase, KernelSpec, compile_case, launch, register
 from .nf4 import NF4_CODE, NF4Weight
 from .tiling import grouped_tile, span
@@ -84,20 +82,22 @@ def _keep(seed, rows, cols, num_cols, dropout_p):
 
 
 @triton.jit
-def _load_nf4(packed_ptr, absmax_ptr, code_ptr, flat, blocksize, mask):
+def _load_nf4(packed_ptr, absmax_ptr, code_ptr, flat, blocksize, mask, stride_packed, stride_absmax):
     # flat: the elements' row-major indices in the (out, in) weight. Two codes
     # per byte, the even element in the high nibble (bitsandbytes' order); one
     # fp32 absmax per block of `blocksize` consecutive elements.
-    byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
+    byte = tl.load(packed_ptr + (flat // 2) * stride_packed, mask=mask, other=0).to(tl.int32)
     nibble = (byte >> ((1 - flat % 2) * 4).to(tl.int32)) & 0xF
-    return tl.load(code_ptr + nibble) * tl.load(absmax_ptr + flat // blocksize, mask=mask, other=0.0)
+    return tl.load(code_ptr + nibble) * tl.load(absmax_ptr + (flat // blocksize) * stride_absmax, mask=mask,
+                                                other=0.0)
 
 
 @triton.jit
 def _lora_matmul_kernel(
     a_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, low_ptr, up_ptr, out_ptr,
     M, N, K, R, scaling, dropout_p, seed, nf4_blocksize,
-    stride_am, stride_ak, stride_wk, stride_wn, stride_lm, stride_lr, stride_ur, stride_un, stride_om, stride_on,
+    stride_am, stride_ak, stride_wk, stride_wn, stride_packed, stride_absmax, stride_bias,
+    stride_lm, stride_lr, stride_ur, stride_un, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, IS_NF4: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -119,7 +119,8 @@ def _lora_matmul_kernel(
         w_flat = offs_k.to(tl.int64)[:, None] * stride_wk + w_cols
         w_mask = mask_k[:, None] & mask_n[None, :]
         if IS_NF4:
-            w = _load_nf4(w_ptr, absmax_ptr, code_ptr, w_flat, nf4_blocksize, w_mask).to(compute_dtype)
+            w = _load_nf4(w_ptr, absmax_ptr, code_ptr, w_flat, nf4_blocksize, w_mask, stride_packed,
+                          stride_absmax).to(compute_dtype)
         else:
             w = tl.load(w_ptr + w_flat, mask=w_mask, other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
@@ -144,7 +145,7 @@ def _lora_matmul_kernel(
     else:
         acc = low_rank
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(compute_dtype), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -231,6 +232,11 @@ def _lora_rank_grad_kernel(
 # fp32 runs exact fp32 dots, as PyTorch does by default (no TF32).
 _DOT_PRECISION = {torch.float16: "tf32", torch.bfloat16: "tf32", torch.float32: "ieee"}
 
+# The bias's, the NF4 bytes' and the absmax's strides are 1 in practice (and
+# the launchers pass 1 for an absent one); the compile gate specializes them as
+# the JIT does for an argument equal to 1.
+_UNIT_STRIDES = dict(stride_packed=1, stride_absmax=1, stride_bias=1)
+
 _KERNELS = {"matmul": _lora_matmul_kernel, "down": _lora_down_kernel, "rank_grad": _lora_rank_grad_kernel}
 # Argument types other than compile_case's defaults (pointers to x's dtype, i32 scalars).
 _ARG_TYPES = dict(absmax_ptr="*fp32", code_ptr="*fp32", low_ptr="*fp32", scaling="fp32", dropout_p="fp32", seed="i64")
@@ -245,7 +251,7 @@ def _case(kernel: str, dtype: torch.dtype, lora_dtype: torch.dtype, **flags: boo
         types["w_ptr"] = "*u8"  # packed 4-bit codes
     constexprs = {"HAS_DROPOUT": False, "DOT_PRECISION": _DOT_PRECISION[dtype]}
     if kernel == "matmul":
-        constexprs.update(HAS_BIAS=False, IS_NF4=False)
+        constexprs.update(HAS_BIAS=False, IS_NF4=False, **_UNIT_STRIDES)
     constexprs.update({name.upper(): value for name, value in flags.items()})
     label = ",".join([element, "lora_" + lora]
                      + [name.removeprefix("has_").removeprefix("is_") for name, value in flags.items() if value])
@@ -331,6 +337,8 @@ class _BaseOperand:
     blocksize: int
     stride_k: int
     stride_n: int
+    stride_packed: int = 1  # NF4: between consecutive bytes, and between consecutive block scales
+    stride_absmax: int = 1
 
     @property
     def is_nf4(self) -> bool:
@@ -348,12 +356,12 @@ def _base_operand(weight, transposed: bool) -> _BaseOperand:
         # Logical row-major strides of the (out, in) weight; _load_nf4 finds byte and block.
         strides = (weight.shape[1], 1)
         absmax = weight.block_absmax()
-        data, code, blocksize = weight.packed, _nf4_code_on(weight.packed.device), weight.blocksize
-    else:
-        strides = weight.stride()
-        data, absmax, code, blocksize = weight, None, None, 0
+        stride_k, stride_n = (strides[1], strides[0]) if transposed else strides
+        return _BaseOperand(weight.packed, absmax, _nf4_code_on(weight.packed.device), weight.blocksize,
+                            stride_k, stride_n, weight.packed.stride(0), absmax.stride(0))
+    strides = weight.stride()
     stride_k, stride_n = (strides[1], strides[0]) if transposed else strides
-    return _BaseOperand(data, absmax, code, blocksize, stride_k, stride_n)
+    return _BaseOperand(weight, None, None, 0, stride_k, stride_n)
 
 
 def _rows_per_split(rows: int, other_programs: int) -> int:
@@ -374,7 +382,8 @@ def _triton_matmul(a, base: _BaseOperand, bias, low, up, scaling, dropout_p, see
         a, base.data, base.absmax if base.is_nf4 else placeholder, base.code if base.is_nf4 else placeholder,
         bias if bias is not None else placeholder, low, up, out,
         M, N, K, R, scaling, dropout_p, seed, base.blocksize,
-        *a.stride(), base.stride_k, base.stride_n, *low.stride(), *up.stride(), *out.stride(),
+        *a.stride(), base.stride_k, base.stride_n, base.stride_packed, base.stride_absmax,
+        bias.stride(0) if bias is not None else 1, *low.stride(), *up.stride(), *out.stride(),
         HAS_BIAS=bias is not None, IS_NF4=base.is_nf4, HAS_DROPOUT=has_dropout,
         DOT_PRECISION=_DOT_PRECISION[a.dtype],
     )
@@ -579,16 +588,14 @@ def _check_inputs(x, weight, lora_a, lora_b, scaling, bias, dropout_p) -> None:
     if tuple(lora_b.shape) != (out_features, rank):
         raise ValueError(f"lora_b must be (out_features, r) = ({out_features}, {rank}), got {tuple(lora_b.shape)}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,):
-            raise ValueError(f"bias must be None or a ({out_features},) tensor, "
-                             f"got {getattr(bias, 'shape', type(bias).__name__)}")
+        check_tensor("bias", bias)
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must be None or a ({out_features},) tensor, got shape {tuple(bias.shape)}")
     devices = {t.device for t in (x, lora_a, lora_b) + ((bias,) if bias is not None else ())} | {weight_device}
     if len(devices) > 1:
         raise ValueError(f"x, weight, lora_a, lora_b and bias must be on one device, got {sorted(map(str, devices))}")
-    if not isinstance(scaling, Number) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
-    if not (isinstance(dropout_p, Number) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    check_number("scaling", scaling)
+    check_number("dropout_p", dropout_p, at_least=0.0, below=1.0)
 
 
 def lora_linear(x, weight, lora_a, lora_b, *, scaling: float, bias=None, dropout_p: float = 0.0) -> torch.Tensor:

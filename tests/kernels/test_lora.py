@@ -167,6 +167,33 @@ def test_empty_batch_gives_empty_output_and_zero_gradients(device):
     assert not d_a.any() and not d_b.any() and not d_bias.any()
 
 
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_every_tensor_is_read_through_its_strides(device, nf4, assert_within_tolerance):
+    # Issue 15: the kernels read the bias, and an NF4 base's bytes and block
+    # scales, as contiguous. Here each of them is a strided or expanded view, as
+    # are x, the adapters and the upstream gradient.
+    dtype = torch.float16
+    x, weight, lora_a, lora_b, bias = _inputs((2, 9), 64, 40, 8, dtype, torch.float32, device)
+    x = x[:, :, None].expand(2, 9, 3, 64)[:, :, 1]  # strides (9 * 192, 192, 1)
+    lora_a = lora_a.t().contiguous().t()  # column-major
+    lora_b = lora_b[:1].expand(40, 8)  # stride 0: every output feature has the same row
+    bias = torch.stack([bias, bias], dim=1)[:, 1]  # stride 2
+    upstream = torch.randn(2, 9, 1, dtype=dtype, device=device).expand(2, 9, 40)
+    if nf4:
+        quantized = quantize_nf4(weight, double_quant=False)
+        packed, absmax = quantized.packed, quantized.absmax
+        every_other = lambda t: torch.stack([t, t.flip(0)], dim=1)[:, 0]  # noqa: E731  (stride 2)
+        base = NF4Weight(packed=every_other(packed), absmax=every_other(absmax), shape=quantized.shape, dtype=dtype,
+                         blocksize=quantized.blocksize)
+        assert base.packed.stride() == (2,) and base.absmax.stride() == (2,)
+        dense = quantized.dequantize()  # the same codes and scales, contiguous
+    else:
+        base = dense = weight.t().contiguous().t()
+    ours = _run_ours(x, base, lora_a, lora_b, bias, 1.5, upstream)
+    _check_against_float64(assert_within_tolerance, ours, x, dense, lora_a.to(dtype), lora_b.to(dtype), bias, 1.5,
+                           upstream)
+
+
 def test_backward_keeps_no_copy_of_the_dropped_input():
     # What autograd saves: x (which the caller's graph holds anyway), xa (M, r) in fp32, A and B.
     # PEFT's unfused path also saves dropout(x), a second (M, in) tensor.
@@ -218,6 +245,10 @@ BAD_INPUTS = [
     (dict(bias=torch.randn(15)), ValueError, "bias must be"),
     (dict(scaling=float("nan")), ValueError, "scaling"),
     (dict(dropout_p=1.0), ValueError, "dropout_p"),
+    (dict(dropout_p=float("nan")), ValueError, r"dropout_p must be a finite number in \[0, 1\)"),
+    (dict(scaling=float("inf")), ValueError, "scaling must be a finite number, got inf"),
+    (dict(scaling="2"), TypeError, "scaling must be a finite number"),
+    (dict(bias=torch.ones(16, dtype=torch.int64)), TypeError, "bias must be float16, bfloat16 or float32"),
     (dict(lora_b=torch.randn(16, 4, device="meta")), ValueError, "one device"),
 ]
 
