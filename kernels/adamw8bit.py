@@ -429,7 +429,7 @@ def _check(params, grads, states, lr, betas, eps, weight_decay, grad_scale, foun
         _check_state(f"states[{i}]", s, p)
     for name, flag in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if flag is not None:
-            # One value, read on the device: a GradScaler's (1,) tensors, or 0-dim ones.
+            # One value, read on the device: a GradScaler's 0-dim tensors (older ones made them (1,)).
             check_tensor(name, flag, (torch.float32,), device=params[0].device if params else None)
             if flag.numel() != 1:
                 raise ValueError(f"{name} must hold one value, got shape {tuple(flag.shape)}")
@@ -477,7 +477,7 @@ def adamw8bit_step(
     finite numbers >= 0, ``betas`` two numbers in [0, 1).
 
     ``grad_scale`` / ``found_inf``: a GradScaler's scale and overflow flag
-    (0-d fp32 device tensors); the gradients are divided by the scale, and when
+    (one-element fp32 device tensors); the gradients are divided by the scale, and when
     the flag is set nothing changes, step counts included, without a host sync.
     ``stochastic_rounding``: bf16 parameters are rounded stochastically instead
     of to nearest (other dtypes are unaffected).
@@ -485,6 +485,8 @@ def adamw8bit_step(
     _check(params, grads, states, lr, betas, eps, weight_decay, grad_scale, found_inf)
     if not params:
         return
+    if grad_scale is not None:  # one value however it is shaped: the step counts below are 0-dim
+        grad_scale, found_inf = grad_scale.reshape(()), found_inf.reshape(())
     beta1, beta2 = float(betas[0]), float(betas[1])
     hyper = dict(lr=float(lr), beta1=beta1, beta2=beta2, eps=float(eps), weight_decay=float(weight_decay),
                  log_beta1=math.log(beta1) if beta1 > 0 else -math.inf,

@@ -303,3 +303,21 @@ def test_torch_path_slices_give_the_one_pass_result(monkeypatch, dtype):
     for s, t in zip(one_states, sliced_states):
         for key in s:
             assert torch.equal(s[key], t[key]), key
+
+
+def test_a_one_element_scale_and_flag_act_as_0_dim_ones(device):
+    # Found by the fuzz: a (1,) found_inf (older GradScalers made them so) failed in
+    # the step counts' update with "scalar tensor expected to be 0 dim".
+    results = []
+    for shape in ((), (1,)):
+        torch.manual_seed(0)
+        params = _params([(4096,), (7,)], torch.float32, device)
+        grads, states = _grads(params), [init_state(p) for p in params]
+        for found_inf in (0.0, 1.0):
+            adamw8bit_step(params, grads, states, **HYPER, grad_scale=torch.full(shape, 2.0, device=device),
+                           found_inf=torch.full(shape, found_inf, device=device))
+        results.append((params, states))
+    (params_0d, states_0d), (params_1, states_1) = results
+    for p, q, s, t in zip(params_0d, params_1, states_0d, states_1):
+        assert torch.equal(p, q) and all(torch.equal(s[key], t[key]) for key in s)
+        assert s["step"].item() == 1.0
