@@ -131,10 +131,25 @@ def _check_job(job: tuple[str, int, int, int]) -> Row:
     return check_kernel(spec, spec.compile_cases[case_index], spec.configs[config_index], arch)
 
 
+def _import_kernel_families() -> None:
+    """Import every module of ember.kernels, so each family registers its kernels.
+
+    Discovered rather than listed: a new kernel family joins the gate by existing.
+    """
+    import importlib
+    import pkgutil
+
+    package = __name__.rpartition(".")[0]
+    for module in pkgutil.iter_modules(sys.modules[package].__path__):
+        if module.name != "compile_check":
+            importlib.import_module(f"{package}.{module.name}")
+
+
 def run(archs=(80, 90), kernels=None, workers: int | None = None) -> list[Row]:
     """Compile and inspect every (kernel, case, config, arch); rows in registry order."""
-    from . import adamw8bit, attention, cross_entropy, lora  # noqa: F401  (register their kernels)
     from .launch import REGISTRY
+
+    _import_kernel_families()
 
     unknown = set(kernels or ()) - set(REGISTRY)
     if unknown:
