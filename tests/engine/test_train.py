@@ -150,7 +150,7 @@ def test_default_job_runs_on_the_real_assets(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "precision: bf16 (auto:" in result.stdout or "precision: fp32 (auto: the CPU has no native bf16" in result.stdout
-    assert "held-out after 3 steps: loss" in result.stdout and "macro-F1" in result.stdout
+    assert "held-out after 3 steps: loss" in result.stdout and "macro avg" in result.stdout
     assert "fresh" in result.stdout and "rotten" in result.stdout
 
 
@@ -248,7 +248,7 @@ def test_eval_command_reads_the_latest_checkpoint(tiny_bert, sentiment_csv, tmp_
     with forced_backend("torch"):
         assert main(["eval", *arguments]) == 0
     out = capsys.readouterr().out
-    assert f"accuracy {result.eval_after['accuracy']:.4f}" in out and "macro-F1" in out
+    assert f"accuracy {result.eval_after['accuracy']:.4f}" in out and "macro avg" in out
 
 
 # ----------------------------------------------------------------------------
