@@ -24,6 +24,17 @@ from ember.engine.errors import ConfigError
 # The provider whose ratios a suite's table shows: ember's own entry.
 EMBER = {"optimizer": "adamw8bit"}
 
+# Memory below this (MiB) is shown as ~0: the CPU's resident memory moves by 4 KiB pages, and a page or two is noise.
+NEGLIGIBLE_MB = 0.01
+
+# What a suite's memory columns mean, printed under its heading.
+NOTES = {
+    "optimizer": "Memory columns: what one step allocates beyond the parameters, their gradients and the optimizer "
+                 "state, which all exist before it (the state's size is the state bytes / parameter table). "
+                 "torch's fused AdamW updates in place and allocates nothing (~0); on a CPU, ember's adamw8bit runs "
+                 "its PyTorch path, which dequantizes the moments into fp32 temporaries.",
+}
+
 # The tables after the headline, in order: (result key, label, what the brackets hold). A table is shown when a
 # row has the key; "ratio" is ember / provider, "ceiling:K" the percentage of the run's measured ceiling K.
 EXTRAS = [
@@ -78,6 +89,12 @@ def _cell(row: dict | None, key: str, bracket: str, ours: float | None, ours_nam
     value = row.get(key)
     if value is None:
         return "-"
+    if key.endswith("_mb") and value < NEGLIGIBLE_MB:
+        # Nothing measurable: a ratio against it would be noise over noise (27.5 MiB / one 4 KiB page = 7000x).
+        text = "~0"
+        if bracket == "ratio" and ours is not None and row["provider"] != ours_name and ours >= NEGLIGIBLE_MB:
+            text += f" ({ours_name} +{_number(ours)})"
+        return text
     text = _number(value)
     if bracket == "ratio":
         if ours is not None and row["provider"] != ours_name and value > 0:
@@ -122,6 +139,8 @@ def tables(run: dict, baseline: dict | None = None) -> str:
         baseline_rows = [r for r in baseline["results"] if r["suite"] == suite] if baseline else None
         _, fixed = _varying(rows)
         lines.append(f"\n## {suite}: {unit} (in brackets: {ours} / provider)\n")
+        if suite in NOTES:
+            lines.append(NOTES[suite] + "\n")
         if fixed:
             lines.append(f"All rows: {describe_size(fixed)}.\n")
         lines += _table(rows, key, "ratio", ours, ceilings, baseline_rows)

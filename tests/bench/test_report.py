@@ -85,3 +85,21 @@ def test_load_names_a_missing_or_foreign_file(tmp_path):
     (tmp_path / "notes.txt").write_text("not json")
     with pytest.raises(ConfigError, match="is not a JSON run written by 'ember bench'"):
         report.load(tmp_path / "notes.txt")
+
+
+def test_memory_too_small_to_measure_reads_as_zero_with_the_difference_not_a_ratio():
+    """torch's fused AdamW allocates nothing during a step (one 4 KiB page of RSS): its cell is '~0' with how much
+    more ember's optimizer allocates, and the optimizer table says what its memory columns count."""
+    run = _fake_run("cpu", {})
+    run["results"] = [dict(suite="optimizer", provider=p, params=dict(million_params=16), status="ok",
+                           peak_extra_rss_mb=rss, largest_tensor_mb=largest, state_bytes_per_param=state)
+                      for p, rss, largest, state in (("adamw", 4 / 1024, 0.0, 8.0), ("adamw8bit", 29.1, 61.0, 2.03),
+                                                     ("bnb_adamw8bit", 0.0, 0.0, 2.03))]
+    text = report.tables(run)
+    assert "| size | adamw | adamw8bit | bnb_adamw8bit |" in text
+    assert "| - | ~0 (adamw8bit +29.1) | 29.1 | ~0 (adamw8bit +29.1) |" in text  # headline: peak extra RSS
+    assert "| - | ~0 (adamw8bit +61.0) | 61.0 | ~0 (adamw8bit +61.0) |" in text  # largest tensor
+    assert "| - | 8.000 (0.25x) | 2.030 | 2.030 (1.00x) |" in text  # state bytes / parameter
+    assert "torch's fused AdamW updates in place" in text
+    run["results"][1]["peak_extra_rss_mb"] = 0.0  # ember's own value negligible too: no difference to give
+    assert "| - | ~0 | ~0 | ~0 |" in report.tables(run)
