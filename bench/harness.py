@@ -3,8 +3,8 @@
     ember bench [SUITE ...] [--quick] [--providers A,B] [--out DIR] [--device cpu|cuda]
 
 On a GPU each case is timed with ``triton.testing.do_bench`` (median and
-20th/80th percentiles after warm-up; compilation happens in the warm-up, out
-of the timing), turned into TFLOP/s and GB/s with the suite's analytic model
+20th/80th percentiles after warm-up, over at least ``MIN_REPEATS`` calls;
+compilation happens in the warm-up, out of the timing), turned into TFLOP/s and GB/s with the suite's analytic model
 and set against the card's ceilings measured in the same run (a large bf16
 matmul, a large device copy); peak memory comes from the torch allocator and
 from NVML (which also sees bitsandbytes' paged memory), with NVML power, SM
@@ -46,6 +46,7 @@ from .report import describe_size
 from .suites import SUITES, ProviderMissing
 
 CPU_TIMING_NOTE = "CPU wall time: not performance"
+MIN_REPEATS = 10  # timed calls per GPU case at the least, so that its 20th and 80th percentiles mean something
 
 
 # ----------------------------------------------------------------------------
@@ -166,12 +167,19 @@ def measure_cuda(setup_fn, provider: str, params: dict, device: torch.device) ->
     baseline = torch.cuda.memory_allocated(device)
     sampler = NvmlSampler(device.index or 0)
     sampler.start()
+    start = time.perf_counter()
     setup.fn()
     torch.cuda.synchronize()
+    one_call_ms = (time.perf_counter() - start) * 1e3
     peak_allocated = torch.cuda.max_memory_allocated(device) - baseline
-    median, p20, p80 = triton.testing.do_bench(setup.fn, quantiles=[0.5, 0.2, 0.8])
+    # do_bench repeats a call for `rep` ms: 100 ms gives a 40 ms case 2 timings, whose percentiles mean nothing.
+    # Slow cases get time for at least MIN_REPEATS calls (do_bench's own estimate decides the count).
+    rep_ms = max(100.0, 1.25 * MIN_REPEATS * one_call_ms)
+    times = triton.testing.do_bench(setup.fn, rep=rep_ms, return_mode="all")
+    median, p20, p80 = torch.tensor(times, dtype=torch.float64).quantile(
+        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
     nvml = sampler.summary()
-    result = dict(time_ms=median, time_ms_p20=p20, time_ms_p80=p80,
+    result = dict(time_ms=median, time_ms_p20=p20, time_ms_p80=p80, repeats=len(times),
                   peak_allocated_mb=peak_allocated / 2**20,
                   peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20, **nvml, **setup.extra)
     if setup.flops:

@@ -138,14 +138,45 @@ def test_cuda_measurement_logic_with_the_device_calls_stood_in(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: next(allocated))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 164 * 2**20)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 256 * 2**20)
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, quantiles: (fn(), [2.0, 1.5, 3.0])[1])
+    asked = {}
+
+    def do_bench(fn, rep, return_mode):
+        asked.update(rep=rep, return_mode=return_mode)
+        fn()
+        return [3.0, 1.0, 2.0, 2.0, 1.5, 4.0, 2.5, 1.5, 2.0, 3.0, 2.0]
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
     monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
     row = harness.measure_cuda(SUITES["cross_entropy"].setup, "torch", TINY["cross_entropy"], CPU)
     assert calls[:2] == ["sync", "reset"]  # the warm-up call is outside the measured peak
-    assert (row["time_ms"], row["time_ms_p20"], row["time_ms_p80"]) == (2.0, 1.5, 3.0)
+    assert (row["time_ms"], row["time_ms_p20"], row["time_ms_p80"], row["repeats"]) == (2.0, 1.5, 3.0, 11)
+    assert asked["return_mode"] == "all" and asked["rep"] >= 100
     assert row["peak_allocated_mb"] == 64 and row["peak_reserved_mb"] == 256
     assert row["tflops"] == pytest.approx(6 * 256 * 64 * 4000 / 2e-3 / 1e12)
     assert row["gbps"] > 0 and row["nvml_samples"] >= 1 and row["nvml_power_w_median"] > 100
+
+
+def test_a_slow_gpu_case_is_given_time_for_the_minimum_repeat_count(monkeypatch):
+    """do_bench's 100 ms would time a 40 ms case twice: the harness asks for the time of MIN_REPEATS calls."""
+    import triton.testing
+
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    for name in ("memory_allocated", "max_memory_allocated", "max_memory_reserved"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: 0)
+    asked = {}
+
+    def do_bench(fn, rep, return_mode):
+        asked["rep"] = rep
+        return [40.0] * int(rep / 40)
+
+    def slow_setup(provider, params, device):
+        return types.SimpleNamespace(fn=lambda: time.sleep(0.04), flops=0, bytes=0, extra={})
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
+    row = harness.measure_cuda(slow_setup, "torch", {}, CPU)
+    assert asked["rep"] >= harness.MIN_REPEATS * 40 and row["repeats"] >= harness.MIN_REPEATS
 
 
 @pytest.mark.gpu
