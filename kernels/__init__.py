@@ -14,8 +14,11 @@ from .adamw8bit import adamw8bit_step
 from .adamw8bit import init_state as adamw8bit_init_state
 from .attention import flash_attention, flash_attention_varlen
 from .cross_entropy import LinearCrossEntropyLoss, cross_entropy, linear_cross_entropy
+from .gated import geglu, swiglu
 from .lora import lora_linear
 from .nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from .norms import layer_norm, rms_norm
+from .rotary import apply_rotary
 
 __all__ = [
     "adamw8bit_init_state",
@@ -29,4 +32,9 @@ __all__ = [
     "NF4Weight",
     "quantize_nf4",
     "dequantize_nf4",
+    "rms_norm",
+    "layer_norm",
+    "apply_rotary",
+    "swiglu",
+    "geglu",
 ]
