@@ -82,23 +82,26 @@ def _keep(seed, rows, cols, num_cols, dropout_p):
 
 
 @triton.jit
-def _load_nf4(packed_ptr, absmax_ptr, code_ptr, flat, blocksize, mask, stride_packed, stride_absmax):
+def _load_nf4(packed_ptr, absmax_ptr, code_ptr, flat, mask, stride_packed, stride_absmax, BLOCKSIZE: tl.constexpr):
     # flat: the elements' row-major indices in the (out, in) weight. Two codes
     # per byte, the even element in the high nibble (bitsandbytes' order); one
-    # fp32 absmax per block of `blocksize` consecutive elements.
-    byte = tl.load(packed_ptr + (flat // 2) * stride_packed, mask=mask, other=0).to(tl.int32)
-    nibble = (byte >> ((1 - flat % 2) * 4).to(tl.int32)) & 0xF
-    return tl.load(code_ptr + nibble) * tl.load(absmax_ptr + (flat // blocksize) * stride_absmax, mask=mask,
+    # fp32 absmax per block of BLOCKSIZE consecutive elements. BLOCKSIZE is a
+    # constexpr power of two, so the block index is a shift: a runtime block
+    # size made it a 64-bit integer division per element.
+    byte = tl.load(packed_ptr + (flat >> 1) * stride_packed, mask=mask, other=0).to(tl.int32)
+    nibble = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF
+    return tl.load(code_ptr + nibble) * tl.load(absmax_ptr + (flat // BLOCKSIZE) * stride_absmax, mask=mask,
                                                 other=0.0)
 
 
 @triton.jit
 def _lora_matmul_kernel(
     a_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, low_ptr, up_ptr, out_ptr,
-    M, N, K, R, scaling, dropout_p, seed, nf4_blocksize,
+    M, N, K, R, scaling, dropout_p, seed,
     stride_am, stride_ak, stride_wk, stride_wn, stride_packed, stride_absmax, stride_bias,
     stride_lm, stride_lr, stride_ur, stride_un, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, IS_NF4: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NF4_BLOCKSIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -119,8 +122,8 @@ def _lora_matmul_kernel(
         w_flat = offs_k.to(tl.int64)[:, None] * stride_wk + w_cols
         w_mask = mask_k[:, None] & mask_n[None, :]
         if IS_NF4:
-            w = _load_nf4(w_ptr, absmax_ptr, code_ptr, w_flat, nf4_blocksize, w_mask, stride_packed,
-                          stride_absmax).to(compute_dtype)
+            w = _load_nf4(w_ptr, absmax_ptr, code_ptr, w_flat, w_mask, stride_packed, stride_absmax,
+                          NF4_BLOCKSIZE).to(compute_dtype)
         else:
             w = tl.load(w_ptr + w_flat, mask=w_mask, other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
@@ -196,12 +199,16 @@ def _lora_rank_grad_kernel(
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # One (BLOCK_R, BLOCK_K) tile of one split's partial sum low^T dropout(a), over
-    # that split's rows, in fp32: dA / scaling = dyB^T dropout(x), dB^T / scaling = xa^T dy.
+    # One (BLOCK_K, BLOCK_R) tile of one split's partial sum dropout(a)^T low, over
+    # that split's rows, in fp32: (dA / scaling)^T = dropout(x)^T dyB, dB / scaling = dy^T xa.
+    # The product is formed transposed, with K (in or out features, thousands) as
+    # its leading dimension and the rank as its narrow one: a Hopper wgmma needs
+    # 64 rows per warpgroup, which a rank tile (r is often 8 to 32) cannot give,
+    # while its N may be as small as 8.
     # Offsets written out rather than through span: with the helper's inlined
     # debug info ptxas gives this kernel up to 19 more registers (the compile gate).
-    pid_r = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_k = tl.program_id(0)
+    pid_r = tl.program_id(1)
     split = tl.program_id(2)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -210,19 +217,19 @@ def _lora_rank_grad_kernel(
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, M)
 
-    acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
+    acc = tl.zeros((BLOCK_K, BLOCK_R), tl.float32)
     for m_start in range(row_start, row_end, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_end
         a = _load_dropped(a_ptr, offs_m, offs_k, mask_m, mask_k, stride_am, stride_ak, K, dropout_p, seed,
                           HAS_DROPOUT)
-        low_t = tl.load(low_ptr + offs_r[:, None] * stride_lr + offs_m.to(tl.int64)[None, :] * stride_lm,
-                        mask=mask_r[:, None] & mask_m[None, :], other=0.0)
-        acc = tl.dot(low_t.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
+        low = tl.load(low_ptr + offs_m.to(tl.int64)[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), low.to(a.dtype), acc, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         acc = acc / (1.0 - dropout_p)
-    tl.store(out_ptr + split * stride_os + offs_r[:, None] * stride_or + offs_k[None, :] * stride_ok, acc,
-             mask=mask_r[:, None] & mask_k[None, :])
+    tl.store(out_ptr + split * stride_os + offs_k[:, None] * stride_ok + offs_r[None, :] * stride_or, acc,
+             mask=mask_k[:, None] & mask_r[None, :])
 
 
 # ----------------------------------------------------------------------------
@@ -242,7 +249,22 @@ _KERNELS = {"matmul": _lora_matmul_kernel, "down": _lora_down_kernel, "rank_grad
 _ARG_TYPES = dict(absmax_ptr="*fp32", code_ptr="*fp32", low_ptr="*fp32", scaling="fp32", dropout_p="fp32", seed="i64")
 
 
-def _case(kernel: str, dtype: torch.dtype, lora_dtype: torch.dtype, **flags: bool) -> CompileCase:
+# Strides that are 1 at a launch, per kernel and direction (the JIT makes an
+# argument equal to 1 a constant, and the compiler vectorizes along it): x, dy,
+# the fp32 (M, r) products and the outputs are row-major; the base weight and
+# the adapters are read transposed in one direction and straight in the other.
+_LAUNCH_UNIT_STRIDES = {
+    ("matmul", False): ("stride_ak", "stride_wk", "stride_lr", "stride_ur", "stride_on"),  # y = x W^T + ...
+    ("matmul", True): ("stride_ak", "stride_wn", "stride_lr", "stride_un", "stride_on"),  # dx = dy W + ...
+    ("down", False): ("stride_ak", "stride_uk", "stride_or"),  # xa = dropout(x) A^T
+    ("down", True): ("stride_ak", "stride_ur", "stride_or"),  # dyB = dy B
+    ("rank_grad", False): ("stride_lr", "stride_ak", "stride_ok"),
+    ("rank_grad", True): ("stride_lr", "stride_ak", "stride_ok"),
+}
+
+
+def _case(kernel: str, dtype: torch.dtype, lora_dtype: torch.dtype, *, backward: bool = False,
+          **flags: bool) -> CompileCase:
     element, lora = TRITON_DTYPE[dtype], TRITON_DTYPE[lora_dtype]
     types = dict(_ARG_TYPES, up_ptr=f"*{lora}", u_ptr=f"*{lora}")
     if kernel != "matmul":
@@ -251,9 +273,11 @@ def _case(kernel: str, dtype: torch.dtype, lora_dtype: torch.dtype, **flags: boo
         types["w_ptr"] = "*u8"  # packed 4-bit codes
     constexprs = {"HAS_DROPOUT": False, "DOT_PRECISION": _DOT_PRECISION[dtype]}
     if kernel == "matmul":
-        constexprs.update(HAS_BIAS=False, IS_NF4=False, **_UNIT_STRIDES)
+        constexprs.update(HAS_BIAS=False, IS_NF4=False, NF4_BLOCKSIZE=64, **_UNIT_STRIDES)
     constexprs.update({name.upper(): value for name, value in flags.items()})
-    label = ",".join([element, "lora_" + lora]
+    constexprs.update(dict.fromkeys(_LAUNCH_UNIT_STRIDES[kernel, backward], 1))
+    label = ",".join(["dx" if backward and kernel == "matmul" else "bwd" if backward else "fwd", element,
+                      "lora_" + lora]
                      + [name.removeprefix("has_").removeprefix("is_") for name, value in flags.items() if value])
     return compile_case(_KERNELS[kernel], label, dtype=dtype, types=types, constexprs=constexprs,
                         tensor_cores=dtype != torch.float32)
@@ -261,39 +285,56 @@ def _case(kernel: str, dtype: torch.dtype, lora_dtype: torch.dtype, **flags: boo
 
 def _cases(kernel: str, variant: str) -> list[CompileCase]:
     case = functools.partial(_case, kernel)
+    dx = functools.partial(_case, kernel, backward=True)
     if kernel == "matmul":
+        # Dropout is applied only in the dx matmul, the bias only in the forward.
         half = {
-            "dense": [case(torch.bfloat16, torch.bfloat16, has_bias=True), case(torch.float16, torch.float32)],
-            "dense_dropout": [case(torch.bfloat16, torch.float32, has_dropout=True)],
+            "dense": [case(torch.bfloat16, torch.bfloat16, has_bias=True), dx(torch.float16, torch.float32)],
+            "dense_dropout": [dx(torch.bfloat16, torch.float32, has_dropout=True)],
             "nf4": [case(torch.bfloat16, torch.float32, is_nf4=True, has_bias=True),
-                    case(torch.float16, torch.float16, is_nf4=True)],
-            "nf4_dropout": [case(torch.bfloat16, torch.bfloat16, is_nf4=True, has_dropout=True)],
-            "fp32": [case(torch.float32, torch.float32, has_bias=True, has_dropout=True),
+                    dx(torch.float16, torch.float16, is_nf4=True)],
+            "nf4_dropout": [dx(torch.bfloat16, torch.bfloat16, is_nf4=True, has_dropout=True)],
+            "fp32": [case(torch.float32, torch.float32, has_bias=True), dx(torch.float32, torch.float32, has_dropout=True),
                      case(torch.float32, torch.float32, is_nf4=True)],
         }
         return half[variant]
     if variant == "fp32":
         return [case(torch.float32, torch.float32, has_dropout=True)]
-    return [case(torch.bfloat16, torch.float32, has_dropout=True), case(torch.float16, torch.float16)]
+    if kernel == "down":  # dropout only on the forward's x
+        return [case(torch.bfloat16, torch.float32, has_dropout=True), dx(torch.float16, torch.float16)]
+    return [case(torch.bfloat16, torch.float32, has_dropout=True), dx(torch.float16, torch.float16)]
 
 
 def _config(warps: int, stages: int, **blocks: int) -> triton.Config:
     return triton.Config(blocks, num_warps=warps, num_stages=stages)
 
 
-# Each config compiles without spills for sm_80 and sm_90 (the compile gate).
-# NF4 tiles stay at BLOCK_K = 32: the per-element code and absmax gathers of a
-# 64-deep tile spill. fp32 takes 8 warps: its FMA dots hold whole operand rows.
+# Each config compiles without spills and within shared memory for sm_80 and
+# sm_90 (the compile gate, as launched: unit strides specialized). configs[0]
+# is what the interpreter runs; on a GPU the autotuner picks per shape. The
+# 128x256x64 and 128x128x64 dense tiles (Triton's tutorial and CUTLASS's
+# Hopper tiles) halve the operand traffic per FLOP of 128x128x32 at large
+# shapes; on sm_90 every 16-bit config issues wgmma (HGMMA), two 64-row
+# warpgroups on 8 warps. NF4 tiles stay at BLOCK_K = 32: the per-element code
+# and absmax gathers of a 64-deep tile spill. fp32 takes 8 warps: its FMA dots
+# hold whole operand rows. The rank-gradient kernel's leading dimension is K
+# (see the kernel), 64 rows per warpgroup; its narrow N is the rank tile.
 _CONFIGS = {
     ("matmul", "dense"): [_config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_R=32, GROUP_M=8),
-                          _config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_R=32, GROUP_M=8)],
+                          _config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_R=32, GROUP_M=8),
+                          _config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, BLOCK_R=16, GROUP_M=8),
+                          _config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=32, GROUP_M=8)],
+    # Dropout keeps a second (BLOCK_M, BLOCK_N) fp32 accumulator: 128x128x64 spills there.
     ("matmul", "dense_dropout"): [_config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, BLOCK_R=32, GROUP_M=8)],
     ("matmul", "nf4"): [_config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, BLOCK_R=32, GROUP_M=8)],
     ("matmul", "nf4_dropout"): [_config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, BLOCK_R=32, GROUP_M=8)],
     ("matmul", "fp32"): [_config(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, BLOCK_R=16, GROUP_M=8)],
     ("down", "half"): [_config(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_R=32)],
     ("down", "fp32"): [_config(4, 2, BLOCK_M=32, BLOCK_K=32, BLOCK_R=32)],
-    ("rank_grad", "half"): [_config(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_R=32)],
+    ("rank_grad", "half"): [_config(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_R=32),
+                            _config(4, 3, BLOCK_M=32, BLOCK_K=128, BLOCK_R=16),
+                            _config(8, 3, BLOCK_M=64, BLOCK_K=128, BLOCK_R=64),
+                            _config(8, 3, BLOCK_M=32, BLOCK_K=256, BLOCK_R=32)],
     ("rank_grad", "fp32"): [_config(8, 2, BLOCK_M=32, BLOCK_K=32, BLOCK_R=32)],
 }
 _AUTOTUNE_KEYS = {
@@ -361,7 +402,8 @@ def _base_operand(weight, transposed: bool) -> _BaseOperand:
                             stride_k, stride_n, weight.packed.stride(0), absmax.stride(0))
     strides = weight.stride()
     stride_k, stride_n = (strides[1], strides[0]) if transposed else strides
-    return _BaseOperand(weight, None, None, 0, stride_k, stride_n)
+    # A dense base passes NF4_BLOCKSIZE=64, unused: one compiled variant, whatever NF4 weights exist.
+    return _BaseOperand(weight, None, None, 64, stride_k, stride_n)
 
 
 def _rows_per_split(rows: int, other_programs: int) -> int:
@@ -381,11 +423,11 @@ def _triton_matmul(a, base: _BaseOperand, bias, low, up, scaling, dropout_p, see
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
         a, base.data, base.absmax if base.is_nf4 else placeholder, base.code if base.is_nf4 else placeholder,
         bias if bias is not None else placeholder, low, up, out,
-        M, N, K, R, scaling, dropout_p, seed, base.blocksize,
+        M, N, K, R, scaling, dropout_p, seed,
         *a.stride(), base.stride_k, base.stride_n, base.stride_packed, base.stride_absmax,
         bias.stride(0) if bias is not None else 1, *low.stride(), *up.stride(), *out.stride(),
         HAS_BIAS=bias is not None, IS_NF4=base.is_nf4, HAS_DROPOUT=has_dropout,
-        DOT_PRECISION=_DOT_PRECISION[a.dtype],
+        DOT_PRECISION=_DOT_PRECISION[a.dtype], NF4_BLOCKSIZE=base.blocksize,
     )
     return out
 
@@ -411,7 +453,7 @@ def _triton_rank_grad(low, a, dropout_p, seed):
     partials = torch.empty(splits, R, K, dtype=torch.float32, device=a.device)
     launch(
         _spec("rank_grad", a.dtype),
-        lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(K, meta["BLOCK_K"]), splits),
+        lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, meta["BLOCK_R"]), splits),
         low, a, partials, M, K, R, rows_per_split, dropout_p, seed,
         *low.stride(), *a.stride(), *partials.stride(),
         HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=_DOT_PRECISION[a.dtype],
