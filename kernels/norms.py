@@ -554,7 +554,7 @@ def _check_norm_inputs(x, weight, bias, residual):
         raise ValueError(f"x must be (..., H) with H >= 1, got shape {tuple(x.shape)}")
     hidden = x.shape[-1]
     for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is None:
+        if tensor is None and name == "bias":
             continue
         check_tensor(name, tensor, device=x.device)
         if tuple(tensor.shape) != (hidden,):
