@@ -319,14 +319,21 @@ def _measure_in_child(sender, suite: str, provider: str, params: dict) -> None:
     sender.close()
 
 
-def run_case(suite: str, provider: str, params: dict, device: torch.device, timeout: float = 600) -> dict:
+def run_case(suite: str, provider: str, params: dict, device: torch.device, timeout: float = 600, *,
+             fresh_process: bool = True) -> dict:
+    """One case as a result row. On a CPU it is measured in a fresh process unless ``fresh_process`` is False
+    (a quick look, e.g. the acceptance dry run: a process per case costs more than its small case)."""
     row = dict(suite=suite, provider=provider, params=params)
     reason = SUITES[suite].unavailable(provider, device)
     if reason is not None:
         return dict(row, status="skipped", message=reason)
     try:
-        measured = (measure_cuda(SUITES[suite].setup, provider, params, device) if device.type == "cuda"
-                    else measure_cpu(suite, provider, params, timeout))
+        if device.type == "cuda":
+            measured = measure_cuda(SUITES[suite].setup, provider, params, device)
+        elif fresh_process:
+            measured = measure_cpu(suite, provider, params, timeout)
+        else:
+            measured = measure_cpu_here(SUITES[suite].setup, provider, params)
         row.update(status="ok", **measured)
     except ProviderMissing as missing:
         row.update(status="skipped", message=str(missing))
