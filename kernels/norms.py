@@ -283,7 +283,7 @@ _ARG_TYPES = dict(rstd_ptr="*fp32", mean_ptr="*fp32", dweight_ptr="*fp32", dbias
 _UNIT_COLUMN_STRIDES = ("stride_xc", "stride_rc", "stride_w", "stride_b", "stride_dc", "stride_sc", "stride_gc")
 
 
-def _register(name, kernel, flags):
+def _register(name, kernel, flags, reset_to_zero=()):
     """One spec per kernel; compile cases at the largest block with every flag on, in bf16 and in fp32 (the
     most registers: 4-byte elements in the same layout)."""
     arguments = _kernel_arguments(kernel)
@@ -293,6 +293,7 @@ def _register(name, kernel, flags):
         kernel=kernel,
         configs=_CONFIGS,
         key=["H", "BLOCK_H"],
+        reset_to_zero=reset_to_zero,
         compile_cases=[
             compile_case(kernel, f"{TRITON_DTYPE[dtype]},block{_MAX_BLOCK_H}", dtype=dtype, types=_ARG_TYPES,
                          constexprs=dict(unit, BLOCK_H=_MAX_BLOCK_H, **{flag: True for flag in flags}),
@@ -307,9 +308,12 @@ def _kernel_arguments(kernel):
 
 
 _RMS_FWD = _register("rms_norm_fwd", _rms_norm_fwd_kernel, ("HAS_RESIDUAL", "CAST_BEFORE_WEIGHT"))
-_RMS_BWD = _register("rms_norm_bwd", _rms_norm_bwd_kernel, ("HAS_DSUM", "CAST_BEFORE_WEIGHT", "COMPUTE_DWEIGHT"))
+# The backward kernels add into their partial sums: the autotuner zeroes them around its trial runs.
+_RMS_BWD = _register("rms_norm_bwd", _rms_norm_bwd_kernel, ("HAS_DSUM", "CAST_BEFORE_WEIGHT", "COMPUTE_DWEIGHT"),
+                     reset_to_zero=["dweight_ptr"])
 _LN_FWD = _register("layer_norm_fwd", _layer_norm_fwd_kernel, ("HAS_RESIDUAL", "HAS_BIAS"))
-_LN_BWD = _register("layer_norm_bwd", _layer_norm_bwd_kernel, ("HAS_DSUM", "COMPUTE_DWEIGHT"))
+_LN_BWD = _register("layer_norm_bwd", _layer_norm_bwd_kernel, ("HAS_DSUM", "COMPUTE_DWEIGHT"),
+                    reset_to_zero=["dweight_ptr", "dbias_ptr"])
 
 
 # ----------------------------------------------------------------------------
