@@ -3,10 +3,11 @@
 What is fused. A pre-norm decoder layer computes ``s = x + residual`` and then
 ``norm(s)``; stock transformers runs the add, an fp32 copy of ``s``, its square,
 its mean, the scaling and the weight multiply as separate ops, and autograd
-keeps fp32 copies of the input and of the normalized value (HF's LlamaRMSNorm:
-8 * h bytes per token and more). Here one kernel reads x (and the residual),
-writes ``s`` (when there is a residual) and the normalized output, and keeps
-one fp32 number per row.
+keeps an fp32 copy of the input and the normalized value (measured, bf16 input:
+LlamaRMSNorm 6h + 4 bytes per token, GemmaRMSNorm 8h + 12). Here one kernel
+reads x (and the residual), writes ``s`` (when there is a residual) and the
+normalized output, and keeps one fp32 number per row besides x (2h + 4 bytes
+per token in bf16).
 
 Saved for backward, per token at hidden size h:
 - ``rms_norm``: its input x itself (no copy; with a residual, the sum ``s``,
