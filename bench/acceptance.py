@@ -1,6 +1,6 @@
 """One command from a fresh GPU machine to a complete, shareable result.
 
-    python -m ember.bench.acceptance [--out DIR] [--dry-run] [--budget-s SECONDS]
+    python -m ember.bench.acceptance [--out DIR] [--dry-run] [--budget-s SECONDS] [--skip smoke,tests,bench]
 
 On one CUDA device, within a time budget (600 s by default: about ten minutes
 on an H100 or H200), in this order:
@@ -515,7 +515,8 @@ def bench_jobs(device: str) -> list[tuple[str, str, list[dict]]]:
             for provider in SUITES[suite].providers if provider not in LEFT_OUT]
 
 
-def step_bench(device: str, out_dir: Path, budget: float, progress) -> dict:
+def step_bench(device: str, out_dir: Path, budget: float, progress, jobs: list | None = None) -> dict:
+    """The benchmark record of ``jobs`` (default: ``bench_jobs(device)``), also written as bench.json."""
     import torch
 
     from .suites import SUITES
@@ -523,13 +524,13 @@ def step_bench(device: str, out_dir: Path, budget: float, progress) -> dict:
     env, end = _child_env(device), time.monotonic() + budget
     scratch = str(out_dir / ".bench.jsonl")
     record = dict(env=None, quick=True, ceilings={}, acceptance=True, results=[])
-    if device == "cuda":  # the environment and the card's ceilings, once, in a process of their own
+    if device == "cuda" and jobs != []:  # the environment and the card's ceilings, once, in a process of their own
         got, problem = _spawn(dict(kind="bench", env=True, jobs=[], device=device, out=scratch),
                               min(120.0, budget / 4), env)
         if not got:
             raise RuntimeError(f"could not read the environment: {problem}")
         record.update(env=got[0]["env"], ceilings=got[0]["ceilings"])
-    jobs = bench_jobs(device)
+    jobs = bench_jobs(device) if jobs is None else jobs
     runnable = []
     for suite, provider, sizes in jobs:
         reason = SUITES[suite].unavailable(provider, torch.device(device))
@@ -643,7 +644,8 @@ def summary_text(record: dict) -> str:
                   "PyTorch path in fp32; the benchmarks ran one small size per suite and measure memory, not speed.",
                   ""]
     smoke = record["smoke"]
-    lines.append(f"Smoke: {smoke['passed']} of {smoke['total']} kernel x dtype checks pass.")
+    lines.append(f"Smoke: {smoke['status']}." if "status" in smoke else
+                 f"Smoke: {smoke['passed']} of {smoke['total']} kernel x dtype checks pass.")
     lines += [f"- {r['kernel']} ({r['dtype']}): {r['status']}: {r['message']}" for r in smoke["rows"]
               if r["status"] != "ok"]
     tests = record["tests"]
@@ -679,8 +681,13 @@ def summary_text(record: dict) -> str:
 # ----------------------------------------------------------------------------
 
 
-def run(out_dir: Path, *, dry_run: bool = False, budget_s: float = 600.0, progress=print) -> dict:
-    """The whole acceptance run into ``out_dir``; returns its record (also written as acceptance.json)."""
+STEPS = ("smoke", "tests", "bench")
+
+
+def run(out_dir: Path, *, dry_run: bool = False, budget_s: float = 600.0, skip: tuple[str, ...] = (),
+        progress=print) -> dict:
+    """The whole acceptance run into ``out_dir`` (less the ``skip``ped steps); returns its record (also written as
+    acceptance.json)."""
     import torch
 
     from . import report
@@ -696,13 +703,17 @@ def run(out_dir: Path, *, dry_run: bool = False, budget_s: float = 600.0, progre
     out_dir.mkdir(parents=True, exist_ok=True)
     record = dict(device=device, why_cpu=why_cpu, budget_s=budget_s,
                   time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    record["smoke"] = step_smoke(device, out_dir, budget.left() * SMOKE_SHARE, progress)
-    if cuda:
+    asked_off = "skipped (--skip)"
+    record["smoke"] = (step_smoke(device, out_dir, budget.left() * SMOKE_SHARE, progress) if "smoke" not in skip
+                       else dict(rows=[], passed=0, total=0, status=asked_off))
+    if "tests" in skip:
+        record["tests"] = dict(status="skipped", message=asked_off)
+    elif cuda:
         record["tests"] = step_tests(out_dir, budget.left() * TESTS_SHARE / (1 - SMOKE_SHARE), progress)
     else:
         record["tests"] = dict(status="skipped", message="no CUDA device: the GPU tier needs one (CI runs the CPU "
                                                          "tiers: pytest)")
-    bench = step_bench(device, out_dir, budget.left(), progress)
+    bench = step_bench(device, out_dir, budget.left(), progress, jobs=[] if "bench" in skip else None)
     record.update(env=bench["env"], bench=bench)
     (out_dir / "report.md").write_text(report.tables(bench))
     try:
@@ -711,8 +722,9 @@ def run(out_dir: Path, *, dry_run: bool = False, budget_s: float = 600.0, progre
         plots = []
         progress("plots: matplotlib is not installed (pip install -e '.[bench]')")
     record["seconds"] = time.monotonic() - start
-    record["files"] = sorted(["acceptance.json", "summary.md", "report.md", "bench.json", "smoke.json", *plots]
-                             + (["tests.json", "tests/"] if cuda else []))
+    record["files"] = sorted(["acceptance.json", "summary.md", "report.md", "bench.json", *plots]
+                             + (["smoke.json"] if "smoke" not in skip else [])
+                             + (["tests.json", "tests/"] if cuda and "tests" not in skip else []))
     text = summary_text(record)
     (out_dir / "summary.md").write_text(text)
     (out_dir / "acceptance.json").write_text(json.dumps({k: v for k, v in record.items() if k != "bench"}, indent=1,
@@ -737,13 +749,17 @@ def main(argv: list[str] | None = None) -> int:
                                                                     "acceptance-results)")
     parser.add_argument("--dry-run", action="store_true", help="the CPU dry run even where CUDA is available")
     parser.add_argument("--budget-s", type=float, default=600.0, help="time budget in seconds (default: 600)")
+    parser.add_argument("--skip", default="", help=f"steps to leave out, comma-separated: {', '.join(STEPS)}")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return _child(json.loads(args.child))
     if args.budget_s <= 0:
         parser.error("--budget-s must be > 0")
-    record = run(Path(args.out), dry_run=args.dry_run, budget_s=args.budget_s)
+    skip = tuple(step for step in args.skip.split(",") if step)
+    if set(skip) - set(STEPS):
+        parser.error(f"--skip: unknown step(s) {', '.join(sorted(set(skip) - set(STEPS)))}; steps: {', '.join(STEPS)}")
+    record = run(Path(args.out), dry_run=args.dry_run, budget_s=args.budget_s, skip=skip)
     return 0 if passed(record) else 1
 
 

@@ -139,3 +139,14 @@ def test_junit_counts(tmp_path):
                      '</testsuite></testsuites>')
     assert acceptance._junit_counts(junit) == dict(tests=3, failures=1, errors=0, skipped=1,
                                                    failed_tests=["tests.kernels.test_x::test_a[cuda]"])
+
+
+def test_steps_can_be_left_out(tmp_path, capsys):
+    assert acceptance.main(["--out", str(tmp_path), "--dry-run", "--skip", "smoke,bench"]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "**--dry-run asked for**" in summary and "Smoke: skipped (--skip)." in summary
+    assert "Benchmarks: 0 cases" in summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acceptance.json", "bench.json", "report.md", "summary.md"]
+    with pytest.raises(SystemExit):
+        acceptance.main(["--skip", "everything"])
+    assert "--skip: unknown step(s) everything; steps: smoke, tests, bench" in capsys.readouterr().err
