@@ -73,8 +73,12 @@ def test_saves_only_gate_and_up(device):
     up = torch.randn(8, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
     for fn in (swiglu, geglu):
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
-                                                      lambda t: t):
+
+        def pack(tensor, saved=saved):
+            saved.append(tensor.untyped_storage().data_ptr())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             fn(gate, up)
         assert sorted(saved) == sorted([gate.untyped_storage().data_ptr(), up.untyped_storage().data_ptr()])
 
