@@ -539,7 +539,7 @@ def step_bench(device: str, out_dir: Path, budget: float, progress, jobs: list |
                                   for p in sizes]
         else:
             runnable.append((suite, provider, sizes))
-    # On CUDA a process per (suite, provider); on a CPU one process runs them all, each case in a fresh fork.
+    # On CUDA a process per (suite, provider); on a CPU one process runs the dry run's few cases.
     groups = [[job] for job in runnable] if device == "cuda" else [runnable]
     for index, group in enumerate(groups):
         pending = [(suite, provider, list(sizes)) for suite, provider, sizes in group]
@@ -559,9 +559,11 @@ def step_bench(device: str, out_dir: Path, budget: float, progress, jobs: list |
             for row in rows:
                 progress(f"bench  {row['suite']:14s} {row['provider']:20s} {_size(row['params']):56s} {_headline(row)}")
             pending = _after(pending, len(rows))
-            if problem and pending:  # the case it stopped in is an error row; a fresh process takes the rest
+            if pending and not problem:
+                problem = "the process ended without a result for this case"
+            if pending:  # the case it stopped in is an error row; a fresh process takes the rest
                 suite, provider, sizes = pending[0]
-                if problem != "a CUDA error left the process unusable":
+                if not rows or problem != "a CUDA error left the process unusable":  # else its error row is in
                     record["results"].append(dict(suite=suite, provider=provider, params=sizes[0], status="error",
                                                   message=problem))
                     progress(f"bench  {suite:14s} {provider:20s} {_size(sizes[0]):56s} error: {problem}")
