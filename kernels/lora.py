@@ -19,9 +19,15 @@ Here, with M rows, `in` input and `out` output features and rank r:
   What the backward keeps is x (the autograd graph holds it anyway) and xa,
   r fp32 values per row: for r = 16 and in = 4096 that is 64 bytes against
   the 8 KiB per row of PEFT's bf16 copy of dropout(x).
-- an NF4 base (bitsandbytes' layout, see ``ember.kernels.nf4``) is read as
-  packed 4-bit codes and dequantized tile by tile in registers, in the forward
-  and in the dx matmul: no full-size dequantized weight ever exists.
+- an NF4 base (bitsandbytes' layout, see ``ember.kernels.nf4``) below
+  NF4_DEQUANTIZE_ONCE_ROWS rows is read as packed 4-bit codes and dequantized
+  tile by tile in registers, in the forward and in the dx matmul: no full-size
+  dequantized weight exists. From that many rows up, each of the two matmuls
+  first dequantizes the base once, with one vectorized kernel, into a
+  transient 16-bit copy of that layer's weight (freed after the matmul), and
+  runs the dense kernel: the in-register path would dequantize every weight
+  once per row tile (see the constant for the numbers). PEFT over
+  bitsandbytes does the same dequantization, at every row count.
 
 The base weight is frozen: no gradient flows to it. Every dot accumulates in
 fp32; 16-bit inputs run on tensor cores; fp32 inputs use exact fp32 dots (no
@@ -29,13 +35,15 @@ TF32, as PyTorch's default), which are slow on a GPU: train in bf16.
 
 Where it stops being fast: the thin kernels re-read x (forward) and dy
 (backward) once more, which costs about r/in of the base matmul's time in
-bandwidth for small r; an NF4 tile is dequantized with per-element gathers of
-its code and block absmax, extra ALU work that the 4x smaller weight reads pay
-for only when the matmul is memory-bound (few rows, as in small batches).
+bandwidth for small r; an NF4 tile dequantized in registers costs per-element
+gathers of its code and block absmax, extra ALU work that the 4x smaller
+weight reads pay for only when the matmul is memory-bound (few rows, as in
+small batches), which is why many rows take the dequantize-once path.
 
 Without the interpreter a CPU runs a PyTorch path with the same algorithm:
-row chunks for the dropout draws and (out) row chunks of a dequantized NF4
-weight, so it never holds a full dequantized weight either. Its dropout bits
+row chunks for the dropout draws and, below NF4_DEQUANTIZE_ONCE_ROWS rows,
+(out) row chunks of a dequantized NF4 weight, so it holds a full dequantized
+weight exactly when the Triton path does. Its dropout bits
 come from torch's generator per row chunk: repeatable, not the GPU's.
 """
 
@@ -52,10 +60,27 @@ from .autocast import autocast_dtype, autocast_off, cast_for_autocast
 from .backend import use_triton
 from .checks import check_number, check_tensor
 from .launch import TRITON_DTYPE, CompileCase, KernelSpec, compile_case, launch, register
-from .nf4 import NF4_CODE, NF4Weight
+from .nf4 import NF4_CODE, NF4Weight, dequantize_nf4
 from .tiling import grouped_tile, span
 
 MAX_RANK = 256
+
+# Rows (tokens, M) from which a call dequantizes an NF4 base once, into a
+# transient 16-bit copy of that one layer's weight, and runs the dense matmul;
+# below, tiles are dequantized in registers inside the K-loop. The in-register
+# path dequantizes every weight once per 64-row tile, ceil(M / 64) times per
+# call, each time with ~10 integer and memory instructions per element (a byte
+# and an absmax gather, shifts, a table gather, a multiply, a cast): on an
+# H100 that ALU work costs about as much as the tile's wgmma work itself.
+# Dequantizing once costs one pass at memory bandwidth (0.5 byte read, 2
+# written, about the time of 2 to 3 in-register dequantizations), after which
+# the matmul runs on the larger dense tiles. So: one row tile (M <= 64) keeps
+# the in-register path, which also reads 4x fewer weight bytes where small
+# batches are memory bound; from 256 rows (4 row tiles, where the repeated
+# dequantizations cost more than the pass) the weight is dequantized once.
+# QLoRA training (thousands of tokens per step) is far above it, decoding and
+# small evaluation batches below.
+NF4_DEQUANTIZE_ONCE_ROWS = 256
 
 
 def lora_linear_ref(x, weight, lora_a, lora_b, *, scaling, bias=None, dropout_mask=None, dropout_p=0.0):
@@ -461,10 +486,19 @@ def _triton_rank_grad(low, a, dropout_p, seed):
     return partials.sum(0) if splits > 1 else partials[0]
 
 
+def _dequantized_once(weight, rows: int, dtype: torch.dtype):
+    """The base for a call over ``rows`` rows: an NF4 base from NF4_DEQUANTIZE_ONCE_ROWS rows up
+    becomes a transient dense (out, in) copy in ``dtype``; anything else is returned as it is."""
+    if isinstance(weight, NF4Weight) and rows >= NF4_DEQUANTIZE_ONCE_ROWS:
+        return dequantize_nf4(weight, dtype=dtype)
+    return weight
+
+
 def _triton_fwd(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed):
     xa = _triton_down(x, lora_a.t(), dropout_p, seed)  # (M, r)
     y = torch.empty(x.shape[0], lora_b.shape[0], dtype=x.dtype, device=x.device)
-    _triton_matmul(x, _base_operand(weight, transposed=True), bias, xa, lora_b.t(), scaling, 0.0, 0, y)
+    base = _base_operand(_dequantized_once(weight, x.shape[0], x.dtype), transposed=True)
+    _triton_matmul(x, base, bias, xa, lora_b.t(), scaling, 0.0, 0, y)
     return y, xa
 
 
@@ -473,7 +507,8 @@ def _triton_bwd(dy, x, xa, weight, lora_a, lora_b, scaling, dropout_p, seed, nee
     dx = None
     if needs_dx:
         dx = torch.empty_like(x)
-        _triton_matmul(dy, _base_operand(weight, transposed=False), None, dy_b, lora_a, scaling, dropout_p, seed, dx)
+        base = _base_operand(_dequantized_once(weight, dy.shape[0], x.dtype), transposed=False)
+        _triton_matmul(dy, base, None, dy_b, lora_a, scaling, dropout_p, seed, dx)
     grad_a = _triton_rank_grad(dy_b, x, dropout_p, seed) * scaling  # (r, in)
     grad_b_t = _triton_rank_grad(xa, dy, 0.0, 0) * scaling  # (r, out)
     return dx, grad_a, grad_b_t.t()
@@ -523,7 +558,9 @@ def _torch_weight_rows(weight, start, end, dtype):
 
 
 def _torch_base_matmul(a, weight, transposed: bool, dtype):
-    """a @ W^T (transposed) or a @ W, over chunks of W's rows when W is NF4."""
+    """a @ W^T (transposed) or a @ W, over chunks of W's rows when W is NF4 (dequantized
+    whole from NF4_DEQUANTIZE_ONCE_ROWS rows of ``a`` up, as the Triton path does)."""
+    weight = _dequantized_once(weight, a.shape[0], dtype)
     if not isinstance(weight, NF4Weight):
         return a @ (weight.t() if transposed else weight)
     out_features, in_features = weight.shape
@@ -647,7 +684,8 @@ def lora_linear(x, weight, lora_a, lora_b, *, scaling: float, bias=None, dropout
         x: (..., in_features), float16, bfloat16 or float32: the compute dtype.
         weight: the frozen base weight, (out_features, in_features) in x's dtype,
             or an ``NF4Weight`` (4-bit, bitsandbytes' layout) dequantized to
-            x's dtype tile by tile. It gets no gradient.
+            x's dtype tile by tile, or once per matmul into a transient copy
+            from ``NF4_DEQUANTIZE_ONCE_ROWS`` rows up. It gets no gradient.
         lora_a: (r, in_features), 1 <= r <= 256; lora_b: (out_features, r).
             Any of the three float dtypes (fp32 adapters over a bf16 base are
             usual); their tiles are cast to x's dtype for the matmuls, and

@@ -36,9 +36,16 @@ blocks of 64 that is 0.5 + 4/64 = 0.5625 bytes; double quantization stores
 1 byte per block plus 4 bytes per 256 blocks: 0.5 + 1/64 + 4/(64*256) ~= 0.516
 bytes (plus a 1 KiB code table and the offset per weight).
 
-Where this stops: quantization and dequantization here are plain PyTorch on
-any device, chunked so that temporaries stay under ~100 MiB whatever the
-weight's size; a fused 4-bit matmul is not part of this file. "Identical" means
+Where this stops: quantization is plain PyTorch on any device, chunked so
+that temporaries stay under ~100 MiB whatever the weight's size.
+Dequantization runs as one vectorized Triton kernel on a GPU (and under the
+interpreter): each program reads a run of packed bytes, looks both nibbles up
+in the 16-entry table held in registers, scales them by their block's absmax
+and writes the values in order, so it costs one pass at memory bandwidth
+(0.5 byte read, 2 bytes written per bf16 element). The fused LoRA matmul
+(``ember.kernels.lora``) uses it to dequantize a base once per call at large
+row counts; below them it dequantizes tiles in registers and never calls it.
+Without a GPU or the interpreter, dequantization is chunked PyTorch. "Identical" means
 identical to bitsandbytes' CPU path: its CUDA kernels quantize through other code
 (hard-coded 4-bit pivots, a different 8-bit search for the nested statistics,
 no special short block), so a weight bitsandbytes quantized on CUDA can differ
@@ -52,9 +59,13 @@ import dataclasses
 import functools
 
 import torch
+import triton
+import triton.language as tl
 
+from .backend import use_triton
 from .checks import FLOAT_DTYPES, check_tensor, dtype_names
 from .dynamic_map import dynamic_map
+from .launch import TRITON_DTYPE, KernelSpec, compile_case, launch, register
 
 # The NF4 table as bitsandbytes hard-codes it (functional.get_4bit_type("nf4")):
 # create_normal_map(offset=0.9677083), 7 negative and 8 positive quantiles and
@@ -444,22 +455,31 @@ def quantize_nf4(weight: torch.Tensor, *, blocksize: int = 64, double_quant: boo
     )
 
 
-def dequantize_nf4(weight: NF4Weight) -> torch.Tensor:
-    """(out_features, in_features) in ``weight.dtype``: ``NF4_CODE[code] * block_absmax``.
+def dequantize_nf4(weight: NF4Weight, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(out_features, in_features) in ``dtype`` (default ``weight.dtype``): ``NF4_CODE[code] * block_absmax``.
 
     The product is formed in fp32 and rounded once to the output dtype (round to
-    nearest even), as bitsandbytes' dequantize_4bit does. Where bitsandbytes'
-    AVX512 CPU kernel is correct (``in_features`` a multiple of the block size,
-    or not of 16) the result is bit-identical to it; for other shapes that
-    kernel mis-assigns blocks to rows and this function follows the layout.
+    nearest even), as bitsandbytes' dequantize_4bit does; asking for another
+    dtype than the weight's (x's compute dtype, say) rounds once to that dtype,
+    never twice. Where bitsandbytes' AVX512 CPU kernel is correct
+    (``in_features`` a multiple of the block size, or not of 16) the result is
+    bit-identical to it; for other shapes that kernel mis-assigns blocks to rows
+    and this function follows the layout. On a GPU (and under the interpreter)
+    one Triton kernel dequantizes the whole weight; the PyTorch path walks it in
+    chunks. Both give the same bits.
     """
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+    dtype = weight.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be {dtype_names(FLOAT_DTYPES)}, got {dtype}")
+    if use_triton(weight.packed):
+        return _dequantize_triton(weight, dtype)
     n = weight.shape[0] * weight.shape[1]
     bs = weight.blocksize
     code, _ = _nf4_bounds(weight.device)
     absmax = weight.block_absmax()  # (n_blocks,) fp32
-    out = torch.empty(n, dtype=weight.dtype, device=weight.device)
+    out = torch.empty(n, dtype=dtype, device=weight.device)
     for start in range(0, n, _CHUNK_ELEMENTS):
         stop = min(start + _CHUNK_ELEMENTS, n)
         length = stop - start
@@ -471,6 +491,77 @@ def dequantize_nf4(weight: NF4Weight) -> torch.Tensor:
         scaled = values * absmax[start // bs : start // bs + chunk_blocks, None]
         out[start:stop] = scaled.view(-1)[:length]  # the one rounding to weight.dtype
     return out.view(weight.shape)
+
+
+# ----------------------------------------------------------------------------
+# Triton dequantization: one pass over the packed bytes
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _dequantize_nf4_kernel(
+    packed_ptr, absmax_ptr, code_ptr, out_ptr,
+    numel, num_bytes, stride_packed, stride_absmax,
+    BLOCKSIZE: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+):
+    # One program: BLOCK_BYTES consecutive packed bytes -> the 2 * BLOCK_BYTES
+    # consecutive elements of the row-major (out, in) weight they hold.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)  # byte indices
+    # num_bytes = ceil(numel / 2) comes from the host: an argument divisible by 16
+    # lets the compiler vectorize the masked byte loads, (numel + 1) // 2 did not.
+    in_range = offs < num_bytes
+    byte = tl.load(packed_ptr + offs * stride_packed, mask=in_range, other=0).to(tl.int32)
+    # The 16-entry table once per program, then gathered from registers: no
+    # per-element load of it.
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    # Both elements of a byte share a block (block sizes are even); the block
+    # index is a shift, BLOCKSIZE being a constexpr power of two.
+    absmax = tl.load(absmax_ptr + (offs // (BLOCKSIZE // 2)) * stride_absmax, mask=in_range, other=0.0)
+    high = tl.gather(table, byte >> 4, 0) * absmax  # the even element (bitsandbytes' order)
+    low = tl.gather(table, byte & 0xF, 0) * absmax
+    values = tl.reshape(tl.join(high, low), (2 * BLOCK_BYTES,))  # even, odd, even, odd, ...
+    out_offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK_BYTES) + tl.arange(0, 2 * BLOCK_BYTES)
+    # The fp32 product rounded once to the output dtype; an odd numel's padding
+    # nibble is not stored.
+    tl.store(out_ptr + out_offs, values.to(out_ptr.dtype.element_ty), mask=out_offs < numel)
+
+
+def _dequantize_case(dtype: torch.dtype):
+    # Bytes and scales are contiguous at a launch (their strides are 1).
+    return compile_case(_dequantize_nf4_kernel, TRITON_DTYPE[dtype], dtype=dtype,
+                        types=dict(packed_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32"),
+                        constexprs=dict(stride_packed=1, stride_absmax=1, BLOCKSIZE=64), tensor_cores=False)
+
+
+_DEQUANTIZE_SPEC = register(KernelSpec(
+    name="nf4_dequantize",
+    kernel=_dequantize_nf4_kernel,
+    # Memory bound: 2048 elements per program on 4 warps, 8 bytes read and 16
+    # values written per thread (two 16-byte stores in bf16).
+    configs=[triton.Config({"BLOCK_BYTES": 1024}, num_warps=4)],
+    key=["BLOCKSIZE"],
+    compile_cases=[_dequantize_case(torch.bfloat16), _dequantize_case(torch.float16),
+                   _dequantize_case(torch.float32)],
+))
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_code_on(device: torch.device) -> torch.Tensor:
+    return NF4_CODE.to(device)
+
+
+def _dequantize_triton(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    numel = weight.shape[0] * weight.shape[1]
+    absmax = weight.block_absmax()  # (n_blocks,) fp32: double quantization undone, n_blocks / 256 work
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)  # (out, in)
+    n_bytes = (numel + 1) // 2
+    launch(
+        _DEQUANTIZE_SPEC, lambda meta: (triton.cdiv(n_bytes, meta["BLOCK_BYTES"]),),
+        weight.packed, absmax, _nf4_code_on(weight.device), out, numel, n_bytes, weight.packed.stride(0),
+        absmax.stride(0),
+        BLOCKSIZE=weight.blocksize,
+    )
+    return out
 
 
 __all__ = ["NF4_CODE", "NF4Weight", "SUPPORTED_BLOCKSIZES", "dequantize_nf4", "quantize_nf4"]

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from ember.bench.memory import TensorSizeTracker
+import ember.kernels.lora as lora_module
 from ember.kernels.lora import lora_linear, lora_linear_ref
-from ember.kernels.nf4 import NF4Weight, quantize_nf4
+from ember.kernels.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (batch shape, in_features, out_features, r): awkward sizes on purpose (odd, not multiples of the tiles).
@@ -136,6 +137,47 @@ def test_dropout_with_its_regenerated_mask_matches_float64(device, dtype, nf4, a
     # One mask explains the forward and every gradient: forward and backward draw the same bits.
     _check_against_float64(assert_within_tolerance, ours, x, dense, lora_a, lora_b, bias, 2.0, upstream,
                            dropout_mask=mask, dropout_p=p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["in_registers", "dequantized_once"])
+def test_nf4_both_paths_match_float64(device, dtype, path, monkeypatch, assert_within_tolerance):
+    # Each NF4 path forced whatever the row count, forward and backward, with
+    # dropout and a bias: 33 rows, in_features 80 (64-element blocks span rows),
+    # odd out_features and rank.
+    monkeypatch.setattr(lora_module, "NF4_DEQUANTIZE_ONCE_ROWS", 1 if path == "dequantized_once" else 1 << 40)
+    batch, in_features, out_features, rank, p = (3, 11), 80, 50, 7, 0.2
+    x, weight, lora_a, lora_b, bias = _inputs(batch, in_features, out_features, rank, dtype, torch.float32, device)
+    base = quantize_nf4(weight)
+    upstream = torch.randn(*batch, out_features, dtype=dtype, device=device)
+    torch.manual_seed(5)
+    ours = _run_ours(x, base, lora_a, lora_b, bias, 1.5, upstream, dropout_p=p)
+    mask = _dropout_mask(device, dtype, 33, in_features, p, seed=5).view(*batch, in_features)
+    _check_against_float64(assert_within_tolerance, ours, x, base.dequantize().to(dtype), lora_a.to(dtype),
+                           lora_b.to(dtype), bias, 1.5, upstream, dropout_mask=mask, dropout_p=p)
+
+
+@pytest.mark.parametrize("rows", [4, lora_module.NF4_DEQUANTIZE_ONCE_ROWS + 44], ids=lambda rows: f"rows{rows}")
+def test_nf4_base_is_dequantized_once_per_matmul_from_the_threshold(device, rows, monkeypatch,
+                                                                    assert_within_tolerance):
+    # Below the threshold no full dequantization happens (tiles in registers);
+    # from it, one in the forward and one in the dx matmul, in x's dtype. 300
+    # rows also split the rank-gradient sums over two programs' partials.
+    calls = []
+
+    def counting(weight, *, dtype=None):
+        calls.append(dtype)
+        return dequantize_nf4(weight, dtype=dtype)
+
+    monkeypatch.setattr(lora_module, "dequantize_nf4", counting)
+    dtype = torch.float16
+    x, weight, lora_a, lora_b, _ = _inputs((rows,), 64, 48, 8, dtype, torch.float32, device, bias=False)
+    base = quantize_nf4(weight, double_quant=False)
+    upstream = torch.randn(rows, 48, dtype=dtype, device=device)
+    ours = _run_ours(x, base, lora_a, lora_b, None, 0.5, upstream)
+    assert calls == ([] if rows < lora_module.NF4_DEQUANTIZE_ONCE_ROWS else [dtype, dtype])
+    _check_against_float64(assert_within_tolerance, ours, x, dequantize_nf4(base).to(dtype), lora_a.to(dtype),
+                           lora_b.to(dtype), None, 0.5, upstream)
 
 
 def test_dropout_statistics(device):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ember.kernels.nf4 as nf4
+from ember.kernels.backend import forced_backend, interpreting
 from ember.kernels.dynamic_map import dynamic_map
 from ember.kernels.nf4 import NF4_CODE, NF4Weight, dequantize_nf4, quantize_nf4
 
@@ -365,6 +366,7 @@ def _bytes(n):
         (lambda: quantize_nf4(torch.randn(4, 64), blocksize=64.0), TypeError, "blocksize"),
         (lambda: quantize_nf4(torch.randn(4, 64), double_quant=1), TypeError, "double_quant"),
         (lambda: dequantize_nf4(torch.zeros(32, dtype=torch.uint8)), TypeError, "weight"),
+        (lambda: dequantize_nf4(quantize_nf4(torch.randn(4, 64)), dtype=torch.int8), TypeError, "dtype"),
         (lambda: NF4Weight(_bytes(31), torch.zeros(1), (1, 64), torch.float16), ValueError, "packed"),
         (lambda: NF4Weight(_bytes(32).to(torch.int8), torch.zeros(1), (1, 64), torch.float16), TypeError, "packed"),
         (lambda: NF4Weight(_bytes(32), torch.zeros(2), (1, 64), torch.float16), ValueError, "absmax"),
@@ -380,6 +382,31 @@ def _bytes(n):
 def test_bad_inputs_name_the_argument(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+@pytest.mark.parametrize("shape, blocksize", [((7, 77), 32), ((300, 77), 64), ((5, 96), 128), ((3, 1500), 4096)],
+                         ids=str)
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double_quant", "plain_absmax"])
+def test_triton_dequantize_equals_the_pytorch_path_bit_for_bit(shape, blocksize, double_quant):
+    # The Triton kernel (one pass over the bytes, the table gathered from
+    # registers) against the chunked PyTorch path, in every output dtype: an odd
+    # numel (7 x 77, a padded nibble), blocks spanning rows, a short last block,
+    # a block larger than a program's 2048 elements; bytes and scales read
+    # through strides (every other element of a buffer twice their size).
+    if not (interpreting() or torch.cuda.is_available()):
+        pytest.skip("the Triton kernel needs TRITON_INTERPRET=1 or a CUDA device")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quantized = quantize_nf4(_weight(shape, torch.float32).to(device), blocksize=blocksize, double_quant=double_quant)
+    every_other = lambda t: torch.stack([t, t.flip(0)], dim=1)[:, 0]  # noqa: E731  (stride 2)
+    strided = dataclasses.replace(quantized, packed=every_other(quantized.packed),
+                                  absmax=every_other(quantized.absmax))
+    for dtype in DTYPES:
+        with forced_backend("torch"):
+            expected = dequantize_nf4(quantized.to("cpu"), dtype=dtype)
+        for weight in (quantized, strided):
+            out = dequantize_nf4(weight, dtype=dtype)
+            assert out.dtype == dtype and out.shape == shape
+            assert torch.equal(out.cpu(), expected), (dtype, weight.packed.stride())
 
 
 @pytest.mark.gpu
