@@ -209,6 +209,18 @@ def test_weight_gradient_is_deterministic(device):
     assert torch.equal(first, second)
 
 
+def test_frozen_weight_gives_the_same_input_gradient(device):
+    # A frozen norm weight (LoRA) skips the weight-gradient partials; the input gradient must not change.
+    x = torch.randn(9, 96, device=device, dtype=torch.bfloat16, requires_grad=True)
+    residual = torch.randn(9, 96, device=device, dtype=torch.bfloat16)
+    cotangent = torch.randn(9, 96, device=device, dtype=torch.bfloat16)
+    for norm in (lambda w: rms_norm(x, w, residual=residual)[0], lambda w: layer_norm(x, w, w, residual=residual)[0]):
+        weight = torch.randn(96, device=device)
+        frozen = torch.autograd.grad(norm(weight), x, cotangent)[0]
+        trained, weight_grad = torch.autograd.grad(norm(weight.requires_grad_()), (x, weight), cotangent)
+        assert torch.equal(frozen, trained) and torch.isfinite(weight_grad).all()
+
+
 def test_no_rows(device):
     x = torch.randn(0, 16, device=device, requires_grad=True)
     weight = torch.randn(16, device=device, requires_grad=True)
