@@ -1,6 +1,6 @@
 """Make a Hugging Face model train through ember's kernels.
 
-    model = patch(model)                      # attention and loss
+    model = patch(model)                      # attention, loss, norms, rotary, MLP
     loss = model(**batch, labels=labels).loss
 
 - attention: ``attn_implementation="ember"`` (``ember.engine.hf_attention``),
@@ -18,10 +18,17 @@ The patched forward takes ``num_items_in_batch`` as transformers' Trainer
 passes it: the loss is then summed and divided by that count, so gradient
 accumulation weights every target token (or example) of the accumulated batch
 equally. Gemma 2's final logit softcap is applied inside the fused loss.
+- norm, rope, mlp (``ember.engine.layers``): the RMSNorm / LayerNorm modules,
+  the rotary embedding and the gated MLP of Llama, Mistral, Qwen2/3, Gemma,
+  Gemma 2, Phi-3 (BERT and RoBERTa: their LayerNorms) run ember's kernels, and
+  a normed input that q, k and v (or gate and up) share is cast and kept once.
+  Modules ember does not recognise are left as they are; one log line
+  (logger ``ember.patch``) says which parts were patched.
 """
 
 from __future__ import annotations
 
+import logging
 import types
 
 import torch
@@ -30,8 +37,10 @@ import torch.nn as nn
 from ember.kernels import cross_entropy, linear_cross_entropy
 
 from .hf_attention import register_attention
+from .layers import patch_layers
 
 _PATCHED = "_ember_patched"
+logger = logging.getLogger("ember.patch")
 
 
 def _normalized(loss_sum: torch.Tensor, count, num_items_in_batch) -> torch.Tensor:
@@ -85,18 +94,24 @@ def _loss_kind(model: nn.Module) -> str | None:
     return None
 
 
-def patch(model: nn.Module, *, attention: bool = True, loss: bool = True) -> nn.Module:
+def patch(model: nn.Module, *, attention: bool = True, loss: bool = True, norm: bool = True, rope: bool = True,
+          mlp: bool = True) -> nn.Module:
     """Patch ``model`` (a transformers PreTrainedModel) in place to use ember's kernels; returns it.
 
     Raises ValueError naming what cannot be patched when asked for: a model
     whose attention does not go through AttentionInterface, or a loss ember
-    has no kernel for (regression, multi-label). Patching twice is a no-op.
+    has no kernel for (regression, multi-label). norm, rope and mlp patch the
+    modules ember recognises and leave the others (logged, never an error).
+    Patching twice is a no-op. Apply LoRA before or after: the MLP reads its
+    projections at each call.
     """
+    done = {}
     if attention:
         if not getattr(model, "_supports_attention_backend", False):
             raise ValueError(f"patch: {type(model).__name__} does not dispatch attention through transformers' "
                              f"AttentionInterface; pass attention=False")
         model.set_attn_implementation(register_attention())
+        done["attention"] = "ember"
     if loss and not getattr(model, _PATCHED, False):
         kind = _loss_kind(model)
         if kind is None:
@@ -106,4 +121,7 @@ def patch(model: nn.Module, *, attention: bool = True, loss: bool = True) -> nn.
         new_forward = _causal_lm_forward if kind == "causal-lm" else _classification_forward
         model.forward = types.MethodType(new_forward, model)
         setattr(model, _PATCHED, True)
+        done["loss"] = kind
+    done.update(patch_layers(model, norm=norm, rope=rope, mlp=mlp))
+    logger.info("patch: %s: %s", type(model).__name__, "; ".join(f"{k}: {v}" for k, v in done.items()) or "nothing")
     return model
