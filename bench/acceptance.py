@@ -59,6 +59,8 @@ PEERS = {
     "cut_cross_entropy": "Cut Cross-Entropy", "peft": "PEFT", "bnb_adamw8bit": "bitsandbytes AdamW8bit",
     "bnb_paged_adamw8bit": "bitsandbytes PagedAdamW8bit", "adamw": "torch AdamW (fused)",
     "torch": "stock PyTorch",
+    ("train_step", "torch"): "stock transformers + PEFT (+ bitsandbytes NF4 for QLoRA)",
+    ("lora", "peft"): "PEFT (over bitsandbytes for NF4)",
 }
 # The dry run's cases: one small size of each cheap suite, for ember and its stock baseline. Small enough that
 # the dry run takes seconds: it proves the machinery, and its numbers are only indicative.
@@ -618,12 +620,12 @@ def _headline(row: dict) -> str:
 # ----------------------------------------------------------------------------
 
 
-def ratios(run: dict) -> list[dict]:
-    """Per suite and peer: ember's headline value over the peer's (time on a GPU, peak extra memory on a CPU),
-    geometric mean, min and max over the sizes where both ran."""
+def ratios(run: dict, key: str | None = None) -> list[dict]:
+    """Per suite and peer: ember's ``key`` over the peer's (default: the headline, time on a GPU and peak extra
+    memory on a CPU), geometric mean, min and max over the sizes where both ran."""
     from .report import EMBER, NEGLIGIBLE_MB, describe_size
 
-    key = "time_ms" if run["env"]["device"] == "cuda" else "peak_extra_rss_mb"
+    key = key or ("time_ms" if run["env"]["device"] == "cuda" else "peak_extra_rss_mb")
     out = []
     for suite in dict.fromkeys(row["suite"] for row in run["results"]):
         rows = [row for row in run["results"] if row["suite"] == suite]
@@ -639,7 +641,8 @@ def ratios(run: dict) -> list[dict]:
                 if len(measurable) < len(pairs):
                     message = message or f"~0 MiB at {len(pairs) - len(measurable)} size(s): no ratio against noise"
                 pairs = measurable
-            entry = dict(suite=suite, ours=ours_name, peer=peer, label=PEERS.get(peer, peer), sizes=len(pairs),
+            label = PEERS.get((suite, peer)) or PEERS.get(peer, peer)
+            entry = dict(suite=suite, ours=ours_name, peer=peer, label=label, sizes=len(pairs),
                          statuses=sorted({r["status"] for r in peer_rows}), message=message)
             if pairs:
                 logs = [math.log(a / b) for a, b in pairs]
@@ -674,19 +677,20 @@ def summary_text(record: dict) -> str:
     results = record["bench"]["results"]
     counts = {status: sum(r["status"] == status for r in results) for status in ("ok", "skipped", "oom", "error")}
     lines.append(f"Benchmarks: {len(results)} cases: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".")
-    unit = "time" if device == "cuda" else "peak extra memory"
-    lines += ["", f"ember / peer, {unit} (geometric mean over the sizes where both ran; below 1.00x ember is "
-                  f"{'faster' if device == 'cuda' else 'leaner'})"
-              + (":" if device == "cuda" else "; the dry run's sizes are tiny, its ratios show that the machinery "
-                 "works, not how ember compares:"), "",
-              "| suite | ember | peer | sizes | geomean | range |", "|---|---|---|---|---|---|"]
-    for entry in ratios(record["bench"]):
-        if "geomean" in entry:
-            cells = [f"{entry['geomean']:.2f}x", f"{entry['low']:.2f}x - {entry['high']:.2f}x"]
-        else:
-            cells = ["-", (entry["message"] or "no size where both ran")[:80]]
-        lines.append(f"| {entry['suite']} | {entry['ours']} | {entry['label']} | {entry['sizes']} | "
-                     + " | ".join(cells) + " |")
+    metrics = ([("time_ms", "time", "faster"), ("peak_allocated_mb", "peak allocated memory", "leaner")]
+               if device == "cuda" else [("peak_extra_rss_mb", "peak extra memory", "leaner")])
+    for key, unit, better in metrics:
+        lines += ["", f"ember / peer, {unit} (geometric mean over the sizes where both ran; below 1.00x ember is "
+                      f"{better})" + (":" if device == "cuda" else "; the dry run's sizes are tiny, its ratios show "
+                                      "that the machinery works, not how ember compares:"), "",
+                  "| suite | ember | peer | sizes | geomean | range |", "|---|---|---|---|---|---|"]
+        for entry in ratios(record["bench"], key):
+            if "geomean" in entry:
+                cells = [f"{entry['geomean']:.2f}x", f"{entry['low']:.2f}x - {entry['high']:.2f}x"]
+            else:
+                cells = ["-", (entry["message"] or "no size where both ran")[:80]]
+            lines.append(f"| {entry['suite']} | {entry['ours']} | {entry['label']} | {entry['sizes']} | "
+                         + " | ".join(cells) + " |")
     lines += ["", "Files: " + ", ".join(record["files"])]
     return "\n".join(lines) + "\n"
 
