@@ -30,6 +30,19 @@ what limits it when H is large against BLOCK_V. fp32 inputs use exact fp32 dots
 (no TF32, as PyTorch's default), which run on CUDA cores and are slow: train
 the LM head in bf16.
 
+That is the "atomic" strategy. The "chunked" strategy (Liger-Kernel's fused
+linear cross-entropy, with our kernels for the middle step) spends three: when
+the loss is a scalar, the forward already knows d(loss)/d(loss row), so for
+each chunk of at most ``CHUNK_BYTES`` worth of rows it forms the logits with
+one matmul into a 16-bit scratch, turns them into losses and d(logits) in place
+(the kernels of ``cross_entropy`` over existing logits), and finishes
+d(hidden) = dlogits @ weight and d(weight) += dlogits.T @ hidden with matmuls
+(cuBLAS on a GPU). No atomics, so it is bitwise repeatable; the backward only
+scales the stored gradients by the incoming one (exact for the usual 1). Its
+extra memory is the scratch plus the gradients, formed in the forward and held
+until the backward. ``linear_cross_entropy``'s docstring gives the rule that
+chooses between the two.
+
 Semantics follow ``torch.nn.functional.cross_entropy``: ``ignore_index``,
 ``label_smoothing``, and ``reduction`` ("mean" divides by the number of
 non-ignored targets), with three additions: ``normalizer`` (divide a "mean" by
@@ -567,9 +580,10 @@ def _ce_fwd(logits, target, opts: _Options):
     return partials
 
 
-def _ce_bwd(logits, target, lse, dloss, opts: _Options):
+def _ce_bwd(logits, target, lse, dloss, opts: _Options, dlogits):
+    # -> d(loss)/d(logits) written into dlogits (N, V), which may be the logits themselves: each
+    # program reads its tile before it writes it, and no two programs share a tile.
     n_rows, vocab = logits.shape
-    dlogits = torch.empty_like(logits)
     launch(
         _CE_BWD, lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"])),
         logits, target, lse, dloss, dlogits,
@@ -645,6 +659,114 @@ def _finish_rows(partials, target, vocab, opts: _Options):
     return torch.where(target != opts.ignore_index, loss, 0.0), lse
 
 
+def _logits_loss(logits, target, opts: _Options, triton_path: bool):
+    """Per-row losses and log-sum-exp of existing logits (N, V): (N,) fp32 each."""
+    if triton_path:
+        partials = _ce_fwd(logits, target, opts)
+    else:
+        partials = _torch_fwd(lambda rows, cols: _torch_softcap(logits[rows, cols].float(), opts),
+                              target, logits.shape[0], logits.shape[1], logits.device)
+    return _finish_rows(partials, target, logits.shape[1], opts)
+
+
+def _logits_grad(logits, target, lse, dloss, opts: _Options, triton_path: bool, dlogits):
+    """d(sum(loss_rows * dloss))/d(logits) into dlogits (N, V), in its dtype; dlogits may be logits."""
+    if triton_path:
+        return _ce_bwd(logits, target, lse, dloss, opts, dlogits)
+    for rows, cols in _torch_tiles(*logits.shape):
+        tile = _torch_softcap(logits[rows, cols].float(), opts)
+        dlogits[rows, cols] = _torch_dlogits(tile, rows, cols, target, lse, dloss, logits.shape[1], opts)
+    return dlogits
+
+
+# ----------------------------------------------------------------------------
+# The chunked strategy: d(logits) formed in the forward, one bounded row chunk
+# at a time, finished with library matmuls.
+# ----------------------------------------------------------------------------
+
+# The chunked strategy's scratch, the logits of one row chunk in the input dtype,
+# takes at most this many bytes: 1024 rows at V 128256 in bf16, whose matmuls
+# (1024 x 4096 x 128256 at H 4096) are large enough to run cuBLAS at full speed.
+CHUNK_BYTES = 256 * 2**20
+
+# Fewer rows per chunk than this would run the matmuls as thin, slow GEMMs: the
+# automatic choice takes the atomic strategy instead (a vocabulary above a
+# million words in bf16 at the default budget).
+_MIN_CHUNK_ROWS = 128
+
+
+def _chunk_rows(n_rows: int, vocab: int, itemsize: int) -> int:
+    """Rows per chunk: as many as fit in CHUNK_BYTES, a multiple of 128 when that many fit, at least 1."""
+    rows = max(1, CHUNK_BYTES // (vocab * itemsize))
+    if rows >= _MIN_CHUNK_ROWS:
+        rows -= rows % _MIN_CHUNK_ROWS
+    return min(n_rows, rows)
+
+
+def _linear_ce_chunked(hidden, weight, bias, target, dloss, opts: _Options, needs_grad):
+    """Losses and gradients at once, one row chunk at a time; no (N, V) tensor, no atomics.
+
+    hidden (N, H), weight (V, H), bias (V,) or None, target (N,), dloss (N,) fp32: d(loss)/d(loss row),
+    the reduction's weights (0 on ignored rows); needs_grad: (hidden, weight, bias).
+    -> loss rows (N,) fp32, and [d(hidden) (N, H), d(weight) (V, H), d(bias) (V,)] in the inputs' dtypes,
+    None where not needed.
+
+    Per chunk: logits = hidden_c @ weight.T + bias (one matmul, into the scratch), the losses and
+    d(logits) in place over the scratch (the cross-entropy kernels over existing logits), then
+    d(hidden_c) = dlogits @ weight and d(weight) += dlogits.T @ hidden_c: three matmuls' worth in all.
+    """
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    triton_path = use_triton(hidden)
+    chunk = _chunk_rows(n_rows, vocab, hidden.element_size())
+    device, dtype = hidden.device, hidden.dtype
+    loss_rows = torch.empty((n_rows,), device=device, dtype=torch.float32)
+    dhidden = torch.empty((n_rows, hidden_size), device=device, dtype=dtype) if needs_grad[0] else None
+    # A 16-bit d(weight) summed over several chunks accumulates in fp32 (a bf16 running sum would lose
+    # the small chunks' contributions); one chunk's is a single matmul, rounded once, as stock PyTorch's.
+    several = chunk < n_rows
+    dweight = None
+    if needs_grad[1]:
+        acc_dtype = torch.promote_types(dtype, torch.float32) if several else dtype
+        dweight = torch.zeros((vocab, hidden_size), device=device, dtype=acc_dtype)
+    dbias = torch.zeros((vocab,), device=device, dtype=torch.float32) if needs_grad[2] else None
+    scratch = torch.empty((chunk, vocab), device=device, dtype=dtype)  # (C, V)
+    for start in range(0, n_rows, chunk):
+        rows = slice(start, start + chunk)
+        hidden_c = hidden[rows]  # (C, H), a view
+        logits = scratch[: hidden_c.shape[0]]
+        if bias is None:
+            torch.mm(hidden_c, weight.T, out=logits)
+        else:
+            torch.addmm(bias, hidden_c, weight.T, out=logits)
+        loss_rows[rows], lse = _logits_loss(logits, target[rows], opts, triton_path)
+        dlogits = _logits_grad(logits, target[rows], lse, dloss[rows], opts, triton_path, dlogits=logits)
+        if dhidden is not None:
+            torch.mm(dlogits, weight, out=dhidden[rows])
+        if dweight is not None:
+            _add_dweight(dweight, dlogits, hidden_c)
+        if dbias is not None:
+            dbias += dlogits.sum(dim=0, dtype=torch.float32)
+    grads = [dhidden, dweight, dbias]
+    for i, like in ((1, weight), (2, bias)):
+        if grads[i] is not None:
+            grads[i] = grads[i].to(like.dtype)
+    return loss_rows, grads
+
+
+def _add_dweight(dweight, dlogits, hidden_c):
+    # dweight (V, H) += dlogits.T (V, C) @ hidden_c (C, H).
+    if dweight.dtype == dlogits.dtype:
+        dweight.addmm_(dlogits.T, hidden_c)
+        return
+    # A 16-bit product into the fp32 accumulator, in vocabulary slices so the product's transient stays
+    # within CHUNK_BYTES rather than a second (V, H) weight.
+    step = max(1, CHUNK_BYTES // (hidden_c.shape[1] * hidden_c.element_size()))
+    for start in range(0, dweight.shape[0], step):
+        cols = slice(start, start + step)
+        dweight[cols] += dlogits[:, cols].T @ hidden_c
+
+
 # ----------------------------------------------------------------------------
 # Autograd: per-row losses; the reduction is plain PyTorch on top.
 # ----------------------------------------------------------------------------
@@ -710,6 +832,40 @@ def _torch_linear_ce_bwd(hidden, weight, bias, target, lse, dloss, opts: _Option
     return dhidden, dweight, dbias
 
 
+class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
+    """The chunked strategy: the reduced loss, with its gradients formed in the forward.
+
+    Only a scalar loss ("mean" or "sum") can take it: the incoming gradient is then one number, and the
+    backward scales the stored gradients by it. Per-row weights (reduction="none") would weight each
+    row's contribution to d(weight) differently, which a stored d(weight) cannot undo.
+    """
+
+    @staticmethod
+    @autocast_off
+    def forward(ctx, hidden, weight, bias, target, opts: _Options, reduction: Reduction, normalizer):
+        # hidden (N, H), weight (V, H), bias (V,) or None, target (N,) -> loss () fp32
+        valid = target != opts.ignore_index
+        # d(loss)/d(loss row), known before any logit: d(logits) is formed already scaled by the
+        # reduction, so under the usual backward (an incoming gradient of 1) it is rounded once, as
+        # stock PyTorch's is, and the backward's multiply is exact.
+        dloss = valid.float()
+        if reduction == "mean":
+            dloss /= valid.sum().clamp_min(1) if normalizer is None else normalizer
+        loss_rows, ctx.grads = _linear_ce_chunked(hidden, weight, bias, target, dloss, opts,
+                                                  ctx.needs_input_grad[:3])
+        return _reduce(loss_rows, valid, reduction, normalizer)
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx, dloss):
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy(strategy='chunked') formed its gradients in the forward and "
+                               "hands them over once: use strategy='atomic' to backpropagate through it twice")
+        # Scaled in place and handed over: a copy would double the (V, H) weight gradient's memory.
+        grads, ctx.grads = ctx.grads, None
+        return *(None if grad is None else grad.mul_(dloss) for grad in grads), None, None, None, None
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def no_rows(logits):
@@ -719,15 +875,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     @autocast_off
     def forward(ctx, logits, target, opts: _Options):
         # logits (N, V), target (N,) -> loss (N,) fp32
-        vocab = logits.shape[1]
-        if use_triton(logits):
-            partials = _ce_fwd(logits, target, opts)
-        else:
-            partials = _torch_fwd(
-                lambda rows, cols: _torch_softcap(logits[rows, cols].float(), opts),
-                target, logits.shape[0], vocab, logits.device,
-            )
-        loss, lse = _finish_rows(partials, target, vocab, opts)
+        loss, lse = _logits_loss(logits, target, opts, use_triton(logits))
         ctx.save_for_backward(logits, target, lse)
         ctx.opts = opts
         return loss
@@ -738,12 +886,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         logits, target, lse = ctx.saved_tensors
         opts: _Options = ctx.opts
         dloss = torch.where(target != opts.ignore_index, dloss.float(), 0.0).contiguous()  # (N,)
-        if use_triton(logits):
-            return _ce_bwd(logits, target, lse, dloss, opts), None, None
-        dlogits = torch.empty_like(logits)
-        for rows, cols in _torch_tiles(*logits.shape):
-            tile = _torch_softcap(logits[rows, cols].float(), opts)
-            dlogits[rows, cols] = _torch_dlogits(tile, rows, cols, target, lse, dloss, logits.shape[1], opts)
+        dlogits = _logits_grad(logits, target, lse, dloss, opts, use_triton(logits), torch.empty_like(logits))
         return dlogits, None, None
 
 
@@ -803,11 +946,13 @@ def _check_target(target, n_rows: int, vocab: int, device: torch.device, ignore_
     return target
 
 
-def _loss(function, inputs, target, vocab, ignore_index, label_smoothing, z_loss, softcap, reduction, normalizer):
+def _loss(function, inputs, target, vocab, ignore_index, label_smoothing, z_loss, softcap, reduction, normalizer,
+          reduced_function=None):
     """What both losses do once their inputs are checked: check the options and the target,
     take the per-row losses, reduce them, and shape them like ``target`` for reduction="none".
 
     ``inputs``: ``function``'s tensors, the (N, H) hidden states or (N, V) logits first.
+    ``reduced_function``: instead of ``function``, one that takes the reduction and returns the reduced loss.
     """
     opts = _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction)
     rows = inputs[0]
@@ -815,10 +960,47 @@ def _loss(function, inputs, target, vocab, ignore_index, label_smoothing, z_loss
     rows_target = _check_target(target, rows.shape[0], vocab, rows.device, opts.ignore_index)
     if rows.shape[0] == 0:  # a grid of 0 programs is not launched
         loss_rows = function.no_rows(*inputs)
+    elif reduced_function is not None:
+        return reduced_function.apply(*inputs, rows_target, opts, reduction, normalizer)
     else:
         loss_rows = function.apply(*inputs, rows_target, opts)
     loss = _reduce(loss_rows, rows_target != ignore_index, reduction, normalizer)
     return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+STRATEGIES = ("auto", "atomic", "chunked")
+Strategy = Literal["auto", "atomic", "chunked"]
+
+
+def _check_strategy(strategy, reduction) -> None:
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")
+    if strategy == "chunked" and reduction == "none":
+        raise ValueError("strategy='chunked' needs a scalar loss, reduction='mean' or 'sum': it forms d(weight) "
+                         "in the forward, before the per-row weights of reduction='none' are known; "
+                         "use strategy='atomic' or 'auto'")
+
+
+def _choose_strategy(strategy, reduction, hidden, weight, bias) -> str:
+    """What ``linear_cross_entropy`` runs: "forward-only", "atomic" or "chunked" (see its docstring).
+
+    1. No gradient wanted (grad mode off, or no input requires one): the forward kernel alone, whatever
+       the strategy; it keeps only the per-row log-sum-exp, and neither strategy's gradient work is due.
+    2. A strategy asked for by name runs; "chunked" with reduction="none" is refused (see
+       ``ChunkedLinearCrossEntropyFunction``).
+    3. "auto": "atomic" for reduction="none", and where the memory budget ``CHUNK_BYTES`` holds fewer than
+       128 rows of logits (a vocabulary above a million words in bf16: its chunks would run as thin,
+       slow matmuls); otherwise "chunked": 3 matmuls' worth of FLOPs against 4, no atomics (bitwise
+       repeatable), at the cost of at most ``CHUNK_BYTES`` of scratch.
+    """
+    _check_strategy(strategy, reduction)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
+        return "forward-only"
+    if strategy != "auto":
+        return strategy
+    n_rows = hidden.numel() // max(hidden.shape[-1], 1)
+    thin = _chunk_rows(n_rows, weight.shape[0], hidden.element_size()) < min(n_rows, _MIN_CHUNK_ROWS)
+    return "atomic" if reduction == "none" or thin else "chunked"
 
 
 def linear_cross_entropy(
@@ -833,6 +1015,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     reduction: Reduction = "mean",
     normalizer: float | torch.Tensor | None = None,
+    strategy: Strategy = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``target``, without the logits.
 
@@ -854,6 +1037,16 @@ def linear_cross_entropy(
             instead, e.g. the target-token count of a whole accumulated batch.
             It must be > 0; a CUDA tensor's value is not checked (that would
             stall the host), so a count of 0 there gives NaN.
+        strategy: how the gradient is computed (same losses and gradients, up to rounding):
+            "atomic": the forward keeps only the per-row log-sum-exp; the backward recomputes the
+            logits tile by tile and accumulates d(hidden) and d(weight) with fp32 atomics (4 matmuls'
+            worth of FLOPs in all, extra memory O(N) until the backward). "chunked": the forward
+            forms the logits of at most ``CHUNK_BYTES`` worth of rows at a time (256 MiB), turns them
+            into d(logits) in place and finishes d(hidden) and d(weight) with matmuls (3 matmuls'
+            worth, no atomics, bitwise repeatable; the gradients are held from the forward to the
+            backward; "mean" or "sum" only). "auto" (the default): no gradient wanted -> the forward
+            kernel alone; reduction="none" -> "atomic"; otherwise "chunked" (unless the budget holds
+            fewer than 128 rows of logits, a vocabulary above a million words).
 
     Returns:
         fp32 loss: a scalar, or per-row losses for reduction="none". With every
@@ -882,9 +1075,11 @@ def linear_cross_entropy(
         if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype or bias.device != weight.device:
             raise ValueError(f"bias must be ({weight.shape[0]},) with the dtype and device of weight, got "
                              f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    chosen = _choose_strategy(strategy, reduction, hidden, weight, bias)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])  # (N, H), a view when possible
     return _loss(LinearCrossEntropyFunction, (hidden_2d, weight, bias), target, weight.shape[0], ignore_index,
-                 label_smoothing, z_loss, softcap, reduction, normalizer)
+                 label_smoothing, z_loss, softcap, reduction, normalizer,
+                 reduced_function=ChunkedLinearCrossEntropyFunction if chosen == "chunked" else None)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100, label_smoothing: float = 0.0,
@@ -912,11 +1107,12 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     """``linear_cross_entropy`` as a module holding its options (a drop-in for an LM-head loss)."""
 
     def __init__(self, *, ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 softcap: float | None = None, reduction: Reduction = "mean") -> None:
+                 softcap: float | None = None, reduction: Reduction = "mean", strategy: Strategy = "auto") -> None:
         super().__init__()
         _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction)
+        _check_strategy(strategy, reduction)
         self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                            softcap=softcap, reduction=reduction)
+                            softcap=softcap, reduction=reduction, strategy=strategy)
 
     def forward(self, hidden, weight, target, bias=None, normalizer=None):
         return linear_cross_entropy(hidden, weight, target, bias=bias, normalizer=normalizer, **self.options)

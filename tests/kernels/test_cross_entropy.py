@@ -40,6 +40,17 @@ OPTION_SETS = {
 LINEAR_SHAPES = [(1, 16, 17), (37, 48, 300), (77, 40, 1000)]
 
 
+STRATEGIES = ["atomic", "chunked"]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of a few rows, so the chunked strategy's tests cross chunk edges and sum d(weight) over chunks:
+    at V 1000, 10 rows in fp32 and 20 in 16-bit (at V 300 in 16-bit one chunk holds all 37 rows); d(weight)'s fp32
+    accumulation runs in vocabulary slices."""
+    monkeypatch.setattr(module, "CHUNK_BYTES", 40_000)
+
+
 def _make_case(n_rows, hidden_size, vocab, dtype, device, options, seed):
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n_rows, hidden_size, generator=generator)
@@ -77,11 +88,15 @@ def _reference_pair(fn, inputs, kwargs):
 @pytest.mark.parametrize("options_name", list(OPTION_SETS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "N{}xH{}xV{}".format(*s))
-def test_linear_cross_entropy_matches_reference(device, shape, dtype, options_name, assert_within_tolerance):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_linear_cross_entropy_matches_reference(device, strategy, shape, dtype, options_name,
+                                                 assert_within_tolerance, small_chunks):
     options = OPTION_SETS[options_name]
+    if strategy == "chunked" and options.get("reduction") == "none":
+        pytest.skip("the chunked strategy takes a scalar loss; its refusal of 'none' is tested below")
     hidden, weight, bias, target, kwargs = _make_case(*shape, dtype, device, options, seed=hash(options_name) % 1000)
 
-    loss = linear_cross_entropy(hidden, weight, target, bias=bias, **kwargs)
+    loss = linear_cross_entropy(hidden, weight, target, bias=bias, strategy=strategy, **kwargs)
     grads = _grads(loss, [hidden, weight, bias])
 
     def reference(h, w, b):
@@ -96,12 +111,14 @@ def test_linear_cross_entropy_matches_reference(device, shape, dtype, options_na
 
 
 @pytest.mark.parametrize("vocab", [50257, 151936])
-def test_linear_cross_entropy_real_vocabularies(device, vocab, assert_within_tolerance):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_linear_cross_entropy_real_vocabularies(device, strategy, vocab, assert_within_tolerance, monkeypatch):
     if device == "cpu" and interpreting() and vocab > 60000:
         pytest.skip("the interpreter covers one real vocabulary; the largest runs on the PyTorch path and GPU")
+    monkeypatch.setattr(module, "CHUNK_BYTES", 2 * vocab * 2)  # 2 fp16 rows a chunk: 3 chunks, the last of 1 row
     hidden, weight, bias, target, kwargs = _make_case(5, 16, vocab, torch.float16, device,
                                                       dict(bias=True, label_smoothing=0.1), seed=vocab)
-    loss = linear_cross_entropy(hidden, weight, target, bias=bias, **kwargs)
+    loss = linear_cross_entropy(hidden, weight, target, bias=bias, strategy=strategy, **kwargs)
     grads = _grads(loss, [hidden, weight, bias])
     (loss64, grads64), (stock, stock_grads) = _reference_pair(
         lambda h, w, b: linear_cross_entropy_ref(h, w, target.cpu(), bias=b, **kwargs), [hidden, weight, bias], kwargs
@@ -124,14 +141,17 @@ def test_reference_agrees_with_torch_cross_entropy():
             torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
-def test_all_targets_ignored_gives_zero_loss_and_gradients(device):
-    hidden, weight, bias, _, _ = _make_case(9, 16, 70, torch.float32, device, dict(bias=True), seed=1)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_targets_ignored_gives_zero_loss_and_gradients(device, dtype, small_chunks):
+    hidden, weight, bias, _, _ = _make_case(9, 16, 70, dtype, device, dict(bias=True), seed=1)
     target = torch.full((9,), -100, device=device)
-    for reduction in ("mean", "sum", "none"):
-        loss = linear_cross_entropy(hidden, weight, target, bias=bias, reduction=reduction, z_loss=1e-3)
+    for strategy, reduction in [("atomic", "mean"), ("atomic", "sum"), ("atomic", "none"), ("chunked", "mean"),
+                                ("chunked", "sum")]:
+        loss = linear_cross_entropy(hidden, weight, target, bias=bias, reduction=reduction, z_loss=1e-3,
+                                    strategy=strategy)
         grads = _grads(loss, [hidden, weight, bias])
-        assert torch.all(loss == 0)
-        assert all(torch.all(g == 0) for g in grads)
+        assert torch.all(loss == 0), strategy
+        assert all(torch.all(g == 0) for g in grads), strategy
 
 
 def test_empty_batch(device):
@@ -197,27 +217,118 @@ def test_strided_and_expanded_targets_and_bias(device):
                                        atol=1e-5, msg=name)
 
 
-def test_frozen_weight_gets_no_gradient(device):
-    # A frozen LM head (LoRA fine-tuning): the kernel skips d(weight) entirely.
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_frozen_weight_gets_no_gradient(device, strategy, small_chunks, monkeypatch):
+    # A frozen LM head (LoRA fine-tuning): the kernels skip d(weight) entirely, and the chunked
+    # strategy allocates no (V, H) buffer for it.
     hidden, weight, _, target, _ = _make_case(11, 16, 90, torch.float32, device, {}, seed=4)
     weight.requires_grad_(False)
-    loss = linear_cross_entropy(hidden, weight, target)
-    loss.backward()
+    with TensorSizeTracker(ignore_shapes=[weight.shape[::-1]]) as tracker:  # weight.T, a view
+        loss = linear_cross_entropy(hidden, weight, target, strategy=strategy)
+        loss.backward()
     assert weight.grad is None
+    if strategy == "chunked":  # (the interpreter copies each kernel argument, the weight included)
+        assert tracker.largest_bytes < weight.numel() * 4, tracker.largest_shape
     hidden64 = hidden.detach().double().requires_grad_()
     linear_cross_entropy_ref(hidden64, weight.double(), target).backward()
     torch.testing.assert_close(hidden.grad.double(), hidden64.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_normalizer_makes_accumulated_micro_batches_equal_one_batch(device):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunked_reads_inputs_through_their_layout(device, dtype, small_chunks, assert_within_tolerance):
+    # Every tensor argument of the chunked strategy laid out otherwise: hidden (B, S, H) sliced out of a
+    # wider buffer, the weight transposed in memory, the bias expanded (stride 0), the target strided.
+    generator = torch.Generator().manual_seed(16)
+    vocab, hidden_size = 203, 24
+    wide = torch.randn(2, 9, 40, generator=generator)
+    weight_t = torch.randn(hidden_size, vocab, generator=generator) / hidden_size**0.5 * 2
+    target = torch.randint(0, vocab, (2, 9, 2), generator=generator)[..., 0]
+    target[0, :3] = -100
+    leaves = [wide.to(device, dtype), weight_t.to(device, dtype), torch.randn(1, generator=generator).to(device, dtype)]
+    inputs = lambda w, t, b: (w[..., :hidden_size], t.T, b.expand(vocab))  # noqa: E731
+
+    def loss_fn(wide_, weight_t_, bias_, **kwargs):
+        hidden, weight, bias = inputs(wide_, weight_t_, bias_)
+        return linear_cross_entropy(hidden, weight, target.to(wide_.device), bias=bias, label_smoothing=0.1,
+                                    **kwargs)
+
+    leaves = [t.requires_grad_() for t in leaves]
+    loss = loss_fn(*leaves, strategy="chunked")
+    grads = torch.autograd.grad(loss, leaves)
+
+    def reference(wide_, weight_t_, bias_):
+        hidden, weight, bias = inputs(wide_, weight_t_, bias_)
+        return linear_cross_entropy_ref(hidden, weight, target, bias=bias, label_smoothing=0.1)
+
+    (loss64, grads64), (stock, stock_grads) = _reference_pair(reference, leaves, {})
+    assert_within_tolerance("loss", loss, loss64, stock, dtype)
+    # d_bias: the bias is one value broadcast over the vocabulary, so its gradient sums each row's
+    # d(logits), which is 0: the atol is relative to the terms' magnitude (each row's sum of |d(logits)|
+    # is at most 2, over the counted rows), not to the exact 0.
+    scales = (None, None, 1.0)
+    for name, grad, grad64, stock_grad, scale in zip(("d_wide", "d_weight_t", "d_bias"), grads, grads64, stock_grads,
+                                                     scales):
+        assert grad.dtype == dtype
+        assert_within_tolerance(name, grad, grad64, stock_grad, dtype, scale=scale)
+
+
+def test_strategy_choice(monkeypatch):
+    # The documented rule of _choose_strategy, one line each.
+    hidden, weight = torch.randn(300, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    choose = module._choose_strategy
+    assert choose("auto", "mean", hidden, weight, None) == "chunked"
+    assert choose("auto", "sum", hidden, weight, None) == "chunked"
+    assert choose("auto", "none", hidden, weight, None) == "atomic"
+    assert choose("atomic", "mean", hidden, weight, None) == "atomic"
+    assert choose("chunked", "sum", hidden, weight, None) == "chunked"
+    # No gradient wanted: the forward kernel alone, whatever the strategy.
+    frozen = hidden.detach(), weight.detach()
+    assert choose("chunked", "mean", *frozen, None) == "forward-only"
+    with torch.no_grad():
+        assert choose("auto", "mean", hidden, weight, None) == "forward-only"
+    # The budget: fewer than 128 rows of logits fit in it -> atomic; fewer rows than that in the batch
+    # are no reason to leave the chunked strategy.
+    monkeypatch.setattr(module, "CHUNK_BYTES", 127 * 50 * 4)
+    assert choose("auto", "mean", hidden, weight, None) == "atomic"
+    assert choose("auto", "mean", hidden[:100], weight, None) == "chunked"
+
+
+def test_forward_only_runs_no_gradient_work(device, monkeypatch):
+    # Under no_grad neither strategy's gradient work runs: only the forward kernel.
+    hidden, weight, bias, target, _ = _make_case(13, 16, 70, torch.float32, device, dict(bias=True), seed=9)
+    expected = linear_cross_entropy_ref(hidden.detach().double(), weight.detach().double(), target.cpu(),
+                                        bias=bias.detach().double())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("gradient work under no_grad")
+
+    monkeypatch.setattr(module, "_linear_ce_chunked", refuse)
+    monkeypatch.setattr(module, "_linear_ce_bwd", refuse)
+    monkeypatch.setattr(module, "_torch_linear_ce_bwd", refuse)
+    with torch.no_grad():
+        for strategy in ("auto", *STRATEGIES):
+            loss = linear_cross_entropy(hidden, weight, target, bias=bias, strategy=strategy)
+            torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_gradients_are_handed_over_once(device):
+    hidden, weight, _, target, _ = _make_case(6, 16, 30, torch.float32, device, {}, seed=10)
+    loss = linear_cross_entropy(hidden, weight, target, strategy="chunked")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="strategy='atomic' to backpropagate through it twice"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_normalizer_makes_accumulated_micro_batches_equal_one_batch(device, strategy):
     # Two micro-batches normalized by the token count of both equal one big batch.
     hidden, weight, _, target, _ = _make_case(20, 16, 50, torch.float32, device, dict(ignore_rows=True), seed=5)
     count = (target != -100).sum()
     accumulated = sum(
-        linear_cross_entropy(hidden[rows], weight, target[rows], normalizer=count)
+        linear_cross_entropy(hidden[rows], weight, target[rows], normalizer=count, strategy=strategy)
         for rows in (slice(0, 7), slice(7, 20))
     )
-    whole = linear_cross_entropy(hidden, weight, target)
+    whole = linear_cross_entropy(hidden, weight, target, strategy=strategy)
     torch.testing.assert_close(accumulated, whole, rtol=1e-5, atol=1e-6)
     g_accumulated = torch.autograd.grad(accumulated, [hidden, weight])
     g_whole = torch.autograd.grad(whole, [hidden, weight])
@@ -225,16 +336,19 @@ def test_normalizer_makes_accumulated_micro_batches_equal_one_batch(device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_never_materializes_the_logits(device, monkeypatch):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_never_materializes_the_logits(device, strategy, monkeypatch):
     # The largest tensor created in forward + backward must be far below (N, V).
-    # The PyTorch path's tiles are shrunk so that one tile is well below the logits here.
+    # The PyTorch path's tiles are shrunk so that one tile is well below the logits here,
+    # and the chunked strategy's budget to 16 rows of logits.
     monkeypatch.setattr(module, "_TORCH_TILE_ROWS", 32)
     monkeypatch.setattr(module, "_TORCH_TILE_COLS", 1024)
     n_rows, hidden_size, vocab = 96, 16, 8192
+    monkeypatch.setattr(module, "CHUNK_BYTES", 16 * vocab * 4)
     hidden, weight, bias, target, _ = _make_case(n_rows, hidden_size, vocab, torch.float32, device,
                                                  dict(bias=True), seed=6)
     with TensorSizeTracker() as tracker:
-        loss = linear_cross_entropy(hidden, weight, target, bias=bias, label_smoothing=0.1)
+        loss = linear_cross_entropy(hidden, weight, target, bias=bias, label_smoothing=0.1, strategy=strategy)
         loss.backward()
     logits_bytes = n_rows * vocab * 4
     assert tracker.largest_bytes < logits_bytes / 4, (
@@ -250,9 +364,10 @@ def test_never_materializes_the_logits(device, monkeypatch):
 def test_bf16_dot_shim_is_what_makes_bf16_right(bf16_dot_shim_disabled):
     hidden, weight, _, target, _ = _make_case(37, 48, 300, torch.bfloat16, "cpu", {}, seed=8)
     reference = linear_cross_entropy_ref(hidden.detach().double(), weight.detach().double(), target)
-    with_shim = linear_cross_entropy(hidden, weight, target)
+    # The atomic strategy's kernels take tl.dot; the chunked one's matmuls are PyTorch's.
+    with_shim = linear_cross_entropy(hidden, weight, target, strategy="atomic")
     with bf16_dot_shim_disabled():
-        without_shim = linear_cross_entropy(hidden, weight, target)
+        without_shim = linear_cross_entropy(hidden, weight, target, strategy="atomic")
     assert abs(with_shim.item() - reference.item()) < 0.05
     assert not abs(without_shim.item() - reference.item()) < 1.0, "the interpreter's bf16 dot is no longer broken?"
 
@@ -272,23 +387,28 @@ def test_torch_path_property(n_rows, hidden_size, vocab, smoothing, softcap):
     hidden = torch.randn(n_rows, hidden_size, generator=generator, dtype=torch.float64)
     weight = torch.randn(vocab, hidden_size, generator=generator, dtype=torch.float64)
     target = torch.randint(0, vocab, (n_rows,), generator=generator)
-    old_tiles = module._TORCH_TILE_ROWS, module._TORCH_TILE_COLS
-    module._TORCH_TILE_ROWS, module._TORCH_TILE_COLS = 7, 33
+    # Both strategies: the chunked one in chunks of 5 rows (float64 logits of V words: 8 V bytes a row).
+    old_tiles = module._TORCH_TILE_ROWS, module._TORCH_TILE_COLS, module.CHUNK_BYTES
+    module._TORCH_TILE_ROWS, module._TORCH_TILE_COLS, module.CHUNK_BYTES = 7, 33, 5 * vocab * 8
     try:
         opts = module._Options(-100, smoothing, 1e-3, softcap)
         with forced_backend("torch"):
-            loss = module.LinearCrossEntropyFunction.apply(
-                hidden.requires_grad_(), weight.requires_grad_(), None, target, opts
-            )
-            grads = torch.autograd.grad(loss.sum(), [hidden, weight])
+            leaves = hidden.requires_grad_(), weight.requires_grad_()
+            loss = module.LinearCrossEntropyFunction.apply(*leaves, None, target, opts)
+            grads = torch.autograd.grad(loss.sum(), leaves)
+            chunked_loss = module.ChunkedLinearCrossEntropyFunction.apply(*leaves, None, target, opts, "sum", None)
+            chunked_grads = torch.autograd.grad(chunked_loss, leaves)
     finally:
-        module._TORCH_TILE_ROWS, module._TORCH_TILE_COLS = old_tiles
+        module._TORCH_TILE_ROWS, module._TORCH_TILE_COLS, module.CHUNK_BYTES = old_tiles
     reference = linear_cross_entropy_ref(hidden, weight, target, label_smoothing=smoothing, z_loss=1e-3,
                                          softcap=softcap, reduction="none")
     # The PyTorch path computes in fp32 whatever the input dtype, as the kernels do.
     torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-5)
-    for ours, theirs in zip(grads, torch.autograd.grad(reference.sum(), [hidden, weight])):
+    torch.testing.assert_close(chunked_loss.double(), reference.sum(), rtol=1e-5, atol=1e-5)
+    expected_grads = torch.autograd.grad(reference.sum(), leaves)
+    for ours, chunked, theirs in zip(grads, chunked_grads, expected_grads):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(chunked, theirs, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------
@@ -377,6 +497,10 @@ def _good():
         (lambda h, w, t, kw: (h, w[:0], t, kw), ValueError, r"weight must be \(V, H\) with V >= 1"),
         (lambda h, w, t, kw: (h, w, t, dict(bias=torch.randn(9))), ValueError, "bias must be"),
         (lambda h, w, t, kw: (h.to("meta"), w, t, kw), ValueError, "hidden is on meta"),
+        (lambda h, w, t, kw: (h, w, t, dict(strategy="fast")), ValueError, "strategy must be one of"),
+        (lambda h, w, t, kw: (h, w, t, dict(strategy=None)), ValueError, "strategy must be one of"),
+        (lambda h, w, t, kw: (h, w, t, dict(strategy="chunked", reduction="none")), ValueError,
+         "strategy='chunked' needs a scalar loss"),
     ],
 )
 def test_linear_cross_entropy_bad_input(mutate, error, match):

@@ -201,13 +201,17 @@ def test_linear_cross_entropy(device, data, assert_within_tolerance):
     bias = laid_out(random((vocab,), dtype, device, generator), draw(LAYOUTS)) if draw(st.booleans()) else None
     inputs = [t.requires_grad_() for t in (hidden, weight, bias) if t is not None]
     target = ce_target(row_shape, vocab, options["ignore_index"], generator, device, draw(LAYOUTS))
+    # Both strategies by name, and the automatic choice; the chunked one takes only a scalar loss.
+    strategy = draw(st.sampled_from(["auto", "atomic"] + ([] if options["reduction"] == "none" else ["chunked"])))
+    event(f"strategy: {strategy}")
 
     if draw(st.booleans()):  # the module, holding its options
         normalizer = options.pop("normalizer")
-        loss = LinearCrossEntropyLoss(**options)(hidden, weight, target, bias=bias, normalizer=normalizer)
+        loss = LinearCrossEntropyLoss(**options, strategy=strategy)(hidden, weight, target, bias=bias,
+                                                                    normalizer=normalizer)
         options["normalizer"] = normalizer
     else:
-        loss = linear_cross_entropy(hidden, weight, target, bias=bias, **options)
+        loss = linear_cross_entropy(hidden, weight, target, bias=bias, strategy=strategy, **options)
     cotangent = loss_cotangent(loss, generator, draw(LAYOUTS))
     grads = grads_of(loss, inputs, cotangent)
 
@@ -503,6 +507,8 @@ BAD_OPTIONS = {
                                     [_weight[:0], _weight[0], _weight.long()], "weight"),
     "linear_cross_entropy.reduction": (lambda value: linear_cross_entropy(_hidden, _weight, _target, reduction=value),
                                        ["avg", None], "reduction"),
+    "linear_cross_entropy.strategy": (lambda value: linear_cross_entropy(_hidden, _weight, _target, strategy=value),
+                                      ["fast", "Chunked", None, 1], "strategy"),
     "lora_linear.scaling": (lambda value: lora_linear(_x, _base, _a, _b, scaling=value), [NAN, INF, "1", None],
                             "scaling"),
     "lora_linear.dropout_p": (lambda value: lora_linear(_x, _base, _a, _b, scaling=1.0, dropout_p=value),
