@@ -476,7 +476,8 @@ def _junit_counts(path: Path) -> dict:
     root = ElementTree.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root)
     counts = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
-    counts["failed_tests"] = [f"{case.get('classname')}::{case.get('name')}" for s in suites for case in s.iter("testcase")
+    counts["failed_tests"] = [f"{case.get('classname')}::{case.get('name')}"
+                              for s in suites for case in s.iter("testcase")
                               if case.find("failure") is not None or case.find("error") is not None]
     return counts
 
@@ -630,11 +631,12 @@ def ratios(run: dict, key: str | None = None) -> list[dict]:
     for suite in dict.fromkeys(row["suite"] for row in run["results"]):
         rows = [row for row in run["results"] if row["suite"] == suite]
         ours_name = EMBER.get(suite, "ember")
-        ours = {describe_size(r["params"]): r.get(key) for r in rows if r["provider"] == ours_name and r["status"] == "ok"}
+        ours = {describe_size(r["params"]): r.get(key) for r in rows
+                if r["provider"] == ours_name and r["status"] == "ok"}
         for peer in dict.fromkeys(r["provider"] for r in rows if r["provider"] != ours_name):
             peer_rows = [r for r in rows if r["provider"] == peer]
-            pairs = [(ours[describe_size(r["params"])], r[key]) for r in peer_rows
-                     if r["status"] == "ok" and ours.get(describe_size(r["params"])) is not None and r.get(key) is not None]
+            pairs = [(ours[describe_size(r["params"])], r[key]) for r in peer_rows if r["status"] == "ok"
+                     and ours.get(describe_size(r["params"])) is not None and r.get(key) is not None]
             message = next((r.get("message") for r in peer_rows if r["status"] != "ok"), None)
             if key.endswith("_mb"):  # memory under a page or two is noise: no ratio against it (see report.py)
                 measurable = [(a, b) for a, b in pairs if a >= NEGLIGIBLE_MB and b >= NEGLIGIBLE_MB]

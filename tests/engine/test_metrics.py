@@ -126,6 +126,7 @@ def test_entity_report_without_entities_and_bad_input():
 
 def test_missing_seqeval_is_one_line_with_the_install_command(monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "seqeval" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "seqeval" else find_spec(name, *a))
     with pytest.raises(ConfigError, match="^entity-level NER scores need seqeval: pip install seqeval$"):
         metrics.require_seqeval()
