@@ -217,9 +217,12 @@ def _smoke_lora(device, dtype):
                       trainable=[True, False, True, True])
     nf4 = quantize_nf4(weight.to(device, dtype))
     dense = dequantize_nf4(nf4).float().cpu()  # the NF4 base's own values are the reference's weight
-    return checks + _compare("NF4 base", lambda x, w, a, b: lora_linear(x, nf4, a, b, scaling=2.0),
-                             lambda x, w, a, b: lora_linear_ref(x, w, a, b, scaling=2.0), [x, dense, a, b], device,
-                             dtype, trainable=[True, False, True, True])
+    # 77 rows read the NF4 base in registers; 300 (from lora.NF4_DEQUANTIZE_ONCE_ROWS = 256) dequantize it once.
+    for rows in (77, 300):
+        checks += _compare(f"NF4 base, {rows} rows", lambda x, w, a, b: lora_linear(x, nf4, a, b, scaling=2.0),
+                           lambda x, w, a, b: lora_linear_ref(x, w, a, b, scaling=2.0),
+                           [_randn(rows, 96), dense, a, b], device, dtype, trainable=[True, False, True, True])
+    return checks
 
 
 def _smoke_nf4(device, dtype):
