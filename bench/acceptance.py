@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import math
 import os
@@ -200,8 +201,14 @@ def _smoke_linear_cross_entropy(device, dtype):
 
     target = _target(77, 1003, device)
     hidden, weight = _randn(77, 96), _randn(1003, 96, scale=96 ** -0.5)
-    checks = _compare("V=1003", lambda h, w: linear_cross_entropy(h, w, target),
-                      lambda h, w: linear_cross_entropy_ref(h, w, target), [hidden, weight], device, dtype)
+    checks = []
+    # Both backward strategies where the kernel has them (atomic accumulation; d(logits) formed in the forward).
+    strategies = ("atomic", "chunked") if "strategy" in inspect.signature(linear_cross_entropy).parameters else (None,)
+    for strategy in strategies:
+        options = {} if strategy is None else {"strategy": strategy}
+        checks += _compare(f"V=1003 {strategy or ''}".strip(),
+                           lambda h, w: linear_cross_entropy(h, w, target, **options),
+                           lambda h, w: linear_cross_entropy_ref(h, w, target), [hidden, weight], device, dtype)
     module = LinearCrossEntropyLoss()
     return checks + _compare("LinearCrossEntropyLoss", lambda h, w: module(h, w, target),
                              lambda h, w: linear_cross_entropy_ref(h, w, target), [hidden, weight], device, dtype)
