@@ -34,14 +34,20 @@ class CompileCase:
     ``signature`` maps every non-constexpr argument to a Triton type string
     ("*bf16", "i32", "fp32"); ``constexprs`` fixes the constexpr arguments
     that are not tuning parameters. ``tensor_cores`` says whether this case
-    must use tensor-core instructions (HMMA / HGMMA): true for the 16-bit
-    matmul paths, false for the exact fp32 path and for elementwise kernels.
+    must use tensor-core instructions: HMMA on sm_80, HGMMA (wgmma) from some
+    config on sm_90; true for the 16-bit and tf32 matmul paths, false for the
+    exact fp32 path and for elementwise kernels.
+
+    ``values`` gives representative launch values of scalar arguments; the gate
+    passes every argument through Triton's own launch-time specialization (see
+    ``launch_arguments``), so it compiles the binary a launch compiles.
     """
 
     name: str
     signature: dict[str, str]
     constexprs: dict[str, Any]
     tensor_cores: bool
+    values: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +60,17 @@ class KernelSpec:
     # Output buffers the kernel accumulates into (atomics): the autotuner must
     # zero them before every trial run, or trials add up.
     reset_to_zero: Sequence[str] = ()
+    # Index in ``configs`` of the config meant for Hopper's wgmma (64-row
+    # warpgroup tiles). The gate's CI subset compiles configs[0] and this one;
+    # None when configs[0] is that config (or the spec has no matmul).
+    hopper_config: int | None = None
 
     def __post_init__(self) -> None:
         if not self.configs:
             raise ValueError(f"kernel {self.name}: configs must not be empty")
+        if self.hopper_config is not None and not 0 <= self.hopper_config < len(self.configs):
+            raise ValueError(f"kernel {self.name}: hopper_config {self.hopper_config} is not an index "
+                             f"of its {len(self.configs)} configs")
 
 
 # Triton's type names for the dtypes ember's kernels take, for compile-case signatures.
@@ -72,6 +85,7 @@ def compile_case(
     types: dict[str, str] | None = None,
     constexprs: dict[str, Any],
     tensor_cores: bool,
+    values: dict[str, Any] | None = None,
 ) -> CompileCase:
     """A ``CompileCase`` of ``kernel`` whose signature is read off the kernel's own arguments.
 
@@ -82,12 +96,22 @@ def compile_case(
     to ``dtype`` elements; any other argument (a shape, a stride) is i32. An
     argument given a value in ``constexprs`` (a stride the JIT specializes as
     the constant 1) leaves the signature, as it does at a launch.
+
+    ``values`` gives scalar arguments their representative launch value (an
+    integer's divisibility by 16, or its being 1, changes the binary); the
+    others follow ``representative_value``. A value of 1 makes the argument the
+    constant 1, as the JIT does: ``values={"stride_xn": 1}`` and
+    ``constexprs={"stride_xn": 1}`` compile the same binary.
     """
     types = types or {}
+    values = dict(values or {})
     arguments = _arguments(kernel)
-    unknown = sorted(set(constexprs) - set(arguments))
+    unknown = sorted((set(constexprs) | set(values)) - set(arguments))
     if unknown:
         raise ValueError(f"compile case {name!r}: {kernel.__name__} has no argument(s) {unknown}")
+    fixed = sorted(set(values) & ({a for a, c in arguments.items() if c} | set(constexprs)))
+    if fixed:
+        raise ValueError(f"compile case {name!r}: {fixed} are constexprs: give them in constexprs, not values")
     signature = {}
     for argument, is_constexpr in arguments.items():
         if is_constexpr or argument in constexprs:
@@ -106,7 +130,74 @@ def compile_case(
         else:
             triton_type = "i32"
         signature[argument] = triton_type
-    return CompileCase(name=name, signature=signature, constexprs=constexprs, tensor_cores=tensor_cores)
+    pointers = sorted(a for a in values if signature.get(a, "").startswith("*"))
+    if pointers:
+        raise ValueError(f"compile case {name!r}: {pointers} are pointers: the gate passes 16-byte aligned "
+                         f"ones, as PyTorch's allocator gives; values are for scalars")
+    return CompileCase(name=name, signature=signature, constexprs=constexprs, tensor_cores=tensor_cores,
+                       values=values)
+
+
+# The one default rule for a scalar argument a case gives no value: an aligned
+# launch, the shape the benchmarks and most training runs have. Every i32 (a
+# shape, a stride, an offset) is divisible by 16 and not 1, so the JIT marks it
+# tt.divisibility=16 and the compiler may vectorize loads along it; every i64
+# (in ember, a Philox seed drawn at random) is not divisible; floats are never
+# specialized. A case states any other value in ``values``.
+_REPRESENTATIVE = {"i32": 4096, "i64": 2**33 + 1, "fp32": 0.5, "fp64": 0.5}
+
+
+def representative_value(triton_type: str) -> Any:
+    """The launch value the compile gate gives a scalar argument of ``triton_type`` no case names."""
+    try:
+        return _REPRESENTATIVE[triton_type]
+    except KeyError:
+        message = f"no representative value for a {triton_type!r} argument: give the case one in values"
+        raise ValueError(message) from None
+
+
+# Triton's element type names, back to the torch dtypes a pointer's tensor has.
+_TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64,
+                "i8": torch.int8, "u8": torch.uint8, "i16": torch.int16, "i32": torch.int32, "i64": torch.int64,
+                "i1": torch.bool}
+
+
+class AlignedPointer:
+    """A stand-in for a tensor at a launch: what Triton's specialization reads (dtype, data_ptr).
+
+    Its address is 16-byte aligned, as every tensor PyTorch's caching
+    allocator hands out (it aligns to 512 bytes); a view at an odd offset
+    would launch a different, unaligned binary.
+    """
+
+    def __init__(self, dtype: torch.dtype, address: int = 1 << 20) -> None:
+        self.dtype = dtype
+        self._address = address
+
+    def data_ptr(self) -> int:
+        return self._address
+
+
+def launch_arguments(case: CompileCase) -> dict[str, Any]:
+    """Representative launch arguments of ``case``'s kernel: every non-constexpr argument, by name.
+
+    Pointers are aligned stand-ins of the signature's element type; scalars
+    take the case's ``values``, a value the case fixed in ``constexprs`` (a
+    unit stride), or ``representative_value`` of their type. Triton's binder
+    turns these into the signature, constants and attributes a launch compiles.
+    """
+    arguments = {}
+    for argument, triton_type in case.signature.items():
+        if triton_type.startswith("*"):
+            element = triton_type[1:]
+            if element not in _TORCH_DTYPE:
+                raise ValueError(f"compile case {case.name!r}: no tensor dtype for {argument}'s {triton_type!r}")
+            arguments[argument] = AlignedPointer(_TORCH_DTYPE[element])
+        elif argument in case.values:  # a scalar, or an object such as a TMA TensorDescriptor
+            arguments[argument] = case.values[argument]
+        else:
+            arguments[argument] = representative_value(triton_type)
+    return arguments
 
 
 def _arguments(kernel: Any) -> dict[str, bool]:
@@ -139,6 +230,9 @@ def launch(spec: KernelSpec, grid: Callable[[dict], tuple], *args: Any, **kwargs
     """
     if interpreting():
         config = spec.configs[0]
+        if config.pre_hook is not None:  # as the autotuner calls it, with every argument by name
+            named = inspect.signature(spec.kernel.fn).bind_partial(*args, **kwargs).arguments
+            config.pre_hook({**named, **config.all_kwargs()})
         spec.kernel[lambda meta: grid({**meta, **config.kwargs})](*args, **kwargs, **config.kwargs)
         return
     tuned = _autotuned.get(spec.name)

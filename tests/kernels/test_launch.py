@@ -59,3 +59,110 @@ def test_an_argument_it_cannot_type_is_refused(arguments, message):
     arguments = {"constexprs": {}, **arguments}
     with pytest.raises(ValueError, match=message):
         compile_case(_scaled_rows_kernel, "case", tensor_cores=False, **arguments)
+
+
+def test_values_must_name_scalar_arguments():
+    with pytest.raises(ValueError, match=r"\['HAS_LSE'\] are constexprs"):
+        compile_case(_scaled_rows_kernel, "case", dtype=torch.float32, types=_TYPES, constexprs={},
+                     values=dict(HAS_LSE=True), tensor_cores=False)
+    with pytest.raises(ValueError, match=r"\['x_ptr'\] are pointers"):
+        compile_case(_scaled_rows_kernel, "case", dtype=torch.float32, types=_TYPES, constexprs={},
+                     values=dict(x_ptr=16), tensor_cores=False)
+    with pytest.raises(ValueError, match=r"has no argument\(s\) \['n_cols'\]"):
+        compile_case(_scaled_rows_kernel, "case", dtype=torch.float32, types=_TYPES, constexprs={},
+                     values=dict(n_cols=16), tensor_cores=False)
+
+
+class _FakeDriver:
+    """Just enough of a CUDA driver for JITFunction.run to bind and specialize its arguments on a CPU."""
+
+    def __init__(self, arch):
+        self.arch = arch
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", self.arch, 32)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_the_gate_specializes_as_a_launch_does(monkeypatch, arch):
+    # The JIT's own launch path (kernel[grid](...) -> JITFunction.run -> _do_compile) on real CPU
+    # tensors, stopped where it would compile; the gate's specialization of the same arguments,
+    # given as a compile case, must hand the compiler the same signature, constants, attributes and
+    # options. n_rows = 4096 is divisible by 16, stride_xm = 77 is not, stride_xn = 1 becomes the
+    # constant 1, seed is 64-bit; the pointers are tensors PyTorch allocated.
+    from ember.kernels.compile_check import specialize
+    from ember.kernels.launch import launch_arguments
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    kernel = JITFunction(_scaled_rows_kernel.fn)  # the module's kernel is an interpreter object under CI
+    x, out = torch.empty(64, 64, dtype=torch.bfloat16), torch.empty(64, 64, dtype=torch.bfloat16)
+    lse = torch.empty(64, dtype=torch.float32)
+    assert all(t.data_ptr() % 16 == 0 for t in (x, out, lse))
+    seed = 2**33 + 5
+    config = triton.Config({"BLOCK": 64}, num_warps=4, num_stages=2)
+
+    launched = {}
+
+    def capture(key, signature, device, constexprs, options, attrs, warmup):
+        launched.update(signature=signature, constexprs=constexprs, attrs=attrs, options=options)
+        # Returning no kernel ends the launch here: no compile, no driver call.
+
+    monkeypatch.setattr(driver, "_active", _FakeDriver(arch))
+    monkeypatch.setattr(kernel, "_do_compile", capture)
+    kernel[(1,)](x, out, lse, 4096, 77, 1, 0.5, seed, HAS_LSE=True, **config.all_kwargs())
+    assert launched
+
+    case = compile_case(_scaled_rows_kernel, "bf16", dtype=torch.bfloat16, types=_TYPES,
+                        constexprs=dict(HAS_LSE=True), values=dict(stride_xm=77, stride_xn=1, seed=seed),
+                        tensor_cores=False)
+    assert launch_arguments(case)["n_rows"] == 4096  # the default rule: an aligned shape
+    signature, constexprs, attrs, options = specialize(kernel, case, config, arch)
+    assert signature == launched["signature"]
+    assert constexprs == launched["constexprs"]
+    assert attrs == launched["attrs"]
+    assert options == launched["options"]
+
+    # What the launch specialized, spelled out: the gate before issue 16 marked only the pointers.
+    index = {name: i for i, name in enumerate(kernel.arg_names)}
+    divisible = [["tt.divisibility", 16]]
+    assert attrs[(index["n_rows"],)] == divisible and attrs[(index["x_ptr"],)] == divisible
+    assert attrs[(index["stride_xm"],)] == [] and attrs[(index["seed"],)] == []
+    assert signature["stride_xn"] == "constexpr" and constexprs[(index["stride_xn"],)] == 1
+    assert signature["seed"] == "i64" and signature["scale"] == "fp32"
+    assert options.num_warps == 4 and options.num_stages == 2 and options.arch == f"sm{arch}"
+
+
+@triton.jit
+def _axpb_kernel(x_ptr, out_ptr, n, a, b, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n) * a + b, mask=offsets < n)
+
+
+def test_a_configs_pre_hook_sees_every_argument_by_name_in_the_gate_and_under_the_interpreter():
+    # The autotuner calls a config's pre_hook (e.g. to set a TMA descriptor's block shape) with
+    # every argument and the config's parameters by name; the gate and the interpreter path too.
+    from ember.kernels.compile_check import specialize
+    from ember.kernels.launch import KernelSpec, launch
+    from triton.runtime.jit import JITFunction
+
+    seen = []
+    config = triton.Config({"BLOCK": 16}, num_warps=2, pre_hook=lambda nargs: seen.append(dict(nargs)))
+    case = compile_case(_axpb_kernel, "fp32", dtype=torch.float32, types=dict(a="fp32", b="fp32"), constexprs={},
+                        tensor_cores=False)
+    specialize(JITFunction(_axpb_kernel.fn), case, config, 90)
+    assert seen[-1]["n"] == 4096 and seen[-1]["BLOCK"] == 16 and seen[-1]["num_warps"] == 2
+
+    x, out = torch.randn(37), torch.full((37,), float("nan"))
+    spec = KernelSpec("axpb", _axpb_kernel, [config], [], [case])
+    launch(spec, lambda meta: (triton.cdiv(37, meta["BLOCK"]),), x, out, 37, 2.0, b=0.5)
+    assert seen[-1]["x_ptr"] is x and seen[-1]["n"] == 37 and seen[-1]["b"] == 0.5 and seen[-1]["BLOCK"] == 16
+    torch.testing.assert_close(out, x * 2.0 + 0.5)
