@@ -25,9 +25,19 @@ needs no fp32 master copy (small updates survive on average instead of being
 rounded away every step).
 
 Grouped launches: parameters are bucketed by (device, parameter dtype, gradient
-dtype, state kind), and each bucket is one launch over a table of pointers, so
-a step is a few launches, not one per tensor. Each program updates 4 blocks
-(1024 values) of one tensor.
+dtype, state kind, alignment), and each bucket is one launch over a table of
+pointers, so a step is a few launches, not one per tensor. Each program
+updates 4 blocks (1024 values) of one tensor, 4 values per thread.
+
+Memory traffic per element is what the step needs and no more: the quantization
+maps (256 codes and 255 midpoints per moment) are read once per program and
+looked up in the program's copy (tl.gather: shared memory), not from global
+memory; the nearest-code search and the dequantization did 18 dependent global
+gathers per element before. When every address of a bucket is 16-byte aligned
+and every size a multiple of 16 (checked on the host; true of anything
+PyTorch's allocator hands out whole), the kernel is told so and loads and stores
+4 values per thread as one vector; otherwise (a view at an odd offset, an odd
+size) the same kernel runs with scalar accesses.
 
 No host sync: the step count lives on the device (fp32, as torch's fused Adam),
 the bias corrections are computed in the kernel from it, and with a GradScaler
@@ -112,6 +122,15 @@ def _maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return signed, (signed[:-1] + signed[1:]) * 0.5, unsigned, (unsigned[:-1] + unsigned[1:]) * 0.5
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_maps`` with each list of 255 midpoints padded to 256 (+inf, never read): one
+    power-of-two load of every table per program."""
+    signed, signed_mid, unsigned, unsigned_mid = _maps(device)
+    pad = torch.full((1,), math.inf, device=device)
+    return signed, torch.cat([signed_mid, pad]), unsigned, torch.cat([unsigned_mid, pad])
+
+
 # ----------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------
@@ -131,31 +150,56 @@ def _one_minus_pow(log_beta, step):
 
 
 @triton.jit
-def _nearest_code(x, midpoints_ptr):
+def _lookup(table, index):
+    """table[index] for a (256,) table held by the program and a (BLOCKS, 256) index.
+
+    tl.gather reads the program's copy (in shared memory, which the compiler
+    fills once per program), not global memory: the maps were 18 dependent
+    global gathers per element.
+    """
+    flat = tl.reshape(index, (index.shape[0] * index.shape[1],))
+    return tl.reshape(tl.gather(table, flat, 0), index.shape)
+
+
+@triton.jit
+def _nearest_code(x, midpoints):
     """Index of the code nearest x, ties to the lower one: the number of the 255 midpoints below x."""
     index = tl.zeros(x.shape, tl.int32)
     for i in tl.static_range(8):
         half = 128 >> i
-        midpoint = tl.load(midpoints_ptr + index + (half - 1))
+        midpoint = _lookup(midpoints, index + (half - 1))
         index = tl.where(midpoint < x, index + half, index)
     return index
 
 
 @triton.jit
-def _dequantize(codes_ptr, absmax_ptr, code_ptr, offs, blocks, mask, block_mask):
-    codes = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
-    absmax = tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0)
-    return tl.where(mask, tl.load(code_ptr + codes) * absmax[:, None], 0.0)
+def _dequantize(codes_ptrs, absmax_ptrs, code, mask, block_mask):
+    codes = tl.load(codes_ptrs, mask=mask, other=0).to(tl.int32)
+    absmax = tl.load(absmax_ptrs, mask=block_mask, other=0.0)
+    return tl.where(mask, _lookup(code, codes) * absmax[:, None], 0.0)
 
 
 @triton.jit
-def _quantize(values, codes_ptr, absmax_ptr, midpoints_ptr, offs, blocks, mask, block_mask):
+def _quantize(values, codes_ptrs, absmax_ptrs, midpoints, mask, block_mask):
     """Store ``values`` (BLOCKS, 256) as codes with a fresh absmax per block (values outside ``mask`` are 0)."""
     absmax = tl.max(tl.abs(values), axis=1)
     # An all-zero block keeps absmax 0; its codes then read back as 0 whatever they are.
-    codes = _nearest_code(values / tl.where(absmax > 0, absmax, 1.0)[:, None], midpoints_ptr)
-    tl.store(codes_ptr + offs, codes.to(tl.uint8), mask=mask)
-    tl.store(absmax_ptr + blocks, absmax, mask=block_mask)
+    codes = _nearest_code(values / tl.where(absmax > 0, absmax, 1.0)[:, None], midpoints)
+    tl.store(codes_ptrs, codes.to(tl.uint8), mask=mask)
+    tl.store(absmax_ptrs, absmax, mask=block_mask)
+
+
+@triton.jit
+def _address(row, column, dtype: tl.constexpr, ALIGNMENT: tl.constexpr):
+    """The table's pointer in ``column``, with its alignment told to the compiler, which
+    cannot know it of an address read from memory: with ALIGNMENT = 16 (every address
+    of the bucket a multiple of 16 bytes, checked on the host) each thread's 4 values
+    load and store as one vector instead of 4 scalars."""
+    pointer = tl.load(row + column).to(tl.pointer_type(dtype))
+    if ALIGNMENT > 1:
+        # Set on the op that makes the pointer, here: a hint on a helper's argument is lost.
+        pointer = tl.multiple_of(pointer, ALIGNMENT)
+    return pointer
 
 
 @triton.jit
@@ -165,7 +209,7 @@ def _adamw8bit_kernel(
     grad_scale_ptr, found_inf_ptr,
     lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, seed,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_8BIT: tl.constexpr,
-    HAS_SCALER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
+    HAS_SCALER: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr, ALIGNMENT: tl.constexpr,
     BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr, COLUMNS: tl.constexpr,
 ):
     if HAS_SCALER:
@@ -176,10 +220,13 @@ def _adamw8bit_kernel(
     tensor = tl.load(program_tensor_ptr + pid).to(tl.int64)
     chunk = tl.load(program_chunk_ptr + pid).to(tl.int64)
     row = table_ptr + tensor * COLUMNS
-    param_ptr = tl.load(row + 0).to(tl.pointer_type(PARAM_DTYPE))
-    grad_ptr = tl.load(row + 1).to(tl.pointer_type(GRAD_DTYPE))
-    step = tl.load(tl.load(row + 6).to(tl.pointer_type(tl.float32)))
-    numel = tl.load(row + 7)
+    param_ptr = _address(row, 0, PARAM_DTYPE, ALIGNMENT)
+    grad_ptr = _address(row, 1, GRAD_DTYPE, ALIGNMENT)
+    step = tl.load(_address(row, 6, tl.float32, ALIGNMENT))
+    # The table holds numel // ALIGNMENT: multiplied back, the compiler knows the
+    # mask is constant over aligned runs of ALIGNMENT values, which vectorizing
+    # a masked load needs.
+    numel = tl.load(row + 7) * ALIGNMENT
 
     blocks = chunk * BLOCKS + tl.arange(0, BLOCKS)
     offs = blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
@@ -189,19 +236,24 @@ def _adamw8bit_kernel(
     grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALER:
         grad = grad * (1.0 / tl.load(grad_scale_ptr))
-    param = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    param_ptrs = param_ptr + offs
+    param = tl.load(param_ptrs, mask=mask, other=0.0).to(tl.float32)
     if STATE_8BIT:
-        state1_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
-        state2_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint8))
-        absmax1_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-        absmax2_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-        exp_avg = _dequantize(state1_ptr, absmax1_ptr, signed_code_ptr, offs, blocks, mask, block_mask)
-        exp_avg_sq = _dequantize(state2_ptr, absmax2_ptr, unsigned_code_ptr, offs, blocks, mask, block_mask)
+        state1_ptrs = _address(row, 2, tl.uint8, ALIGNMENT) + offs
+        state2_ptrs = _address(row, 3, tl.uint8, ALIGNMENT) + offs
+        absmax1_ptrs = _address(row, 4, tl.float32, ALIGNMENT) + blocks
+        absmax2_ptrs = _address(row, 5, tl.float32, ALIGNMENT) + blocks
+        # The four maps, 256 fp32 values each, read once per program (1024 values).
+        entries = tl.arange(0, 256)
+        signed_code = tl.load(signed_code_ptr + entries)
+        unsigned_code = tl.load(unsigned_code_ptr + entries)
+        exp_avg = _dequantize(state1_ptrs, absmax1_ptrs, signed_code, mask, block_mask)
+        exp_avg_sq = _dequantize(state2_ptrs, absmax2_ptrs, unsigned_code, mask, block_mask)
     else:
-        state1_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-        state2_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-        exp_avg = tl.load(state1_ptr + offs, mask=mask, other=0.0)
-        exp_avg_sq = tl.load(state2_ptr + offs, mask=mask, other=0.0)
+        state1_ptrs = _address(row, 2, tl.float32, ALIGNMENT) + offs
+        state2_ptrs = _address(row, 3, tl.float32, ALIGNMENT) + offs
+        exp_avg = tl.load(state1_ptrs, mask=mask, other=0.0)
+        exp_avg_sq = tl.load(state2_ptrs, mask=mask, other=0.0)
 
     exp_avg = beta1 * exp_avg + (1.0 - beta1) * grad
     exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
@@ -217,17 +269,27 @@ def _adamw8bit_kernel(
         noise = tl.randint(seed, offs + tensor * 1099511627776) >> 16
         bits = param.to(tl.uint32, bitcast=True) + noise
         param = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-    tl.store(param_ptr + offs, param.to(PARAM_DTYPE), mask=mask)
+    tl.store(param_ptrs, param.to(PARAM_DTYPE), mask=mask)
 
     if STATE_8BIT:
-        _quantize(exp_avg, state1_ptr, absmax1_ptr, signed_midpoints_ptr, offs, blocks, mask, block_mask)
-        _quantize(exp_avg_sq, state2_ptr, absmax2_ptr, unsigned_midpoints_ptr, offs, blocks, mask, block_mask)
+        signed_midpoints = tl.load(signed_midpoints_ptr + entries)
+        unsigned_midpoints = tl.load(unsigned_midpoints_ptr + entries)
+        _quantize(exp_avg, state1_ptrs, absmax1_ptrs, signed_midpoints, mask, block_mask)
+        _quantize(exp_avg_sq, state2_ptrs, absmax2_ptrs, unsigned_midpoints, mask, block_mask)
     else:
-        tl.store(state1_ptr + offs, exp_avg, mask=mask)
-        tl.store(state2_ptr + offs, exp_avg_sq, mask=mask)
+        tl.store(state1_ptrs, exp_avg, mask=mask)
+        tl.store(state2_ptrs, exp_avg_sq, mask=mask)
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+# Bytes of alignment the kernel may assume of every address in a bucket, and
+# of which every element count is a multiple, so that it loads and stores 16
+# bytes at a time (4 fp32 values per thread). PyTorch's allocator aligns every
+# tensor to 512 bytes and parameter sizes are multiples of 16 in practice; a
+# bucket holding a view at an odd offset or an odd-sized tensor launches
+# unaligned (ALIGNMENT = 1), correct and slower.
+_ALIGNMENT = 16
 
 
 # Argument types other than compile_case's defaults (pointers to fp32: the code
@@ -236,13 +298,15 @@ _ARG_TYPES = dict(table_ptr="*i64", program_tensor_ptr="*i32", program_chunk_ptr
                   **dict.fromkeys(("lr", "beta1", "beta2", "log_beta1", "log_beta2", "eps", "weight_decay"), "fp32"))
 
 
-def _case(param: torch.dtype, grad: torch.dtype, state_8bit: bool, scaler: bool, rounding: bool) -> CompileCase:
+def _case(param: torch.dtype, grad: torch.dtype, state_8bit: bool, scaler: bool, rounding: bool,
+          alignment: int = _ALIGNMENT) -> CompileCase:
     constexprs = dict(PARAM_DTYPE=_TL_DTYPE[param], GRAD_DTYPE=_TL_DTYPE[grad], STATE_8BIT=state_8bit,
-                      HAS_SCALER=scaler, STOCHASTIC_ROUNDING=rounding,
+                      HAS_SCALER=scaler, STOCHASTIC_ROUNDING=rounding, ALIGNMENT=alignment,
                       BLOCKS=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCKSIZE, COLUMNS=len(_COLUMNS))
     label = ",".join([f"param_{TRITON_DTYPE[param]}", f"grad_{TRITON_DTYPE[grad]}",
                       "state_8bit" if state_8bit else "state_fp32"]
-                     + (["scaler"] if scaler else []) + (["stochastic_rounding"] if rounding else []))
+                     + (["scaler"] if scaler else []) + (["stochastic_rounding"] if rounding else [])
+                     + ([] if alignment == _ALIGNMENT else ["unaligned"]))
     return compile_case(_adamw8bit_kernel, label, dtype=torch.float32, types=_ARG_TYPES, constexprs=constexprs,
                         tensor_cores=False)
 
@@ -263,6 +327,7 @@ _SPEC = register(KernelSpec(
         _case(torch.float16, torch.float16, True, True, False),
         _case(torch.float32, torch.float32, False, False, False),  # small tensors: fp32 state
         _case(torch.bfloat16, torch.bfloat16, False, True, True),
+        _case(torch.float32, torch.float32, True, False, False, alignment=1),  # a view at an odd offset
     ],
 ))
 
@@ -290,18 +355,30 @@ def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     return table.to(device)
 
 
-def _launch_bucket(params, grads, states, hyper, grad_scale, found_inf, stochastic_rounding: bool) -> None:
+def _addresses(p, g, s, dummy) -> list[int]:
+    """One row of the tensor table: the addresses the kernel reads and writes, then the element count."""
+    absmax1, absmax2 = (s["absmax1"], s["absmax2"]) if "absmax1" in s else (dummy, dummy)
+    return [p.data_ptr(), g.data_ptr(), s["state1"].data_ptr(), s["state2"].data_ptr(),
+            absmax1.data_ptr(), absmax2.data_ptr(), s["step"].data_ptr(), p.numel()]
+
+
+def _is_aligned(p, g, s) -> bool:
+    """Whether every address and the element count of one parameter are multiples of _ALIGNMENT (host values)."""
+    return all(value % _ALIGNMENT == 0 for value in _addresses(p, g, s, s["step"]))
+
+
+def _launch_bucket(params, grads, states, hyper, grad_scale, found_inf, stochastic_rounding: bool,
+                   alignment: int) -> None:
     device = params[0].device
     state_8bit = states[0]["state1"].dtype == torch.uint8
     dummy = states[0]["step"]  # any fp32 address: absent pointers are never read
     addresses = []
     for p, g, s in zip(params, grads, states):
-        absmax1, absmax2 = (s["absmax1"], s["absmax2"]) if state_8bit else (dummy, dummy)
-        addresses += [p.data_ptr(), g.data_ptr(), s["state1"].data_ptr(), s["state2"].data_ptr(),
-                      absmax1.data_ptr(), absmax2.data_ptr(), s["step"].data_ptr(), p.numel()]
+        *pointers, numel = _addresses(p, g, s, dummy)
+        addresses += [*pointers, numel // alignment]  # the kernel multiplies it back
     table = _tensor_table(tuple(addresses), device)
     program_tensor, program_chunk = _program_table(tuple(p.numel() for p in params), device)
-    signed, signed_mid, unsigned, unsigned_mid = _maps(device)
+    signed, signed_mid, unsigned, unsigned_mid = _kernel_maps(device)
     has_scaler = grad_scale is not None
     seed = int(torch.randint(1 << 31, ())) if stochastic_rounding else 0
     launch(
@@ -311,7 +388,7 @@ def _launch_bucket(params, grads, states, hyper, grad_scale, found_inf, stochast
         hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["log_beta1"], hyper["log_beta2"],
         hyper["eps"], hyper["weight_decay"], seed,
         PARAM_DTYPE=_TL_DTYPE[params[0].dtype], GRAD_DTYPE=_TL_DTYPE[grads[0].dtype], STATE_8BIT=state_8bit,
-        HAS_SCALER=has_scaler, STOCHASTIC_ROUNDING=stochastic_rounding,
+        HAS_SCALER=has_scaler, STOCHASTIC_ROUNDING=stochastic_rounding, ALIGNMENT=alignment,
         BLOCKS=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCKSIZE, COLUMNS=len(_COLUMNS),
     )
 
@@ -496,14 +573,16 @@ def adamw8bit_step(
 
     buckets: dict[tuple, list[int]] = {}
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
-        buckets.setdefault((p.device, p.dtype, g.dtype, s["state1"].dtype), []).append(i)
-    for (device, dtype, _, _), indices in buckets.items():
+        alignment = _ALIGNMENT if _is_aligned(p, g, s) else 1
+        buckets.setdefault((p.device, p.dtype, g.dtype, s["state1"].dtype, alignment), []).append(i)
+    for (device, dtype, _, _, alignment), indices in buckets.items():
         bucket_params = [params[i] for i in indices]
         bucket_grads = [grads[i] for i in indices]
         bucket_states = [states[i] for i in indices]
         rounding = stochastic_rounding and dtype == torch.bfloat16
         if use_triton(bucket_params[0]):
-            _launch_bucket(bucket_params, bucket_grads, bucket_states, hyper, grad_scale, found_inf, rounding)
+            _launch_bucket(bucket_params, bucket_grads, bucket_states, hyper, grad_scale, found_inf, rounding,
+                           alignment)
             continue
         generator = None
         if rounding:

@@ -195,10 +195,35 @@ def test_one_launch_per_bucket(monkeypatch):
     original = adamw8bit_module.launch
     monkeypatch.setattr(adamw8bit_module, "launch", lambda *a, **k: launches.append(k) or original(*a, **k))
     # Six tensors in three buckets: fp32 8-bit state, fp32 fp32-state, bf16 8-bit state.
-    params = (_params([(4096,), (5000,), (8000,)], torch.float32, "cpu")
-              + _params([(10,), (20,)], torch.float32, "cpu") + _params([(6000,)], torch.bfloat16, "cpu"))
+    params = (_params([(4096,), (5120,), (8000,)], torch.float32, "cpu")
+              + _params([(16,), (32,)], torch.float32, "cpu") + _params([(6000,)], torch.bfloat16, "cpu"))
     adamw8bit_step(params, _grads(params), [init_state(p) for p in params], **HYPER)
-    assert len(launches) == 3
+    assert [k["ALIGNMENT"] for k in launches] == [16, 16, 16]
+    # A size that is not a multiple of 16 values, and a view 4 bytes into its
+    # buffer, go to a fourth and fifth launch that assumes no alignment.
+    launches.clear()
+    buffer = torch.randn(8193)
+    params += [torch.randn(5000), buffer[1:]]
+    adamw8bit_step(params, _grads(params), [init_state(p) for p in params], **HYPER)
+    assert sorted(k["ALIGNMENT"] for k in launches) == [1, 16, 16, 16]
+
+
+def test_unaligned_tensors_match_float64(device, assert_within_tolerance):
+    # Views at odd offsets (parameter, gradient and state 4 or 1 bytes off a
+    # 16-byte boundary) and odd sizes take the unaligned launch; same results.
+    dtype = torch.float32
+    params = [torch.randn(8193, device=device)[1:], torch.randn(4099, device=device), torch.randn(4096, device=device)]
+    grads = [torch.randn(4097, device=device)[1:].view(64, 64) if i == 2 else torch.randn_like(p)
+             for i, p in enumerate(params)]
+    grads[2] = grads[2].view(-1)
+    states = [init_state(p) for p in params]
+    for key in ("state1", "state2"):  # uint8 codes one byte into their buffers
+        states[2][key] = torch.zeros(4097, dtype=torch.uint8, device=device)[1:]
+    for step in range(2):
+        params_before, states_before = [p.clone() for p in params], [_clone_state(s) for s in states]
+        adamw8bit_step(params, grads, states, **HYPER)
+        _check_step(params_before, grads, states_before, params, states, dtype, assert_within_tolerance)
+        grads = [g * 0.1 for g in grads]
 
 
 def test_state_sizes():
