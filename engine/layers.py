@@ -321,7 +321,16 @@ class _Run:
 
 
 def _activate(gate, up, activation: str):
+    """act(gate) * up through the fused kernels; act(gate) alone when up is None (BERT's plain MLP)."""
+    if up is None:
+        return F.silu(gate) if activation == "silu" else F.gelu(gate, approximate=activation)
     return swiglu(gate, up) if activation == "silu" else geglu(gate, up, approximate=activation)
+
+
+def _gate_and_up(outs, gated: bool):
+    if not gated:
+        return outs[0], None
+    return outs[0].chunk(2, dim=-1) if len(outs) == 1 else outs
 
 
 class GatedMLPFunction(torch.autograd.Function):
@@ -330,22 +339,22 @@ class GatedMLPFunction(torch.autograd.Function):
     ``projections``: the _Projection of gate and up (or of one fused gate_up
     projection whose output is [gate | up]) and of down; ``tensors``: their
     (weight, bias, lora_a, lora_b) in that order, flattened, for autograd.
+    Not ``gated``: y = down(act(up(x))) (BERT's MLP), keeping x and up(x).
     """
 
     @staticmethod
     @autocast_off
-    def forward(ctx, x, dtype, activation, projections, *tensors):
+    def forward(ctx, x, dtype, activation, gated, projections, *tensors):
         # x (M, H) -> (M, H); every matmul in ``dtype``
         runs = [_Run(p, *tensors[4 * i:4 * i + 4]) for i, p in enumerate(projections)]
         x2 = x.to(dtype)  # kept once for gate and up (no copy when x is in dtype already)
         *ups, down = runs
         outs = [run.forward(x2) for run in ups]
-        gate, up = outs[0].chunk(2, dim=-1) if len(outs) == 1 else outs
-        y = down.forward(_activate(gate, up, activation))  # the product lives only here
+        y = down.forward(_activate(*_gate_and_up(outs, gated), activation))  # the product lives only here
         ctx.save_for_backward(x2, *outs, *(run.xa for run in runs), *tensors)
         for run in runs:
             run.xa = None  # through saved_tensors only, so that checkpointing's hooks see every activation
-        ctx.runs, ctx.activation, ctx.x_dtype = runs, activation, x.dtype
+        ctx.runs, ctx.activation, ctx.gated, ctx.x_dtype = runs, activation, gated, x.dtype
         return y
 
     @staticmethod
@@ -359,8 +368,7 @@ class GatedMLPFunction(torch.autograd.Function):
         *ups, down = runs
         with torch.enable_grad():
             outs = [o.detach().requires_grad_() for o in outs]
-            gate, up = outs[0].chunk(2, dim=-1) if len(outs) == 1 else outs
-            product = _activate(gate, up, ctx.activation)  # recomputed; the activation's Function keeps gate, up
+            product = _activate(*_gate_and_up(outs, ctx.gated), ctx.activation)  # recomputed; the activation's Function keeps gate, up
         d_product, down_grads = down.backward(dy, product.detach(), needs_dx=True)
         d_outs = torch.autograd.grad(product, outs, d_product)
         del product
@@ -373,14 +381,15 @@ class GatedMLPFunction(torch.autograd.Function):
                 dx = dx_part.float() if dx is None else dx.add_(dx_part)
         grads += down_grads
         dx = None if dx is None else dx.to(ctx.x_dtype)
-        return (dx, None, None, None, *grads)
+        return (dx, None, None, None, None, *grads)
 
 
 def gated_mlp(x: torch.Tensor, up_projections: tuple[nn.Module, ...], down: nn.Module, activation: str,
-              training: bool = False) -> torch.Tensor:
+              training: bool = False, gated: bool = True) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) through ``GatedMLPFunction``.
 
-    x: (..., H). up_projections: (gate, up), or (gate_up,) whose output is [gate | up] (Phi-3).
+    x: (..., H). up_projections: (gate, up), or (gate_up,) whose output is [gate | up] (Phi-3);
+    with ``gated=False``, (up,) and y = down(act(up(x))) (BERT).
     Each projection a ``LoRALinear`` or an ``nn.Linear``. activation: "silu"
     (SwiGLU), "tanh" or "none" (GeGLU, gelu's approximation). Matmuls run in
     autocast's dtype when it is on, else in the base weights' dtype.
@@ -393,7 +402,7 @@ def gated_mlp(x: torch.Tensor, up_projections: tuple[nn.Module, ...], down: nn.M
     dtype = autocast_dtype(x) or base_dtype
     projections = [_Projection(m, training) for m in (*up_projections, down)]
     tensors = [t for p in projections for t in p.tensors]
-    y = GatedMLPFunction.apply(x.reshape(-1, x.shape[-1]), dtype, activation, projections, *tensors)
+    y = GatedMLPFunction.apply(x.reshape(-1, x.shape[-1]), dtype, activation, gated, projections, *tensors)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -407,10 +416,28 @@ class _GatedMLP:
         # PEFT's or bitsandbytes' layers (or an activation the kernels lack): the stock composition, with the
         # fused activation where there is one.
         outs = [m(x) for m in projections]
-        gate, up = outs[0].chunk(2, dim=-1) if len(outs) == 1 else outs
+        gate, up = _gate_and_up(outs, True)
         act = getattr(self, act_name)
         product = act(gate) * up if activation is None else _activate(gate, up, activation)
         return self.down_proj(product)
+
+
+class _PlainMLPLayer:
+    """BERT/RoBERTa's layer: intermediate (dense, act) then output (dense, dropout, LayerNorm(. + input)) as one
+    recomputing MLP, so that act(dense(x)) is not kept for the output dense. This replaces the layer's
+    three-line feed_forward_chunk, so hooks on ``intermediate`` and ``output`` themselves are not called."""
+
+    def feed_forward_chunk(self, attention_output: torch.Tensor) -> torch.Tensor:
+        intermediate, output = self.intermediate, self.output
+        activation = _activation_kind(intermediate.intermediate_act_fn)
+        if activation is None or not all(_Projection.supports(m) for m in (intermediate.dense, output.dense)):
+            return super().feed_forward_chunk(attention_output)
+        hidden = gated_mlp(attention_output, (intermediate.dense,), output.dense, activation, self.training,
+                           gated=False)
+        return output.LayerNorm(output.dropout(hidden) + attention_output)
+
+
+PLAIN_MLP_LAYERS = ("BertLayer", "RobertaLayer")
 
 
 def _unfusable_projections(module: nn.Module) -> list[str]:
@@ -430,6 +457,15 @@ def _patch_mlps(model: nn.Module) -> tuple[int, set[str]]:
             continue
         unfused.update(_unfusable_projections(module))
         _swap_class(module, _GatedMLP)
+        count += 1
+    for module in model.modules():
+        if _patched(module) or type(module).__name__ not in PLAIN_MLP_LAYERS or not _from_transformers(module):
+            continue
+        if _activation_kind(module.intermediate.intermediate_act_fn) is None:
+            continue
+        kinds = [type(m) for m in (module.intermediate.dense, module.output.dense) if not _Projection.supports(m)]
+        unfused.update(f"{k.__module__}.{k.__qualname__}" for k in kinds)
+        _swap_class(module, _PlainMLPLayer)
         count += 1
     return count, unfused
 

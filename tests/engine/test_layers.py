@@ -33,12 +33,23 @@ CONFIGS = {
     # Phi-3: one gate_up projection, one qkv projection, partial rotary (16 of 16 * 0.5 dims rotate)
     "phi3": lambda: transformers.Phi3Config(**COMMON, partial_rotary_factor=0.5, pad_token_id=0),
 }
+ENCODERS = {
+    "bert": lambda: transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    "roberta": lambda: transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=2, intermediate_size=64,
+                                                  max_position_embeddings=64, num_labels=3, pad_token_id=1,
+                                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+}
 # What patch() swaps in each family: norms per layer (+1 final), and whether rope and the MLP are recognised.
 NORMS_PER_LAYER = {"qwen3": 4, "gemma2": 4}
 
 
 def _model(family: str, dtype=torch.float32):
     torch.manual_seed(0)
+    if family in ENCODERS:
+        return transformers.AutoModelForSequenceClassification.from_config(ENCODERS[family]()).to(dtype).train()
     return transformers.AutoModelForCausalLM.from_config(CONFIGS[family]()).to(dtype).train()
 
 
@@ -51,8 +62,12 @@ def _loss_and_grads(model, batch, checkpointing=False):
     return loss, {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _batch():
-    input_ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(1))
+def _batch(family="llama"):
+    input_ids = torch.randint(3, VOCAB, (2, 19), generator=torch.Generator().manual_seed(1))
+    if family in ENCODERS:
+        mask = torch.ones_like(input_ids)
+        mask[1, 13:] = 0  # a padded row
+        return dict(input_ids=input_ids, attention_mask=mask, labels=torch.tensor([2, 0]))
     labels = input_ids.clone()
     labels[:, :3] = -100
     return dict(input_ids=input_ids, labels=labels)
@@ -84,6 +99,21 @@ def test_family_matches_stock_full_finetuning(family, checkpointing, assert_with
     layers = COMMON["num_hidden_layers"]
     assert _patched_parts(patched) == {"norm": NORMS_PER_LAYER.get(family, 2) * layers + 1, "mlp": layers}
     ours = _loss_and_grads(patched, _batch(), checkpointing)
+    _assert_all_within(ours, reference, stock, torch.float32, assert_within_tolerance)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("family", list(ENCODERS))
+def test_encoder_matches_stock_full_finetuning(family, checkpointing, assert_within_tolerance):
+    """BERT and RoBERTa: every LayerNorm (embeddings' included) and the recomputing MLP, a padded batch."""
+    model = _model(family)
+    batch = _batch(family)
+    reference = _loss_and_grads(copy.deepcopy(model).double(), batch, checkpointing)
+    stock = _loss_and_grads(copy.deepcopy(model), batch, checkpointing)
+    patched = patch(copy.deepcopy(model), attention=False, loss=False)
+    names = [type(m).__name__ for m in patched.modules()]
+    assert names.count("EmberLayerNorm") == 5 and names.count(f"Ember{type(model).__name__[:-len('ForSequenceClassification')]}Layer") == 2
+    ours = _loss_and_grads(patched, batch, checkpointing)
     _assert_all_within(ours, reference, stock, torch.float32, assert_within_tolerance)
 
 
@@ -124,12 +154,13 @@ def _adapter_grads(model, lora_models) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_bf16_autocast_with_lora_matches_stock(checkpointing, lora_models, assert_within_tolerance):
+@pytest.mark.parametrize("family", ["phi3", "bert"])
+def test_bf16_autocast_with_lora_matches_stock(family, checkpointing, lora_models, assert_within_tolerance):
     """fp32 weights under bf16 autocast (ember's "bf16" policy), LoRA on every linear of Phi-3 (one gate_up and
-    one qkv projection, partial rotary): the loss and every adapter's gradient against PEFT in float64 and PEFT
-    under the same autocast."""
+    one qkv projection, partial rotary) and of BERT: the loss and every adapter's gradient against PEFT in
+    float64 and PEFT under the same autocast."""
     config = LoRAConfig(r=4, alpha=8, target_modules="all-linear")
-    model = _model("phi3")
+    model = _model(family)
     stock = peft.get_peft_model(copy.deepcopy(model), config.to_peft(), autocast_adapter_dtype=False)
     lora_models.randomize_adapters(stock)
     reference = copy.deepcopy(stock).double()
@@ -139,7 +170,7 @@ def test_bf16_autocast_with_lora_matches_stock(checkpointing, lora_models, asser
 
     def run(m, autocast):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss, _ = _loss_and_grads(m, _batch(), checkpointing)
+            loss, _ = _loss_and_grads(m, _batch(family), checkpointing)
         return loss, _adapter_grads(m, lora_models)
 
     results = [run(ours, True), run(reference, False), run(stock, True)]
