@@ -33,7 +33,8 @@ the LM head in bf16.
 That is the "atomic" strategy. The "chunked" strategy (Liger-Kernel's fused
 linear cross-entropy, with our kernels for the middle step) spends three: when
 the loss is a scalar, the forward already knows d(loss)/d(loss row), so for
-each chunk of at most ``CHUNK_BYTES`` worth of rows it forms the logits with
+each chunk of rows (at most ``CHUNK_BYTES`` of logits, and a quarter of the
+rows: never the whole (N, V)) it forms the logits with
 one matmul into a 16-bit scratch, turns them into losses and d(logits) in place
 (the kernels of ``cross_entropy`` over existing logits), and finishes
 d(hidden) = dlogits @ weight and d(weight) += dlogits.T @ hidden with matmuls
@@ -420,7 +421,10 @@ def _linear_cases(kernel, dtypes, **constexprs):
 
 
 def _register_linear(name, kernel, configs_16bit, configs_fp32, key, reset_to_zero=(), constexprs=None):
-    """Register a linear-CE kernel twice: {False: 16-bit spec, True: fp32 spec}."""
+    """Register a linear-CE kernel twice: {False: 16-bit spec, True: fp32 spec}.
+
+    The 16-bit spec's Hopper config (the one CI's gate subset compiles for sm_90) is its last, 128x128:
+    one 64x128 wgmma per warpgroup. The fp32 spec takes exact fp32 dots, no tensor cores."""
     variants = ((False, configs_16bit, (torch.bfloat16, torch.float16)), (True, configs_fp32, (torch.float32,)))
     return {
         is_fp32: register(KernelSpec(
@@ -430,6 +434,7 @@ def _register_linear(name, kernel, configs_16bit, configs_fp32, key, reset_to_ze
             key=key,
             compile_cases=_linear_cases(kernel, dtypes, **(constexprs or {})),
             reset_to_zero=reset_to_zero,
+            hopper_config=None if is_fp32 else len(configs) - 1,
         ))
         for is_fp32, configs, dtypes in variants
     }
@@ -687,20 +692,32 @@ def _logits_grad(logits, target, lse, dloss, opts: _Options, triton_path: bool, 
 # The chunked strategy's scratch, the logits of one row chunk in the input dtype,
 # takes at most this many bytes: 1024 rows at V 128256 in bf16, whose matmuls
 # (1024 x 4096 x 128256 at H 4096) are large enough to run cuBLAS at full speed.
+# Larger chunks cost memory; smaller ones cost time, as each chunk reads and
+# writes the fp32 d(weight) accumulator once (V * H * 8 bytes, 4.2 GB at
+# V 128256, H 4096, against ~1.1 TFLOP of matmuls per 1024-row chunk).
 CHUNK_BYTES = 256 * 2**20
 
-# Fewer rows per chunk than this would run the matmuls as thin, slow GEMMs: the
-# automatic choice takes the atomic strategy instead (a vocabulary above a
-# million words in bf16 at the default budget).
+# The scratch is never the whole (N, V): at most a 1/_MIN_CHUNKS of it (whole
+# rows, so a batch of fewer rows than that takes one row a chunk).
+_MIN_CHUNKS = 4
+
+# Fewer rows of logits in the budget than this would run the matmuls as thin,
+# slow GEMMs: the automatic choice takes the atomic strategy instead (a
+# vocabulary above a million words in bf16 at the default budget).
 _MIN_CHUNK_ROWS = 128
 
 
+def _budget_rows(vocab: int, itemsize: int) -> int:
+    """Rows of logits that fit in CHUNK_BYTES, at least 1."""
+    return max(1, CHUNK_BYTES // (vocab * itemsize))
+
+
 def _chunk_rows(n_rows: int, vocab: int, itemsize: int) -> int:
-    """Rows per chunk: as many as fit in CHUNK_BYTES, a multiple of 128 when that many fit, at least 1."""
-    rows = max(1, CHUNK_BYTES // (vocab * itemsize))
+    """Rows per chunk: within CHUNK_BYTES and a 1/_MIN_CHUNKS of the rows, a multiple of 128 when >= 128."""
+    rows = min(_budget_rows(vocab, itemsize), triton.cdiv(n_rows, _MIN_CHUNKS))
     if rows >= _MIN_CHUNK_ROWS:
         rows -= rows % _MIN_CHUNK_ROWS
-    return min(n_rows, rows)
+    return rows
 
 
 def _linear_ce_chunked(hidden, weight, bias, target, dloss, opts: _Options, needs_grad):
@@ -991,15 +1008,14 @@ def _choose_strategy(strategy, reduction, hidden, weight, bias) -> str:
     3. "auto": "atomic" for reduction="none", and where the memory budget ``CHUNK_BYTES`` holds fewer than
        128 rows of logits (a vocabulary above a million words in bf16: its chunks would run as thin,
        slow matmuls); otherwise "chunked": 3 matmuls' worth of FLOPs against 4, no atomics (bitwise
-       repeatable), at the cost of at most ``CHUNK_BYTES`` of scratch.
+       repeatable), at the cost of a scratch of at most ``CHUNK_BYTES`` and a quarter of the logits.
     """
     _check_strategy(strategy, reduction)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         return "forward-only"
     if strategy != "auto":
         return strategy
-    n_rows = hidden.numel() // max(hidden.shape[-1], 1)
-    thin = _chunk_rows(n_rows, weight.shape[0], hidden.element_size()) < min(n_rows, _MIN_CHUNK_ROWS)
+    thin = _budget_rows(weight.shape[0], hidden.element_size()) < _MIN_CHUNK_ROWS
     return "atomic" if reduction == "none" or thin else "chunked"
 
 
@@ -1041,7 +1057,8 @@ def linear_cross_entropy(
             "atomic": the forward keeps only the per-row log-sum-exp; the backward recomputes the
             logits tile by tile and accumulates d(hidden) and d(weight) with fp32 atomics (4 matmuls'
             worth of FLOPs in all, extra memory O(N) until the backward). "chunked": the forward
-            forms the logits of at most ``CHUNK_BYTES`` worth of rows at a time (256 MiB), turns them
+            forms the logits of a chunk of rows at a time (at most ``CHUNK_BYTES``, 256 MiB, and a
+            quarter of the rows), turns them
             into d(logits) in place and finishes d(hidden) and d(weight) with matmuls (3 matmuls'
             worth, no atomics, bitwise repeatable; the gradients are held from the forward to the
             backward; "mean" or "sum" only). "auto" (the default): no gradient wanted -> the forward

@@ -46,8 +46,8 @@ STRATEGIES = ["atomic", "chunked"]
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of a few rows, so the chunked strategy's tests cross chunk edges and sum d(weight) over chunks:
-    at V 1000, 10 rows in fp32 and 20 in 16-bit (at V 300 in 16-bit one chunk holds all 37 rows); d(weight)'s fp32
-    accumulation runs in vocabulary slices."""
+    at V 1000, 10 rows in fp32 and 20 in 16-bit, and d(weight)'s fp32 accumulation runs in vocabulary slices.
+    (A batch of one row is one chunk: d(weight) is then a single matmul.)"""
     monkeypatch.setattr(module, "CHUNK_BYTES", 40_000)
 
 
@@ -286,11 +286,24 @@ def test_strategy_choice(monkeypatch):
     assert choose("chunked", "mean", *frozen, None) == "forward-only"
     with torch.no_grad():
         assert choose("auto", "mean", hidden, weight, None) == "forward-only"
-    # The budget: fewer than 128 rows of logits fit in it -> atomic; fewer rows than that in the batch
-    # are no reason to leave the chunked strategy.
+    # The budget: fewer than 128 rows of logits fit in it -> atomic.
+    monkeypatch.setattr(module, "CHUNK_BYTES", 128 * 50 * 4)
+    assert choose("auto", "mean", hidden, weight, None) == "chunked"
     monkeypatch.setattr(module, "CHUNK_BYTES", 127 * 50 * 4)
     assert choose("auto", "mean", hidden, weight, None) == "atomic"
-    assert choose("auto", "mean", hidden[:100], weight, None) == "chunked"
+
+
+def test_chunk_rows():
+    # Within the budget, at most a quarter of the rows (never the whole (N, V)), multiples of 128 from 128 up.
+    rows = module._chunk_rows
+    assert module.CHUNK_BYTES == 256 * 2**20
+    assert rows(8192, 128256, 2) == 1024  # the budget: 256 MiB / 250.5 KiB a row = 1046 rows
+    assert rows(8192, 128256, 4) == 512
+    assert rows(3072, 300, 4) == 768  # a quarter of the rows
+    assert rows(1000, 300, 4) == 128  # 250, down to a multiple of 128
+    assert rows(300, 300, 2) == 75
+    assert rows(3, 300, 2) == rows(1, 300, 2) == 1
+    assert rows(8192, 2**27, 2) == 1  # one row's logits over the budget still make a chunk
 
 
 def test_forward_only_runs_no_gradient_work(device, monkeypatch):
