@@ -150,33 +150,30 @@ def _one_minus_pow(log_beta, step):
 
 
 @triton.jit
-def _lookup(table, index):
-    """table[index] for a (256,) table held by the program and a (BLOCKS, 256) index.
-
-    tl.gather reads the program's copy (in shared memory, which the compiler
-    fills once per program), not global memory: the maps were 18 dependent
-    global gathers per element.
-    """
-    flat = tl.reshape(index, (index.shape[0] * index.shape[1],))
-    return tl.reshape(tl.gather(table, flat, 0), index.shape)
-
-
-@triton.jit
 def _nearest_code(x, midpoints):
-    """Index of the code nearest x, ties to the lower one: the number of the 255 midpoints below x."""
+    """Index of the code nearest x, ties to the lower one: the number of the 255 midpoints below x.
+
+    ``midpoints`` is the program's copy of the (256,) table (padded): tl.gather
+    reads it from shared memory, which the compiler fills once per program; the
+    search had 8 dependent global gathers per value. (The lookups are written
+    out, not through a helper: the interpreter pays for every helper call.)
+    """
     index = tl.zeros(x.shape, tl.int32)
     for i in tl.static_range(8):
         half = 128 >> i
-        midpoint = _lookup(midpoints, index + (half - 1))
+        flat = tl.reshape(index + (half - 1), (x.shape[0] * x.shape[1],))
+        midpoint = tl.reshape(tl.gather(midpoints, flat, 0), x.shape)
         index = tl.where(midpoint < x, index + half, index)
     return index
 
 
 @triton.jit
 def _dequantize(codes_ptrs, absmax_ptrs, code, mask, block_mask):
+    """(BLOCKS, 256) values from their codes, looked up in the program's copy of the map."""
     codes = tl.load(codes_ptrs, mask=mask, other=0).to(tl.int32)
     absmax = tl.load(absmax_ptrs, mask=block_mask, other=0.0)
-    return tl.where(mask, _lookup(code, codes) * absmax[:, None], 0.0)
+    values = tl.reshape(tl.gather(code, tl.reshape(codes, (codes.shape[0] * codes.shape[1],)), 0), codes.shape)
+    return tl.where(mask, values * absmax[:, None], 0.0)
 
 
 @triton.jit
