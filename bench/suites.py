@@ -11,6 +11,7 @@ pinned on a shape it does not take) raises ``ProviderMissing`` from its setup.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 from typing import Callable
 
@@ -488,5 +489,134 @@ def _quantize_body_with_bitsandbytes(model, device: torch.device, dtype: torch.d
 
 TRAIN_STEP = Suite(train_step_sizes, train_step_setup, providers=("ember", "torch"))
 
+# ----------------------------------------------------------------------------
+# layer: one transformer layer, or the whole small model, forward + backward, LoRA r=16 on every linear,
+# fp32 weights under autocast (ember's "bf16" policy). Measured: the activation bytes held for the backward
+# per token per layer (ember.bench.memory.HeldActivations), besides the harness's peak memory and time.
+# FLOPs: 6*N*P for the LoRA-adapted matmuls (forward, input and adapter gradients: the frozen bases get none,
+# so 4*N*P of it is the bases) plus attention's 4*S^2*d_model (forward) and 2.5x that (backward), causal halved.
+# ----------------------------------------------------------------------------
+
+_LAYER_MODELS = {
+    # issue 17's configuration: a Llama-3-style body, 8 query / 2 key-value heads
+    "llama": dict(family="llama", hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, vocab_size=32000),
+    "bert-base": dict(family="bert", hidden_size=768, intermediate_size=3072, num_hidden_layers=4,
+                      num_attention_heads=12, vocab_size=30522),
+    "llama3-8b": dict(family="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+}
+
+
+def layer_sizes(quick: bool, device: torch.device) -> list[dict]:
+    cases = [dict(model=m, scope=scope, tokens=512) for m in ("llama", "bert-base") for scope in ("layer", "model")]
+    if device.type == "cuda" and not quick:
+        cases += [dict(model="llama3-8b", scope=scope, tokens=4096) for scope in ("layer", "model")]
+    return cases
+
+
+def _layer_model(p: dict, device: torch.device):
+    import transformers
+
+    shape = dict(_LAYER_MODELS[p["model"]])
+    family = shape.pop("family")
+    torch.manual_seed(0)
+    if family == "llama":
+        config = transformers.LlamaConfig(**shape, max_position_embeddings=max(p["tokens"], 2048))
+        return transformers.LlamaForCausalLM(config).to(device), "model.layers"
+    # BERT's attention dropout off: with it, stock SDPA on a CPU falls back to the math kernel and keeps the
+    # (S, S) probabilities, which would measure that fallback rather than the layer.
+    config = transformers.BertConfig(**shape, max_position_embeddings=max(p["tokens"], 512), num_labels=2,
+                                     attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(config).to(device), "bert.encoder.layer"
+
+
+def _layer_lora_targets(model) -> list[str] | str:
+    # PEFT's "all-linear" for a causal LM; BERT's linears by name (the classifier head stays dense and trains)
+    return "all-linear" if hasattr(model, "lm_head") else ["query", "key", "value", "dense"]
+
+
+def layer_setup(provider: str, p: dict, device: torch.device) -> Setup:
+    """ember: apply_lora + patch (attention, loss, norms, rotary, gated MLP). torch: stock transformers with SDPA
+    attention + PEFT. liger: Liger-Kernel's RMSNorm, RoPE, SwiGLU and fused loss + PEFT (Llama only)."""
+    from .memory import HeldActivations
+
+    model, layers_name = _layer_model(p, device)
+    targets = _layer_lora_targets(model)
+    adapted = sum(m.weight.numel() for m in model.get_submodule(layers_name)[1].modules()
+                  if isinstance(m, torch.nn.Linear))  # weights of one layer's matmuls, all adapted
+    if provider == "ember":
+        from ember.engine.lora import LoRAConfig, apply_lora
+        from ember.engine.patch import patch
+
+        apply_lora(model, LoRAConfig(r=16, alpha=32, target_modules=targets))
+        patch(model)
+        body = model
+    elif provider in ("torch", "liger"):
+        import peft
+
+        if provider == "liger":
+            if not hasattr(model, "lm_head"):
+                raise ProviderMissing("liger: Liger-Kernel has no BERT layers")
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+            apply_liger_kernel_to_llama(model=model)
+        model.set_attn_implementation("sdpa")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+        body = model.get_base_model()
+    else:
+        raise ValueError(f"layer has no provider {provider!r}")
+    model.train()
+    layers = body.get_submodule(layers_name)
+    tokens = p["tokens"]
+    input_ids = torch.randint(1, body.config.vocab_size, (1, tokens), device=device)
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+
+    if p["scope"] == "model":
+        labels = input_ids if hasattr(body, "lm_head") else torch.tensor([1], device=device)
+
+        def forward():
+            with autocast():
+                return model(input_ids=input_ids, labels=labels).loss
+
+        layer_names = [f"{layers_name}.{i}" for i in range(1, len(layers))]  # layer 0 reads frozen embeddings
+    else:
+        layer = layers[1]
+        hidden = (torch.randn(1, tokens, body.config.hidden_size, device=device) * 0.5).requires_grad_()
+        kwargs = {}
+        rotary = getattr(getattr(body, "model", None), "rotary_emb", None)
+        if rotary is not None:  # made once per forward by the model and shared by its layers: not counted here
+            kwargs["position_embeddings"] = rotary(hidden, torch.arange(tokens, device=device)[None])
+
+        def forward():
+            with autocast():
+                out = layer(hidden, **kwargs)
+            return (out[0] if isinstance(out, tuple) else out).float().square().mean()
+
+        layer_names = [f"{layers_name}.1"]
+
+    with HeldActivations(body) as held:
+        forward()
+    per_layer = held.per_layer(layer_names)
+
+    def fn():
+        model.zero_grad(set_to_none=True)
+        forward().backward()
+
+    config = body.config
+    layer_count = len(layers) if p["scope"] == "model" else 1
+    causal = 0.5 if hasattr(body, "lm_head") else 1.0
+    flops = layer_count * (6 * tokens * adapted + 3.5 * 4 * tokens**2 * config.hidden_size * causal)
+    return Setup(fn, flops=flops, extra={
+        "held_bytes_per_token_per_layer": per_layer / tokens,
+        "held_per_layer_x_hidden": per_layer / tokens / config.hidden_size,
+        "held_total_mb": held.total_bytes / 2**20,
+    })
+
+
+LAYER = Suite(layer_sizes, layer_setup, providers=("ember", "torch", "liger"),
+              needs={"liger": "liger_kernel", "torch": "peft", "ember": "transformers"},
+              cuda_only=frozenset({"liger"}))
+
 SUITES = {"attention": ATTENTION, "cross_entropy": CROSS_ENTROPY, "lora": LORA, "optimizer": OPTIMIZER,
-          "train_step": TRAIN_STEP}
+          "train_step": TRAIN_STEP, "layer": LAYER}

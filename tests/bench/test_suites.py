@@ -150,3 +150,45 @@ def test_train_step_providers_train_the_same_parameters(mode):
         setup, _ = _run("train_step", provider, dict(model="llama-tiny", mode=mode, tokens=16))
         trainable[provider] = setup.extra["trainable_params"]
     assert trainable["ember"] == trainable["torch"] > 0
+
+
+def test_held_activations_counts_what_the_backward_keeps():
+    """One storage counted once, under the module that saved it; parameters left out, a weight's cast copy in."""
+    from ember.bench.memory import HeldActivations
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    x = torch.randn(5, 8, requires_grad=True)
+    with HeldActivations(model) as held:
+        model(x).sum()
+    # Linear 0 keeps x (5x8), tanh its output (5x16), which Linear 2 keeps too: the same storage, counted once
+    assert held.total_bytes == 4 * (5 * 8 + 5 * 16)
+    assert held.inside("0") == {"(itself)": 4 * 5 * 8} and held.inside("1") == {"(itself)": 4 * 5 * 16}
+    assert held.per_layer(["0", "1"]) == 4 * (5 * 8 + 5 * 16) / 2
+    with HeldActivations(model) as held, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    # bf16 copies of the input and of both weights (frozen or not, autocast keeps a cast for the backward)
+    assert held.inside("2")["(itself)"] >= 2 * 4 * 16
+
+
+def test_layer_suite_measures_held_bytes_for_both_providers():
+    """A tiny Llama and BERT through the layer suite's setups: ember holds less per token and layer than stock
+    transformers + PEFT, and the timed call runs forward and backward."""
+    from ember.bench import suites
+
+    shapes = {"llama-test": dict(family="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=500),
+              "bert-test": dict(family="bert", hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                                num_attention_heads=4, vocab_size=500)}
+    suites._LAYER_MODELS.update(shapes)
+    try:
+        for model, scope in (("llama-test", "model"), ("bert-test", "layer")):  # each scope once: ~5 s a setup
+            held = {}
+            for provider in ("ember", "torch"):
+                setup, _ = _run("layer", provider, dict(model=model, scope=scope, tokens=64))
+                held[provider] = setup.extra["held_bytes_per_token_per_layer"]
+                assert setup.flops > 0
+            assert held["ember"] < 0.75 * held["torch"], (model, held)
+    finally:
+        for model in shapes:
+            del suites._LAYER_MODELS[model]
+    assert [case["model"] for case in SUITES["layer"].sizes(True, CPU)] == ["llama"] * 2 + ["bert-base"] * 2
