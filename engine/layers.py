@@ -368,7 +368,8 @@ class GatedMLPFunction(torch.autograd.Function):
         *ups, down = runs
         with torch.enable_grad():
             outs = [o.detach().requires_grad_() for o in outs]
-            product = _activate(*_gate_and_up(outs, ctx.gated), ctx.activation)  # recomputed; the activation's Function keeps gate, up
+            # recomputed; the activation's own Function keeps gate and up (no copies) until the grad below
+            product = _activate(*_gate_and_up(outs, ctx.gated), ctx.activation)
         d_product, down_grads = down.backward(dy, product.detach(), needs_dx=True)
         d_outs = torch.autograd.grad(product, outs, d_product)
         del product

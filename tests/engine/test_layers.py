@@ -34,8 +34,9 @@ CONFIGS = {
     "phi3": lambda: transformers.Phi3Config(**COMMON, partial_rotary_factor=0.5, pad_token_id=0),
 }
 ENCODERS = {
-    "bert": lambda: transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                            intermediate_size=64, max_position_embeddings=64, num_labels=3,
+    "bert": lambda: transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=64,
+                                            max_position_embeddings=64, num_labels=3,
                                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
     "roberta": lambda: transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                                   num_attention_heads=2, intermediate_size=64,
@@ -112,7 +113,8 @@ def test_encoder_matches_stock_full_finetuning(family, checkpointing, assert_wit
     stock = _loss_and_grads(copy.deepcopy(model), batch, checkpointing)
     patched = patch(copy.deepcopy(model), attention=False, loss=False)
     names = [type(m).__name__ for m in patched.modules()]
-    assert names.count("EmberLayerNorm") == 5 and names.count(f"Ember{type(model).__name__[:-len('ForSequenceClassification')]}Layer") == 2
+    layer = "EmberBertLayer" if family == "bert" else "EmberRobertaLayer"
+    assert names.count("EmberLayerNorm") == 5 and names.count(layer) == 2
     ours = _loss_and_grads(patched, batch, checkpointing)
     _assert_all_within(ours, reference, stock, torch.float32, assert_within_tolerance)
 
