@@ -1,6 +1,7 @@
 """The `ember` command line. It only puts library pieces together, and nothing imports it.
 
     ember train [CONFIG.toml] [--key=value | --key value ...]   fine-tune (no arguments: the default job)
+    torchrun --nproc_per_node=N $(which ember) train ...       the same on N processes (DDP or FSDP2)
     ember eval  [CONFIG.toml] [--key=value | --key value ...]   held-out metrics of the latest checkpoint
     ember bench [run] [SUITE ...] [--quick] [--providers P,Q] [--out DIR] [--device cpu|cuda]
                                                   benchmarks against stock PyTorch and peers (JSON)
@@ -26,6 +27,7 @@ from pathlib import Path
 from ember.bench import harness, report
 from ember.bench.demo import DTYPES, run_demo
 from ember.bench.suites import SUITES
+from ember.engine import distributed
 from ember.engine.config import load_command_line
 from ember.engine.device import resolve_device
 from ember.engine.errors import ConfigError, TrainingError
@@ -36,6 +38,8 @@ EXIT_CONFIG_ERROR, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 def _train(args: argparse.Namespace) -> int:
     result = train(load_command_line(args.overrides))
+    if not distributed.current().main:  # rank 0 reports for every process
+        return EXIT_INTERRUPTED if result.stopped == "interrupted" else 0
     print(f"held-out after {result.steps} steps: "
           + ", ".join(f"{key} {value:.4f}" for key, value in result.eval_after.items()))
     if result.report is not None:
@@ -148,3 +152,5 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as error:
         print(f"ember: the run stopped: {error}", file=sys.stderr)
         return EXIT_RUN_FAILED
+    finally:
+        distributed.shutdown()  # the process group `train` joined under torchrun

@@ -14,6 +14,17 @@ other global (a crafted file that would call ``os.system`` is an error, not a
 call). The state therefore holds no classes, ours included: the loop state is
 saved as a dict. Tensors are read with safetensors, which never unpickles.
 
+Sharded (FSDP2, several processes). Instead of ``trainable.safetensors`` the
+folder holds ``shards/``, written by ``torch.distributed.checkpoint``: every
+rank writes its own part of the parameters and optimizer state, rank 0 its
+metadata; ``state.pt`` then holds only plain data (param groups, schedule,
+loop, every rank's RNG state). All ranks write into rank 0's temporary
+folder; rank 0 renames it into place only once ``dcp.save`` has returned,
+which it does after gathering every rank's write results: a checkpoint that
+one rank did not finish is never renamed, so never found. DCP's metadata
+file is a pickle: it is read by an unpickler that admits DCP's own metadata
+classes and nothing else.
+
 Whole. The folder appears only once complete (``ember.engine.atomic``), so a
 crash mid-write leaves the previous checkpoint as the latest; but a disk can
 still lose or damage files later, and a copy can be partial. ``latest`` checks
@@ -23,6 +34,7 @@ one and returns the newest whole one. Only the last ``keep_last`` are kept.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import pickle
@@ -41,7 +53,9 @@ from .errors import ConfigError
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
-REQUIRED = ("trainable.safetensors", "state.pt", "config.json")
+SHARDS = "shards"  # torch.distributed.checkpoint's folder in a sharded checkpoint
+REQUIRED = {"whole": ("trainable.safetensors", "state.pt", "config.json"),
+            "sharded": (f"{SHARDS}/.metadata", "state.pt", "config.json")}
 
 # Config keys that may differ between a checkpoint and the run resuming from it: how long, how fast and how
 # often the run goes on, where and how it reports, and how the same math is computed. Every other key decides
@@ -89,10 +103,53 @@ def save_checkpoint(out_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     return final
 
 
-def _write_manifest(folder: Path) -> None:
+def save_sharded_checkpoint(out_dir: Path, step: int, tensors: dict[str, Any], state: dict[str, Any] | None,
+                            config: dict[str, Any], keep_last: int) -> Path:
+    """A checkpoint of an FSDP2 run; every rank calls it at the same point.
+
+    ``tensors``: nested dicts of tensors and DTensors (the same keys on every rank), written by
+    ``torch.distributed.checkpoint``, each rank its shards. ``state``: plain data, rank 0's is written (others
+    may pass None). Rank 0 renames the folder into place (``write_atomically``) only after ``dcp.save`` has
+    returned there, which happens once every rank reported its write; every rank returns after the rename.
+    """
+    from . import distributed
+
+    folder = Path(out_dir) / "checkpoints"
+    target = folder / f"{PREFIX}{step:08d}"
+    if not distributed.current().main:
+        _write_shards(tensors, distributed.from_main(None))  # the temporary that rank 0 names
+        distributed.barrier()
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
+
+    def write(temporary: Path) -> None:
+        temporary.mkdir()
+        _write_shards(tensors, distributed.from_main(temporary))
+        torch.save(state, temporary / "state.pt")
+        (temporary / "config.json").write_text(json.dumps(config, indent=2))
+        _write_manifest(temporary, "sharded")
+
+    try:
+        final = write_atomically(target, write)
+        for old in list_checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        distributed.barrier()
+    return final
+
+
+def _write_shards(tensors: dict[str, Any], temporary: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(temporary / SHARDS)))
+
+
+def _write_manifest(folder: Path, kind: str = "whole") -> None:
     files = {path.relative_to(folder).as_posix(): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
              for path in sorted(folder.rglob("*")) if path.is_file()}
-    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+    manifest = {"files": files} if kind == "whole" else {"format": kind, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
 def _sha256(path: Path) -> str:
@@ -120,13 +177,15 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 def damage(folder: Path) -> str | None:
     """What is wrong with the checkpoint ``folder``, or None when every file matches its manifest."""
     try:
-        files = json.loads((folder / MANIFEST).read_text())["files"]
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files, kind = manifest["files"], manifest.get("format", "whole")
         listed = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+        required = REQUIRED[kind]
     except FileNotFoundError:
         return f"no {MANIFEST} (the write did not finish)"
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
         return f"{MANIFEST} is unreadable"
-    for name in REQUIRED:
+    for name in required:
         if name not in listed:
             return f"{MANIFEST} does not list {name}"
     for name, (size, sha256) in listed.items():
@@ -209,12 +268,60 @@ def load_trainable(folder: Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{path}: not a safetensors file ({error})") from None
 
 
-def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The trainable tensors and the state of a checkpoint (check it with ``latest`` first).
+def is_sharded(folder: Path) -> bool:
+    """True for a checkpoint written by ``save_sharded_checkpoint`` (FSDP2)."""
+    return (Path(folder) / SHARDS).is_dir()
 
-    A ``state.pt`` that holds anything but data is refused with a ``ConfigError``; nothing in it runs.
-    """
-    trainable = load_trainable(folder)
+
+def load_shards(folder: Path, tensors: dict[str, Any]) -> None:
+    """Read a sharded checkpoint's tensors into ``tensors`` (nested dicts, as saved) in place, each rank its
+    part; DCP reshards where the world size changed. A key missing or of another shape is a ConfigError."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(tensors, storage_reader=_metadata_reader()(str(Path(folder) / SHARDS)))
+    except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"checkpoint {folder} does not fit this run: {reason[:300]}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _metadata_reader():
+    """torch.distributed.checkpoint's file reader, but its metadata (a pickle) is unpickled as data only."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):  # FileSystemReader's, with pickle.load made safe
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as file:
+                metadata = _DataUnpickler(file).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata classes, torch dtypes and sizes, and containers; any other global is refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module.startswith("torch.distributed.checkpoint.") or (module, name) in _METADATA_GLOBALS
+                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"unsupported GLOBAL {module}.{name} in the shards' metadata")
+
+
+_METADATA_GLOBALS = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"),
+                     ("builtins", "frozenset"), ("torch.serialization", "_get_layout"), ("torch", "strided"),
+                     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+                     ("pathlib", "PureWindowsPath")}
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    """The plain-data state of a checkpoint. A ``state.pt`` that holds anything but data is refused with a
+    ``ConfigError``; nothing in it runs."""
     path = Path(folder) / "state.pt"
     try:
         with warnings.catch_warnings():  # torch's advice on pickle protocols: the file is data or refused anyway
@@ -224,7 +331,12 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         raise ConfigError(f"{path}: refused, it is not plain checkpoint data ({_reason(error)})") from None
     if not isinstance(state, dict):
         raise ConfigError(f"{path}: refused, expected a dict of states, found {type(state).__name__}")
-    return trainable, state
+    return state
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trainable tensors and the state of a whole (not sharded) checkpoint (check it with ``latest`` first)."""
+    return load_trainable(folder), load_state(folder)
 
 
 def copy_parameters(saved: dict[str, torch.Tensor], trainable: dict[str, torch.nn.Parameter], folder: Path) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 from ember.kernels.lora import MAX_RANK
 
 from .device import DEVICES
+from .distributed import MODES
+from .distributed import check as check_distributed
 from .errors import ConfigError, TrainingError  # noqa: F401  (raised by loading and running a config)
 from .optim import OPTIMIZERS
 from .precision import POLICIES
@@ -63,6 +65,7 @@ class TrainConfig:
     lora_targets: str = "all-linear"
     qlora: bool = False  # base weights in NF4
     ember_kernels: bool = True  # patch attention and loss with ember's kernels
+    distributed: str = "auto"  # under torchrun: ddp, fsdp (FSDP2), auto (fsdp for full fine-tunes, else ddp)
 
     # -- evaluation, checkpoints, logs
     eval_every: int = 50
@@ -242,7 +245,7 @@ def _in_range(value: float, low: float, high: float, low_in: bool, high_in: bool
 def check(config: TrainConfig) -> None:
     """Values that are well typed but make no sense, named with what was expected."""
     choices = {"task": tuple(TASKS), "precision": ("auto", *POLICIES), "optimizer": OPTIMIZERS,
-               "schedule": SCHEDULES, "device": DEVICES}
+               "schedule": SCHEDULES, "device": DEVICES, "distributed": MODES}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(config, name)!r}")
@@ -268,3 +271,6 @@ def check(config: TrainConfig) -> None:
         raise ConfigError("qlora: needs lora_r > 0 (QLoRA trains adapters over a frozen NF4 base)")
     if config.offload_activations and not config.gradient_checkpointing:
         raise ConfigError("offload_activations: needs gradient_checkpointing = true")
+    if config.distributed == "fsdp":  # asked for by name: refused even before a launch with several processes
+        check_distributed("fsdp", lora_r=config.lora_r, qlora=config.qlora, optimizer=config.optimizer,
+                          precision=config.precision)

@@ -18,8 +18,9 @@ import itertools
 from typing import Any, Iterable
 
 import torch
+from torch.distributed.tensor import DTensor, Shard
 
-from ember.kernels.adamw8bit import MIN_8BIT_SIZE, adamw8bit_step, init_state
+from ember.kernels.adamw8bit import MIN_8BIT_SIZE, adamw8bit_step, init_state, num_blocks
 
 OPTIMIZERS = ("adamw", "adamw8bit", "bnb_adamw8bit", "bnb_paged_adamw8bit")
 
@@ -80,9 +81,11 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
         bits = group["state_bits"]
-        if bits == 8 and param.numel() < self.min_8bit_size:
-            bits = 32
-        return init_state(param, state_bits=bits)
+        if bits == 8 and param.numel() < self.min_8bit_size:  # a DTensor's numel is the whole tensor's
+            bits = 32  # so every rank chooses as one process would
+        if not isinstance(param, DTensor):
+            return init_state(param, state_bits=bits)
+        return _sharded_state(param, bits)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -104,6 +107,13 @@ class AdamW8bit(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p, group))
+                if isinstance(p, DTensor):  # an FSDP2 shard: the kernel updates this rank's part in place
+                    if p.to_local().numel() == 0:
+                        continue
+                    params.append(p.to_local())
+                    grads.append(p.grad.to_local())
+                    states.append(_local_state(state, p.to_local().numel()))
+                    continue
                 params.append(p)
                 grads.append(p.grad)
                 states.append(state)
@@ -130,6 +140,43 @@ class AdamW8bit(torch.optim.Optimizer):
                     key: value.to(param.device, copy=True) if isinstance(value, torch.Tensor) else value
                     for key, value in state_dict["state"][saved_id].items()
                 }
+
+
+def _sharded_state(param: DTensor, bits: int) -> dict:
+    """State of an FSDP2 parameter (a DTensor sharded on dim 0): each rank quantizes its own shard.
+
+    The blocks of 256 values are counted from the start of each local shard, so no block straddles two
+    ranks and the kernel runs unchanged on the local tensors. Where every shard but the last holds a
+    multiple of 256 elements the blocks are exactly those of one process; otherwise each shard's last
+    block is shorter. Moments (codes or fp32) are DTensors placed as the parameter, so
+    torch.distributed.checkpoint saves each rank's part; the absmax of each rank is padded to the blocks of
+    the largest shard and laid out as one DTensor of (world size x those blocks): it reloads only on the
+    same world size.
+    """
+    from .distributed import max_local_numel
+
+    local = param.to_local()
+    state = init_state(local, state_bits=bits)
+    mesh, placements = param.device_mesh, param.placements
+    for key in ("state1", "state2"):
+        state[key] = DTensor.from_local(state[key], mesh, placements, run_check=False, shape=param.shape,
+                                        stride=param.stride())
+    if bits == 8:
+        blocks = num_blocks(max_local_numel(param))
+        for key in ("absmax1", "absmax2"):
+            padded = torch.zeros(blocks, dtype=torch.float32, device=local.device)
+            state[key] = DTensor.from_local(padded, mesh, [Shard(0)], run_check=False,
+                                            shape=(blocks * mesh.size(),), stride=(1,))
+    return state
+
+
+def _local_state(state: dict, local_numel: int) -> dict:
+    """The kernel's view of a sharded state: this rank's tensors, the absmax cut to its shard's blocks."""
+    local = {key: value.to_local() if isinstance(value, DTensor) else value for key, value in state.items()}
+    for key in ("absmax1", "absmax2"):
+        if key in local:
+            local[key] = local[key][: num_blocks(local_numel)]
+    return local
 
 
 def build(
@@ -170,14 +217,16 @@ def _fused_allowed(params: list) -> bool:
 def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
     """Optimizer state bytes per parameter it holds state for, as measured on its tensors.
 
-    Tensors shared between parameters (bitsandbytes' quantization maps) count once.
+    Tensors shared between parameters (bitsandbytes' quantization maps) count once. With FSDP2 both
+    counts are this rank's: its shards and their state.
     """
     seen: set[int] = set()
     state_bytes = 0
     params = 0
     for param, state in optimizer.state.items():
-        params += param.numel()
+        params += param.to_local().numel() if isinstance(param, DTensor) else param.numel()
         for value in state.values():
+            value = value.to_local() if isinstance(value, DTensor) else value  # an FSDP2 rank's own part
             if isinstance(value, torch.Tensor) and value.data_ptr() not in seen:
                 seen.add(value.data_ptr())
                 state_bytes += value.numel() * value.element_size()

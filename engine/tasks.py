@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .data import load_classification, read_labelled_rows, read_rows, resolve, row_text, split_held_out
 from .errors import ConfigError
 from .metrics import classification_report
@@ -36,12 +37,21 @@ if TYPE_CHECKING:  # the config validates its task against TASKS: it imports thi
 
 
 def held_out_batches(task, model):
-    """The task's held-out examples in batches of ``task.eval_batch_size``, the model in eval mode meanwhile."""
+    """(batch, counts) over the task's held-out examples in batches of ``task.eval_batch_size``, the model in
+    eval mode meanwhile; ``counts`` is False for a batch whose results must be dropped.
+
+    With several processes each rank takes every N-th example, and every rank runs the same number of
+    forwards (FSDP2's forward is a collective): a rank short of a batch runs a stand-in it does not count.
+    """
+    processes = distributed.current()
+    examples = task.eval_examples[processes.rank :: processes.world_size]
+    most = -(-len(task.eval_examples) // processes.world_size)  # the first rank's share, the largest
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(task.eval_examples), task.eval_batch_size):
-            yield task.batch(task.eval_examples[start : start + task.eval_batch_size])
+        for start in range(0, most, task.eval_batch_size):
+            chunk = examples[start : start + task.eval_batch_size]
+            yield task.batch(chunk or task.eval_examples[:1]), bool(chunk)
     finally:
         model.train(was_training)
 
@@ -77,14 +87,19 @@ class ClassificationTask:
     @torch.no_grad()
     def evaluate(self, model, precision):
         loss_sum, predictions, labels = 0.0, [], []
-        for batch in held_out_batches(self, model):
+        for batch, counts in held_out_batches(self, model):
             targets = batch.pop("labels").reshape(-1)  # (examples,) or, per token, (examples * tokens,)
             with precision.autocast():
                 logits = model(**batch).logits.float()
+            if not counts:
+                continue
             logits = logits.reshape(-1, logits.shape[-1])
             loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             predictions.append(logits.argmax(-1).cpu())
             labels.append(targets.cpu())
+        if distributed.current().several:  # every rank's predictions: the report needs them all
+            loss_sum = distributed.sum_over_ranks(loss_sum, self.device)
+            predictions, labels = (sum(distributed.gather(part), []) for part in (predictions, labels))
         labels = torch.cat(labels)
         report = classification_report(torch.cat(predictions), labels, self.class_names)
         metrics = {"loss": loss_sum / max(int((labels != -100).sum()), 1), "accuracy": report.accuracy,
@@ -224,10 +239,13 @@ class CausalLMTask:
     @torch.no_grad()
     def evaluate(self, model, precision):
         loss_sum, targets = 0.0, 0
-        for batch in held_out_batches(self, model):
-            targets += self.targets(batch)
+        for batch, counts in held_out_batches(self, model):
             with precision.autocast():
-                loss_sum += self.loss(model, batch, 1).float().item()  # the summed loss
+                summed = self.loss(model, batch, 1).float().item()
+            if counts:
+                loss_sum, targets = loss_sum + summed, targets + self.targets(batch)
+        if distributed.current().several:
+            loss_sum, targets = distributed.sum_over_ranks([loss_sum, float(targets)], self.device)
         loss = loss_sum / max(targets, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}, None
 
@@ -236,7 +254,7 @@ def _loss(model, batch: dict, normalizer: int, *, shift: bool) -> torch.Tensor:
     """The batch's summed loss divided by ``normalizer``: through ember's kernels when the model is patched
     (for a causal LM without building logits), else stock cross-entropy on the logits. ``shift``: position t
     is scored against label t + 1."""
-    if getattr(model, "_ember_patched", False):
+    if getattr(distributed.unwrapped(model), "_ember_patched", False):
         return model(**batch, num_items_in_batch=normalizer).loss
     labels = batch["labels"]
     if shift:

@@ -10,6 +10,11 @@ they share lives in one ``Run``.
 A start that fails (bad data, a model that does not load, a refused resume)
 leaves ``out_dir`` as it found it: nothing is written there until the run
 has started and resumed.
+
+Under torchrun (``ember.engine.distributed``) every rank runs this same loop
+on its shard of each global batch; the decisions that must agree (a step's
+loss, an interrupt, early stopping) are made on values reduced over ranks.
+Only rank 0 prints, shows progress, logs and exports.
 """
 
 from __future__ import annotations
@@ -32,12 +37,15 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from . import distributed
 from .atomic import remove_stale_temporaries, write_atomically
-from .checkpoint import (check_config, copy_parameters, latest, list_checkpoints, load_checkpoint, load_trainable,
-                         remove_damaged, save_checkpoint)
+from .checkpoint import (check_config, copy_parameters, is_sharded, latest, list_checkpoints, load_checkpoint,
+                         load_shards, load_state, load_trainable, remove_damaged, save_checkpoint,
+                         save_sharded_checkpoint)
 from .config import ConfigError, TrainConfig, TrainingError
 from .data import DataPosition, model_folder, next_batch
 from .device import resolve_device
+from .distributed import Processes
 from .lora import LoRAConfig, apply_lora, lora_report
 from .metrics import ClassificationReport
 from .optim import build
@@ -250,6 +258,22 @@ class RunLog:
             self.writer.close()
 
 
+class _NoLog:
+    """What ranks other than 0 log: nothing."""
+
+    def write(self, kind: str, step: int, **values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _say(*args, **kwargs) -> None:
+    """print, on rank 0 only (every rank runs the same loop)."""
+    if distributed.current().main:
+        print(*args, **kwargs)
+
+
 def _records_through(path: Path, step: int) -> list[str]:
     """The lines of the log at ``path`` whose step is at most ``step``; a line torn by a kill is dropped."""
     if not path.is_file():
@@ -298,7 +322,10 @@ class Run:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    log: RunLog | None = None  # opened by open_log once the run has started and resumed
+    processes: Processes = Processes()  # this rank among the run's processes (one process alone by default)
+    mode: str | None = None  # "ddp" or "fsdp" with several processes
+    module: nn.Module | None = None  # the Hugging Face model (``model`` may be its DDP wrapper)
+    log: RunLog | _NoLog | None = None  # opened by open_log once the run has started and resumed
     state: LoopState = dataclasses.field(default_factory=LoopState)
     losses: list[float] = dataclasses.field(default_factory=list)  # one per optimizer step of this process
     tokens_seen: int = 0
@@ -318,25 +345,44 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 def start(config: TrainConfig) -> Run:
-    """Init: seeds, device, precision, out_dir checked; then data, model, optimizer, schedule and loss scaling."""
-    torch.manual_seed(config.seed)
+    """Init: processes, seeds, device, precision, out_dir checked; then data, model (wrapped for several
+    processes), optimizer, schedule and loss scaling."""
+    processes, device = distributed.init(config.device)
+    torch.manual_seed(config.seed)  # the same on every rank: FSDP2 and DDP need equal initial weights
     random.seed(config.seed)
-    device = resolve_device(config.device)
     precision = decide(config.precision, device)
+    mode = distributed.resolve_mode(config.distributed, config.lora_r) if processes.several else None
+    if mode is not None:
+        distributed.check(mode, lora_r=config.lora_r, qlora=config.qlora, optimizer=config.optimizer,
+                          precision=precision.policy)
     out_dir = Path(config.out_dir)
     _check_out_dir(out_dir)
-    print(f"precision: {precision}")
+    _say(f"precision: {precision}")
 
     task, model = _task_and_model(config, precision, device)
-    print(f"model: {config.model}, {lora_report(model) if config.lora_r else 'full fine-tune'}")
-    print(f"data: {task.describe()}")
+    _say(f"model: {config.model}, {lora_report(model) if config.lora_r else 'full fine-tune'}")
+    _say(f"data: {task.describe()}")
+    module = model
+    if mode is not None:
+        global_micro_batch = config.batch_size * processes.world_size
+        if len(task.train_examples) < global_micro_batch:
+            raise ConfigError(f"batch_size {config.batch_size} x {processes.world_size} processes = "
+                              f"{global_micro_batch} examples per micro-batch, more than the training set holds "
+                              f"({len(task.train_examples)})")
+        compute = precision.autocast_dtype if mode == "fsdp" and precision.policy == "bf16" else None
+        model = distributed.wrap(model, mode, processes, device, compute)
+        _say(f"distributed: {mode} over {processes.world_size} processes, global batch {config.batch_size} x "
+             f"{config.grad_accum} x {processes.world_size} = {global_micro_batch * config.grad_accum}")
+        # Dropout draws its own masks on each rank from here on.
+        torch.manual_seed(config.seed + processes.rank)
+        random.seed(config.seed + processes.rank)
 
-    trainable = trainable_parameters(model)
+    trainable = trainable_parameters(module)  # after FSDP2, whose parameters are this rank's shards
     optimizer = build(config.optimizer, list(trainable.values()), lr=config.lr, betas=config.betas,
                       weight_decay=config.weight_decay, stochastic_rounding=precision.stochastic_rounding)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     return Run(config, device, precision, out_dir, task, model, trainable, optimizer, schedule,
-               scaler=precision.grad_scaler())
+               scaler=precision.grad_scaler(), processes=processes, mode=mode, module=module)
 
 
 def resume(run: Run) -> None:
@@ -351,16 +397,81 @@ def resume(run: Run) -> None:
     if not run.config.resume:
         raise ConfigError(f"{run.out_dir} already holds checkpoints: pass --resume=true to continue, "
                           f"or choose another out_dir")
-    folder, damaged = latest(run.out_dir)
+    folder, damaged = _latest_on_main(run)
     check_config(folder, run.config.to_dict(), allow_changes=run.config.resume_allow_changes)
-    saved_params, saved = load_checkpoint(folder)
-    copy_parameters(saved_params, run.trainable, folder)
+    if is_sharded(folder) and run.mode != "fsdp":
+        raise ConfigError(f"checkpoint {folder} holds an FSDP2 run's shards: resume it with several processes "
+                          f"and distributed = 'fsdp' ('ember eval' reads it in one process)")
+    if not is_sharded(folder) and run.mode == "fsdp":
+        raise ConfigError(f"checkpoint {folder} was written by one process or DDP: resume it with one process "
+                          f"or distributed = 'ddp'")
+    if is_sharded(folder):
+        saved = load_state(folder)
+        _check_world_size(run, saved, folder)
+        _initialize_optimizer_state(run.optimizer)  # DCP reads into existing tensors
+        tensors = {"model": run.trainable, "optimizer": run.optimizer.state_dict()["state"]}
+        load_shards(folder, tensors)
+        saved["optimizer"] = {"state": tensors["optimizer"], "param_groups": saved["optimizer"]["param_groups"]}
+    else:
+        saved_params, saved = load_checkpoint(folder)
+        _check_world_size(run, saved, folder)
+        copy_parameters(saved_params, run.trainable, folder)
     try:
         _restore_states(run, saved)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ConfigError(f"{folder / 'state.pt'} does not fit this run: {str(error).splitlines()[0]}") from None
-    remove_damaged(run.out_dir, damaged)
-    print(f"resumed from {folder} at step {run.state.step}")
+    if run.processes.main:
+        remove_damaged(run.out_dir, damaged)
+    distributed.barrier()
+    _say(f"resumed from {folder} at step {run.state.step}")
+
+
+def _latest_on_main(run: Run) -> tuple[Path, list[Path]]:
+    """Rank 0 chooses the checkpoint (and warns about damaged ones); every rank then reads the same one, or
+    raises the same error."""
+    found = None
+    if run.processes.main:
+        try:
+            found = latest(run.out_dir)
+        except ConfigError as error:
+            found = error
+    found = distributed.from_main(found)
+    if isinstance(found, ConfigError):
+        raise found
+    return found
+
+
+def _check_world_size(run: Run, saved: dict, folder: Path) -> None:
+    """The global batch is batch_size x grad_accum x processes: another number of processes trains another
+    run, refused as a changed batch_size is (unless resume_allow_changes). AdamW8bit's sharded state keeps
+    an absmax per local shard, which does not reshard."""
+    before, now = saved.get("world_size", 1), run.processes.world_size
+    if before == now:
+        return
+    if not run.config.resume_allow_changes:
+        raise ConfigError(f"checkpoint {folder} was written by {before} process(es), this run has {now}: the "
+                          f"global batch would change; launch {before}, or pass --resume_allow_changes=true")
+    if run.mode == "fsdp" and run.config.optimizer == "adamw8bit":
+        raise ConfigError(f"checkpoint {folder}: adamw8bit's FSDP2 state was sharded over {before} processes and "
+                          f"cannot be resharded to {now} (its absmax blocks are per shard); launch {before}")
+    warnings.warn(f"resuming a checkpoint of {before} process(es) on {now}: the global batch changes")
+
+
+def _initialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state (as torch.distributed.checkpoint.state_dict does): one step at lr 0 on zero
+    gradients, so DCP has tensors to load into; the loaded state then replaces it."""
+    if optimizer.state:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _restore_states(run: Run, saved: dict) -> None:
@@ -369,7 +480,9 @@ def _restore_states(run: Run, saved: dict) -> None:
     run.scaler.load_state_dict(saved["scaler"])
     run.state = LoopState.from_dict(saved["loop"])
     run.saved_step = run.state.step
-    _set_rng_states(saved["rng"])
+    per_rank = saved.get("rng_ranks")
+    _set_rng_states(per_rank[run.processes.rank] if per_rank and len(per_rank) == run.processes.world_size
+                    else saved["rng"])
     # lr, betas and weight decay may change on resume, but the saved optimizer and schedule carry the old
     # ones: this run's config wins (unchanged values give the same floats, so the resume stays exact).
     config = run.config
@@ -379,8 +492,12 @@ def _restore_states(run: Run, saved: dict) -> None:
                      betas=config.betas, weight_decay=config.weight_decay)
 
 
-def open_log(run: Run) -> RunLog:
-    """The run's log, opened once it has started and resumed; its first record is the config of this segment."""
+def open_log(run: Run) -> RunLog | _NoLog:
+    """The run's log, opened once it has started and resumed; its first record is the config of this segment.
+    Ranks other than 0 log nothing."""
+    if not run.processes.main:
+        run.log = _NoLog()
+        return run.log
     run.log = RunLog(run.out_dir, run.config.tensorboard, resumed_step=run.saved_step)
     remove_stale_temporaries(run.out_dir)  # a final/ export or log rewrite killed mid-write
     run.log.write("config", run.state.step, config=run.config.to_dict(), precision=str(run.precision))
@@ -389,22 +506,31 @@ def open_log(run: Run) -> RunLog:
 
 def accumulated_step(run: Run) -> float:
     """Forward and backward over ``grad_accum`` micro-batches; the loss is normalized by the targets of
-    the whole accumulated batch. Returns the batch's loss."""
-    config, task = run.config, run.task
-    micro_batches = [task.batch(next_batch(task.train_examples, config.batch_size, config.seed, run.state.position))
+    the whole accumulated batch. Returns the batch's loss.
+
+    With N processes each micro-batch is a global one of N x batch_size examples, in the order one process
+    would read them, and rank r trains on its r-th slice; the targets are counted over every rank (one
+    all-reduce), and each rank's loss is multiplied by N because DDP and FSDP2 average the gradients over
+    ranks: the update is the one a single process makes with N x batch_size."""
+    config, task, world, rank = run.config, run.task, run.processes.world_size, run.processes.rank
+    micro_batches = [next_batch(task.train_examples, config.batch_size * world, config.seed, run.state.position)
                      for _ in range(config.grad_accum)]
-    targets = sum(task.targets(batch) for batch in micro_batches)
+    micro_batches = [task.batch(examples[rank * config.batch_size : (rank + 1) * config.batch_size])
+                     for examples in micro_batches]
+    targets = distributed.sum_over_ranks(sum(task.targets(batch) for batch in micro_batches), run.device)
     offload = torch.autograd.graph.save_on_cpu(pin_memory=run.device.type == "cuda") \
         if config.offload_activations else nullcontext()
-    loss_total = 0.0
-    for batch in micro_batches:
-        with offload:
+    loss_total, tokens = 0.0, 0
+    for i, batch in enumerate(micro_batches):
+        with offload, distributed.gradient_sync(run.model, sync=i == len(micro_batches) - 1):
             with run.precision.autocast():
                 loss = task.loss(run.model, batch, targets)
-            run.scaler.scale(loss).backward()
+            run.scaler.scale(loss * world if world > 1 else loss).backward()
         loss_total += loss.item()
-        run.tokens_seen += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
-            else batch["input_ids"].numel()
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    if world > 1:
+        loss_total, tokens = distributed.sum_over_ranks([loss_total, float(tokens)], run.device)
+    run.tokens_seen += int(tokens)
     return loss_total
 
 
@@ -426,8 +552,9 @@ def skip_step(run: Run, loss: float) -> None:
     """A non-finite loss: drop its gradients; too many in a row end the run."""
     run.optimizer.zero_grad(set_to_none=True)
     run.state.bad_steps += 1
-    warnings.warn(f"step {run.state.step}: loss is {loss}; step skipped "
-                  f"({run.state.bad_steps} in a row, the run stops at {run.config.max_bad_steps})")
+    if run.processes.main:
+        warnings.warn(f"step {run.state.step}: loss is {loss}; step skipped "
+                      f"({run.state.bad_steps} in a row, the run stops at {run.config.max_bad_steps})")
     if run.state.bad_steps >= run.config.max_bad_steps:
         raise TrainingError(f"{run.state.bad_steps} non-finite losses in a row at step {run.state.step}: "
                             f"lower lr, or use precision bf16/fp32")
@@ -467,16 +594,31 @@ def stops_early(run: Run, metrics: dict[str, float]) -> bool:
 
 
 def save(run: Run) -> None:
-    """A checkpoint of this step: trainable tensors, optimizer, schedule, scaler, loop and RNG states."""
-    state = {"optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
+    """A checkpoint of this step: trainable tensors, optimizer, schedule, scaler, loop and RNG states.
+
+    Several processes: every rank's RNG state goes in (dropout differs per rank). FSDP2: each rank writes its
+    shards through torch.distributed.checkpoint; otherwise rank 0 writes the checkpoint as one process does."""
+    optimizer = run.optimizer.state_dict()
+    state = {"optimizer": optimizer, "schedule": run.schedule.state_dict(),
              "scaler": run.scaler.state_dict(), "loop": dataclasses.asdict(run.state), "rng": _rng_states()}
-    write_adapter = (lambda folder: save_adapter(run.model, folder / "adapter")) if run.config.lora_r else None
-    save_checkpoint(run.out_dir, run.state.step, run.trainable, state, run.config.to_dict(), run.config.keep_last,
-                    write_extra=write_adapter)
+    if run.processes.several:
+        state.update(rng_ranks=distributed.gather(_rng_states()), world_size=run.processes.world_size)
+    if run.mode == "fsdp":
+        state["optimizer"] = {"param_groups": optimizer["param_groups"]}  # the tensors go to the shards
+        tensors = {"model": run.trainable, "optimizer": optimizer["state"]}
+        save_sharded_checkpoint(run.out_dir, run.state.step, tensors, state, run.config.to_dict(),
+                                run.config.keep_last)
+    else:
+        if run.processes.main:
+            write_adapter = (lambda folder: save_adapter(run.module, folder / "adapter")) if run.config.lora_r \
+                else None
+            save_checkpoint(run.out_dir, run.state.step, run.trainable, state, run.config.to_dict(),
+                            run.config.keep_last, write_extra=write_adapter)
+        distributed.barrier()
     run.saved_step = run.state.step
 
 
-def _export(model, tokenizer, config: TrainConfig, folder: Path) -> None:
+def _export(model, tokenizer, config: TrainConfig, folder: Path, state_dict: dict | None = None) -> None:
     """LoRA: the adapter in PEFT's format (and a trained classification head); full fine-tune: a model folder.
 
     Written to ``folder`` by ``write_atomically``: a kill mid-export leaves the previous export, never half."""
@@ -490,7 +632,7 @@ def _export(model, tokenizer, config: TrainConfig, folder: Path) -> None:
         save_file({f"{head}.{name}": p.detach().cpu().contiguous() for name, p in getattr(model, head).named_parameters()},
                   str(folder / "head.safetensors"))
     if not config.lora_r:
-        model.save_pretrained(folder / "model")
+        model.save_pretrained(folder / "model", state_dict=state_dict)
     tokenizer.save_pretrained(folder / "tokenizer")
 
 
@@ -503,8 +645,17 @@ def finish(run: Run, stopped: str, eval_before: dict[str, float]) -> TrainResult
     seconds = time.time() - run.started
     eval_after, report = evaluate(run)
     if stopped != "interrupted":
-        export = functools.partial(_export, run.model, run.task.tokenizer, run.config)
-        write_atomically(run.out_dir / "final", export)
+        full = None
+        if run.mode == "fsdp":  # the whole weights, gathered on rank 0 (every rank takes part)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if run.processes.main:
+            export = functools.partial(_export, run.module, run.task.tokenizer, run.config)
+            if full is not None:
+                export = functools.partial(export, state_dict=full)
+            write_atomically(run.out_dir / "final", export)
+        distributed.barrier()
     memory = peak_memory_mb(run.device)
     run.log.write("end", run.state.step, stopped=stopped, seconds=seconds, peak_memory_mb=memory)
     return TrainResult(steps=run.state.step, stopped=stopped, eval_before=eval_before, eval_after=eval_after,
@@ -523,12 +674,13 @@ def train(config: TrainConfig) -> TrainResult:
     resume(run)
     with closing(open_log(run)):
         eval_before, _ = evaluate(run)
-        print(f"held-out before: {_format(eval_before)}")
+        _say(f"held-out before: {_format(eval_before)}")
         stopped = "max_steps" if run.state.step >= config.max_steps else None  # None: still running
         run.model.train()
         run.started = time.time()
+        show = config.progress and run.processes.main
         with interrupt_flag() as interrupted, tqdm(total=config.max_steps, initial=run.state.step,
-                                                   disable=not config.progress, desc="train") as progress:
+                                                   disable=not show, desc="train") as progress:
             while stopped is None:
                 loss = accumulated_step(run)
                 if math.isfinite(loss):
@@ -536,11 +688,12 @@ def train(config: TrainConfig) -> TrainResult:
                     report_progress(run, loss, progress)
                     if run.state.step % config.eval_every == 0 and run.state.step < config.max_steps:
                         metrics, _ = evaluate(run)
-                        progress.write(f"step {run.state.step}: {_format(metrics)}")
+                        if run.processes.main:
+                            progress.write(f"step {run.state.step}: {_format(metrics)}")
                         stopped = "early_stopping" if stops_early(run, metrics) else None
                 else:
                     skip_step(run, loss)
-                if interrupted["set"]:
+                if distributed.sum_over_ranks(int(interrupted["set"]), run.device):  # one rank's Ctrl-C stops all
                     stopped = "interrupted"
                 elif stopped is None and run.state.step >= config.max_steps:
                     stopped = "max_steps"
@@ -560,5 +713,8 @@ def evaluate_checkpoint(config: TrainConfig) -> tuple[dict, ClassificationReport
     device = resolve_device(config.device)
     precision = decide(config.precision, device)
     task, model = _task_and_model(config, precision, device)
-    copy_parameters(load_trainable(folder), trainable_parameters(model), folder)
+    if is_sharded(folder):  # an FSDP2 run's shards, gathered whole into this one process by DCP
+        load_shards(folder, {"model": trainable_parameters(model)})
+    else:
+        copy_parameters(load_trainable(folder), trainable_parameters(model), folder)
     return task.evaluate(model, precision)
