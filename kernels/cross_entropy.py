@@ -498,6 +498,11 @@ _CE_FWD = _register_elementwise("cross_entropy_fwd", _ce_fwd_kernel, [(4, 1024, 
                                 stride_lv=1)
 _CE_BWD = _register_elementwise("cross_entropy_bwd", _ce_bwd_kernel, [(4, 1024, 4), (16, 512, 8)],
                                 stride_lv=1, stride_dv=1)
+# The same kernel writing d(logits) over the logits (the chunked strategy's scratch): one config, so the
+# autotuner never benchmarks it, which would run it several times over one buffer and take each run's
+# d(logits) for the next run's logits.
+_CE_BWD_IN_PLACE = _register_elementwise("cross_entropy_bwd_in_place", _ce_bwd_kernel, [(4, 1024, 4)],
+                                         stride_lv=1, stride_dv=1)
 
 
 # ----------------------------------------------------------------------------
@@ -590,7 +595,8 @@ def _ce_bwd(logits, target, lse, dloss, opts: _Options, dlogits):
     # program reads its tile before it writes it, and no two programs share a tile.
     n_rows, vocab = logits.shape
     launch(
-        _CE_BWD, lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"])),
+        _CE_BWD_IN_PLACE if dlogits is logits else _CE_BWD,
+        lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"])),
         logits, target, lse, dloss, dlogits,
         n_rows, vocab, logits.stride(0), logits.stride(1), dlogits.stride(0), dlogits.stride(1),
         opts.softcap or 1.0, opts.label_smoothing, opts.z_loss, HAS_SOFTCAP=opts.softcap is not None,

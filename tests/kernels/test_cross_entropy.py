@@ -293,6 +293,14 @@ def test_strategy_choice(monkeypatch):
     assert choose("auto", "mean", hidden, weight, None) == "atomic"
 
 
+def test_in_place_d_logits_is_never_autotuned():
+    # The chunked strategy writes d(logits) over its logits. Triton's autotuner benchmarks a kernel of several
+    # configs by running it repeatedly on the call's own arguments: in place, each run would read the
+    # previous run's d(logits) as logits. A kernel of one config is launched once.
+    assert len(module._CE_BWD_IN_PLACE.configs) == 1
+    assert module._CE_BWD_IN_PLACE.kernel is module._CE_BWD.kernel
+
+
 def test_chunk_rows():
     # Within the budget, at most a quarter of the rows (never the whole (N, V)), multiples of 128 from 128 up.
     rows = module._chunk_rows
