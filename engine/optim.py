@@ -18,7 +18,12 @@ import itertools
 from typing import Any, Iterable
 
 import torch
-from torch.distributed.tensor import DTensor, Shard
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor, Shard
+else:  # a torch built without torch.distributed: no parameter is ever a DTensor
+    class DTensor:  # noqa: D101
+        pass
 
 from ember.kernels.adamw8bit import MIN_8BIT_SIZE, adamw8bit_step, init_state, num_blocks
 
