@@ -11,7 +11,10 @@ consumers read that one declaration:
   benchmarks through the GPU driver and fails there ("0 active drivers");
 - ``python -m ember.kernels.compile_check`` compiles every config of every
   registered kernel for sm_80 and sm_90 without a GPU and checks registers,
-  spills, shared memory and tensor-core use.
+  spills, shared memory and tensor-core use (HGMMA on sm_90 from some config,
+  ``KernelSpec.hopper_config`` naming it for CI's subset). It compiles from
+  representative launch arguments (``launch_arguments``: a case's ``values``,
+  else ``representative_value``), through Triton's own launch-time binder.
 """
 
 from __future__ import annotations
