@@ -18,7 +18,8 @@ Modules, in the order a run uses them:
   each decided once;
 - ``data``, ``tasks``: offline assets, files, splits, batches in a resumable
   order; what each task trains on and how it is evaluated (``metrics``);
-- ``patch``, ``hf_attention``: Hugging Face models through ember's kernels;
+- ``patch``, ``hf_attention``, ``layers``: Hugging Face models through ember's kernels (attention, losses,
+  norms, rotary embeddings, the recomputing MLP);
 - ``lora``, ``peft_format``: LoRA/QLoRA layers over the fused kernel, and
   PEFT's adapter files and models;
 - ``optim``, ``schedule``: 8-bit AdamW and its peers; the learning-rate schedule;
