@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Literal
 
 import torch
@@ -1015,14 +1016,26 @@ def _choose_strategy(strategy, reduction, hidden, weight, bias) -> str:
        128 rows of logits (a vocabulary above a million words in bf16: its chunks would run as thin,
        slow matmuls); otherwise "chunked": 3 matmuls' worth of FLOPs against 4, no atomics (bitwise
        repeatable), at the cost of a scratch of at most ``CHUNK_BYTES`` and a quarter of the logits.
+    4. Under ``torch.use_deterministic_algorithms(True)``, "auto" takes "chunked" whenever the reduction
+       allows, and the atomic backward (fp32 atomics, not bitwise repeatable) raises a RuntimeError, or
+       warns under ``warn_only=True``, as PyTorch's own nondeterministic operations do.
     """
     _check_strategy(strategy, reduction)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         return "forward-only"
-    if strategy != "auto":
-        return strategy
-    thin = _budget_rows(weight.shape[0], hidden.element_size()) < _MIN_CHUNK_ROWS
-    return "atomic" if reduction == "none" or thin else "chunked"
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    chosen = strategy
+    if strategy == "auto":
+        thin = _budget_rows(weight.shape[0], hidden.element_size()) < _MIN_CHUNK_ROWS
+        chosen = "atomic" if reduction == "none" or (thin and not deterministic) else "chunked"
+    if chosen == "atomic" and deterministic:
+        message = ("linear_cross_entropy's atomic strategy accumulates its gradients with fp32 atomics, which are "
+                   "not bitwise repeatable, and torch.use_deterministic_algorithms(True) is set: use "
+                   "strategy='chunked' (reduction 'mean' or 'sum')")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(message)
+        warnings.warn(message, stacklevel=3)
+    return chosen
 
 
 def linear_cross_entropy(
@@ -1069,7 +1082,9 @@ def linear_cross_entropy(
             worth, no atomics, bitwise repeatable; the gradients are held from the forward to the
             backward; "mean" or "sum" only). "auto" (the default): no gradient wanted -> the forward
             kernel alone; reduction="none" -> "atomic"; otherwise "chunked" (unless the budget holds
-            fewer than 128 rows of logits, a vocabulary above a million words).
+            fewer than 128 rows of logits, a vocabulary above a million words). Under
+            ``torch.use_deterministic_algorithms(True)`` the atomic strategy's backward raises (warns
+            with ``warn_only=True``), and "auto" takes "chunked" wherever the reduction allows.
 
     Returns:
         fp32 loss: a scalar, or per-row losses for reduction="none". With every

@@ -314,6 +314,32 @@ def test_chunk_rows():
     assert rows(8192, 2**27, 2) == 1  # one row's logits over the budget still make a chunk
 
 
+@pytest.fixture
+def deterministic_algorithms():
+    """A function (warn_only) -> None that sets torch.use_deterministic_algorithms(True); restored afterwards."""
+    was = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield lambda warn_only=False: torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    torch.use_deterministic_algorithms(was, warn_only=was_warn_only)
+
+
+def test_deterministic_algorithms_take_the_chunked_strategy(monkeypatch, deterministic_algorithms):
+    # PyTorch's convention: under use_deterministic_algorithms(True) a nondeterministic op (fp32 atomics)
+    # raises, or warns with warn_only; "auto" takes the chunked strategy wherever the reduction allows.
+    hidden, weight = torch.randn(300, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    choose = module._choose_strategy
+    monkeypatch.setattr(module, "CHUNK_BYTES", 127 * 50 * 4)  # a budget that would otherwise take "atomic"
+    deterministic_algorithms()
+    assert choose("auto", "mean", hidden, weight, None) == "chunked"
+    assert choose("auto", "mean", hidden.detach(), weight.detach(), None) == "forward-only"
+    for strategy, reduction in (("atomic", "mean"), ("auto", "none")):
+        with pytest.raises(RuntimeError, match="not bitwise repeatable"):
+            choose(strategy, reduction, hidden, weight, None)
+    deterministic_algorithms(warn_only=True)
+    with pytest.warns(UserWarning, match="not bitwise repeatable"):
+        assert choose("auto", "none", hidden, weight, None) == "atomic"
+
+
 def test_forward_only_runs_no_gradient_work(device, monkeypatch):
     # Under no_grad neither strategy's gradient work runs: only the forward kernel.
     hidden, weight, bias, target, _ = _make_case(13, 16, 70, torch.float32, device, dict(bias=True), seed=9)
