@@ -25,7 +25,8 @@ Modules, in the order a run uses them:
 - ``optim``, ``schedule``: 8-bit AdamW and its peers; the learning-rate schedule;
 - ``checkpoint``, ``atomic``: checkpoints written so a crash leaves the last
   good one; ``errors``: the two errors the command line reports on one line;
-- ``train``: the loop itself.
+- ``train``: the loop itself; ``distributed``: the same loop on several
+  processes under torchrun (DDP, FSDP2).
 
 The engine imports ``ember.kernels`` and never ``ember.bench`` or the command line.
 No export takes the name of a module (``train``, ``patch``): ``import
