@@ -9,13 +9,21 @@ Here they only ever exist one (BLOCK_M, BLOCK_N) tile at a time, in registers:
   key blocks its queries may see, folding each score tile into an online
   softmax in fp32 (running max, running sum, rescaled output accumulator). Only
   the per-row log-sum-exp is stored for the backward.
-- backward, deterministic (no atomics, so two runs give bitwise-equal
-  gradients): a dq pass, one program per query block, recomputes the score
-  tiles from q, k and the saved log-sum-exp and accumulates dq in registers; it
-  also stores delta = rowsum(dO * O). Then a dk/dv pass, one program per (key
-  block, kv head), walks every query block of every query head of its group and
-  accumulates dk and dv in registers: grouped-query attention never repeats
-  k/v, and the group's sum for dk/dv is formed in place.
+- backward, fast (the default): delta = rowsum(dO * O) first, then one
+  program per (key block, kv head) walks every query block of every query head
+  of its group, recomputes the score tiles from q, k and the saved log-sum-exp,
+  accumulates dk and dv in registers, and adds each tile's share of dq into an
+  fp32 buffer with relaxed atomics: 5 GEMM-equivalents (S = QK^T, dP = dO V^T,
+  dV += P^T dO, dK += dS^T Q, dQ += dS K), as FlashAttention-2/3. The order of
+  the atomic adds varies, so dq's last bits vary from run to run.
+- backward, deterministic (``deterministic=True``, or PyTorch's
+  ``torch.use_deterministic_algorithms``): no atomics, two runs give
+  bitwise-equal gradients. A dq pass, one program per query block, recomputes
+  the score tiles and accumulates dq in registers; it also stores delta. Then a
+  dk/dv pass as above without dq. The scores are recomputed in both passes:
+  7 GEMM-equivalents.
+Either way grouped-query attention never repeats k/v, and the group's sum for
+dk/dv is formed in place.
 
 Masks are computed from positions, never stored: padding (a (B, Sk) key mask,
 or packed sequences through cu_seqlens), causal, and a sliding window, all
@@ -23,16 +31,26 @@ expressed as one band around the diagonal. Dropout bits come from a
 counter-based generator (Philox, keyed by a seed and the (head, query, key)
 position), so the backward regenerates the mask without storing it.
 
-Extra memory is O(B * H * S): the log-sum-exp and delta, fp32.
+Extra memory is O(B * H * S): the log-sum-exp and delta, fp32; the fast
+backward also holds dq in fp32 (B * Hq * Sq * D) while it adds up.
 
-Cost and where it stops being fast: the backward recomputes the scores twice
-(once per pass), so it costs about 3.5x the forward where a single pass with
-atomic dq costs 2.5x; that is the price of bitwise determinism. The key-side
+Cost and where it stops being fast: forward plus fast backward spend 7
+GEMM-equivalents, the minimum (the deterministic backward: 9). The key-side
 masks are applied on every tile rather than only on the diagonal ones. fp32
 inputs take three TF32 tensor-core passes per dot (tf32x3, close to fp32
 accuracy) with small tiles: correct, slow; train in 16-bit.
 Head dims that are not powers of two (80, 96) are padded to the next one in
 registers, so they cost as much as 128.
+
+Tiles: each kernel's configs hold sm_80-sized tiles (warps along rows, so the
+softmax row statistics stay within a warp) and Hopper ones, where each dot's
+leading dimension gives every warpgroup 64 rows of its own, as a wgmma needs
+(e.g. 128 queries on 8 warps, 64 on 4); the autotuner picks per GPU. Where a
+wgmma tile does not fit the registers, sm_80-style tiles run on Hopper too:
+head dim 256's dk/dv accumulators (64 rows x 256 x 2 in fp32 per warpgroup),
+the backward with dropout (Philox's state on top of dk and dv), and the
+one-pass backward, whose dk, dv and dq products leave no room for 64 keys and
+64 queries at once (see the compile gate).
 
 The kernels carry one constexpr per mask or score option (varlen, band, key
 padding, softcap, dropout). Each is a few lines at a fixed place in the same
@@ -70,6 +88,9 @@ class _Options:
     band: tuple[int, int] | None
     softcap: float | None
     dropout_p: float
+    # The backward: True, the two-pass one (bitwise repeatable); False, the one-pass
+    # one (atomic dq); None, whichever torch.are_deterministic_algorithms_enabled() says when it runs.
+    deterministic: bool | None = None
 
 
 @dataclasses.dataclass
@@ -395,20 +416,47 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
+def _attn_bwd_delta_kernel(
+    out_ptr, dout_ptr, delta_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, num_heads,
+    HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # One program: delta = rowsum(dO * O) of BLOCK_M queries of one (sequence,
+    # query head), which the one-pass backward reads (the two-pass one forms it in its dq pass).
+    start_m, _, b, h, q_start, q_len, _, _ = _query_block(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k,
+                                                          num_heads, BLOCK_M, IS_VARLEN)
+    if start_m >= q_len:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    out = _load_rows(_head_base(out_ptr, b, h, q_start, stride_ob, stride_oh, stride_om), q_len, stride_om,
+                     start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+    dout = _load_rows(_head_base(dout_ptr, b, h, q_start, stride_dob, stride_doh, stride_dom), q_len, stride_dom,
+                      start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+    delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), 1)
+    row_offset = tl.cast(b, tl.int64) * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start
+    tl.store(delta_ptr + row_offset + offs_m, delta, mask=offs_m < q_len)
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kpm_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, kpm_ptr, cu_seqlens_q_ptr,
+    cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km, stride_vb, stride_vh, stride_vm,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkm, stride_dvb, stride_dvh, stride_dvm,
-    stride_lb, stride_lh, stride_kpm_b,
+    stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh, stride_kpm_b,
     seqlen_q, seqlen_k, num_heads, group_size,
     softmax_scale, softcap, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: dk and dv for BLOCK_N keys of one (sequence, kv head),
     # summed over the query heads of its group and every query that sees them.
     # Tiles are transposed, (BLOCK_N, BLOCK_M), so dk and dv come out of plain dots.
+    # ATOMIC_DQ (the one-pass backward): also each tile's share of dq,
+    # softmax_scale * dS K, added to dq_ptr, an fp32 buffer of zeros, by relaxed
+    # atomics. The order of the adds varies from run to run: not bitwise repeatable.
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
     num_kv_heads = num_heads // group_size
@@ -423,6 +471,7 @@ def _attn_bwd_dkdv_kernel(
     v = _load_rows(_head_base(v_ptr, b, kv_head, k_start, stride_vb, stride_vh, stride_vm), k_len, stride_vm,
                    start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
     kpm_row_ptr = kpm_ptr + tl.cast(b, tl.int64) * stride_kpm_b
+    cols = tl.arange(0, BLOCK_D)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -436,6 +485,7 @@ def _attn_bwd_dkdv_kernel(
         q_base = _head_base(q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm)
         dout_base = _head_base(dout_ptr, b, h, q_start, stride_dob, stride_doh, stride_dom)
         row_offset = tl.cast(b, tl.int64) * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start
+        dq_base = _head_base(dq_ptr, b, h, q_start, stride_dqb, stride_dqh, stride_dqm)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_rows(q_base, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
@@ -459,7 +509,12 @@ def _attn_bwd_dkdv_kernel(
             dscores_t = probs_t * (dprobs_t - delta[None, :])
             if HAS_SOFTCAP:
                 dscores_t = dscores_t * (1.0 - capped_t * capped_t)
-            dk += tl.dot(dscores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+            dscores_t = dscores_t.to(q.dtype)
+            dk += tl.dot(dscores_t, q, input_precision=DOT_PRECISION)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(dscores_t), k, input_precision=DOT_PRECISION) * softmax_scale  # (M, D)
+                tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + cols[None, :], dq,
+                              mask=(offs_m[:, None] < q_len) & (cols[None, :] < HEAD_DIM), sem="relaxed")
     dk = dk * softmax_scale
     _store_rows(_head_base(dk_ptr, b, kv_head, k_start, stride_dkb, stride_dkh, stride_dkm), dk, k_len, stride_dkm,
                 start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
@@ -479,7 +534,9 @@ def _attn_bwd_dkdv_kernel(
 
 _DOT_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "tf32x3"}  # tf32: unused for 16-bit
 
-_KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}
+# "bwd" is the one-pass backward: the dk/dv kernel with ATOMIC_DQ.
+_KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel,
+            "bwd": _attn_bwd_dkdv_kernel}
 # Argument types other than compile_case's defaults (pointers to the inputs' dtype, i32 scalars).
 _ARG_TYPES = dict(lse_ptr="*fp32", delta_ptr="*fp32", kpm_ptr="*i8", cu_seqlens_q_ptr="*i32",
                   cu_seqlens_k_ptr="*i32", softmax_scale="fp32", softcap="fp32", dropout_p="fp32", seed="i64")
@@ -488,10 +545,14 @@ _ARG_TYPES = dict(lse_ptr="*fp32", delta_ptr="*fp32", kpm_ptr="*i8", cu_seqlens_
 def _case(kernel: str, dtype: torch.dtype, head_dim: int, **flags: bool) -> CompileCase:
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), DOT_PRECISION=_DOT_PRECISION[dtype],
                       IS_VARLEN=False, HAS_BAND=False, HAS_KPM=False, HAS_SOFTCAP=False, HAS_DROPOUT=False)
+    if kernel in ("dkdv", "bwd"):
+        constexprs["ATOMIC_DQ"] = kernel == "bwd"
     constexprs.update({name.upper(): value for name, value in flags.items()})
     label = ",".join([TRITON_DTYPE[dtype], f"d{head_dim}"]
                      + [name.removeprefix("has_") for name, value in flags.items() if value])
-    return compile_case(_KERNELS[kernel], label, dtype=dtype, types=_ARG_TYPES, constexprs=constexprs,
+    # The one-pass backward adds dq up in an fp32 buffer; the dq pass writes it in the inputs' dtype.
+    types = dict(_ARG_TYPES, dq_ptr="*fp32") if kernel == "bwd" else _ARG_TYPES
+    return compile_case(_KERNELS[kernel], label, dtype=dtype, types=types, constexprs=constexprs,
                         tensor_cores=True)
 
 
@@ -515,21 +576,26 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
 
 
 _CONFIGS = {
-    ("fwd", "d128"): [_config(64, 64, 8, 3)],
+    ("fwd", "d128"): [_config(64, 64, 4, 3), _config(64, 64, 8, 3), _config(128, 64, 8, 3)],
     ("fwd", "d128_dropout"): [_config(64, 32, 4, 3)],
-    ("fwd", "d256"): [_config(32, 32, 4, 2)],
-    ("fwd", "d256_dropout"): [_config(32, 32, 4, 2)],
-    ("fwd", "fp32"): [_config(16, 16, 4, 1)],
-    ("dq", "d128"): [_config(32, 64, 4, 2), _config(32, 32, 4, 2)],
-    ("dq", "d128_dropout"): [_config(32, 32, 4, 2)],
-    ("dq", "d256"): [_config(32, 64, 8, 1)],
+    ("fwd", "d256"): [_config(64, 32, 4, 2), _config(32, 32, 4, 2)],
+    ("fwd", "d256_dropout"): [_config(64, 16, 4, 2), _config(32, 32, 4, 2)],
+    ("fwd", "fp32"): [_config(64, 16, 4, 1), _config(16, 16, 4, 1), _config(64, 32, 4, 1), _config(128, 32, 8, 1)],
+    ("dq", "d128"): [_config(64, 32, 4, 2), _config(32, 32, 4, 2), _config(64, 64, 4, 2), _config(128, 32, 8, 2)],
+    ("dq", "d128_dropout"): [_config(64, 32, 4, 2), _config(32, 32, 4, 2), _config(128, 32, 8, 2)],
+    ("dq", "d256"): [_config(64, 16, 4, 1), _config(32, 64, 8, 1)],
     ("dq", "d256_dropout"): [_config(32, 64, 8, 1)],
-    ("dq", "fp32"): [_config(16, 16, 4, 1)],
-    ("dkdv", "d128"): [_config(64, 32, 8, 2), _config(32, 32, 8, 2)],
+    ("dq", "fp32"): [_config(64, 16, 4, 1)],
+    ("dkdv", "d128"): [_config(16, 128, 8, 2), _config(64, 32, 8, 2)],
     ("dkdv", "d128_dropout"): [_config(32, 32, 8, 2)],
     ("dkdv", "d256"): [_config(32, 32, 8, 1)],
     ("dkdv", "d256_dropout"): [_config(16, 32, 8, 1)],
     ("dkdv", "fp32"): [_config(16, 16, 4, 1)],
+    ("bwd", "d128"): [_config(32, 32, 8, 2), _config(16, 32, 8, 2)],
+    ("bwd", "d128_dropout"): [_config(16, 32, 8, 2), _config(16, 32, 4, 2), _config(16, 16, 4, 2)],
+    ("bwd", "d256"): [_config(16, 32, 8, 1)],
+    ("bwd", "d256_dropout"): [_config(16, 32, 8, 1), _config(16, 16, 8, 1)],
+    ("bwd", "fp32"): [_config(16, 16, 4, 1)],
 }
 # Not keyed on sequence lengths: packed batches change their maximum length every step.
 _AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "HAS_BAND", "HAS_KPM", "HAS_SOFTCAP", "HAS_DROPOUT"]
@@ -541,9 +607,26 @@ _SPECS = {
         configs=configs,
         key=_AUTOTUNE_KEY,
         compile_cases=_cases(kernel, variant),
+        # The one-pass backward adds dq into a buffer: autotuning trials must each start from zeros.
+        reset_to_zero=("dq_ptr",) if kernel == "bwd" else (),
     ))
     for (kernel, variant), configs in _CONFIGS.items()
 }
+
+
+# delta = rowsum(dO * O) before the one-pass backward: elementwise, no tensor cores.
+_DELTA_SPEC = register(KernelSpec(
+    name="attention_delta",
+    kernel=_attn_bwd_delta_kernel,
+    configs=[triton.Config(dict(BLOCK_M=32), num_warps=4, num_stages=1)],
+    key=["HEAD_DIM", "IS_VARLEN"],
+    compile_cases=[compile_case(_attn_bwd_delta_kernel, f"{TRITON_DTYPE[dtype]},d{head_dim}" + (",is_varlen" * varlen),
+                                dtype=dtype, types=_ARG_TYPES, tensor_cores=False,
+                                constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+                                                IS_VARLEN=varlen))
+                   for dtype, head_dim, varlen in ((torch.bfloat16, 256, False), (torch.float16, 96, True),
+                                                   (torch.float32, 64, False))],
+))
 
 
 def _spec(kernel: str, dtype: torch.dtype, flags: dict) -> KernelSpec:
@@ -616,7 +699,41 @@ def _triton_fwd(q, k, v, problem: _Problem, opts: _Options, seed: int):
     return out, lse
 
 
-def _triton_bwd(dout, q, k, v, out, lse, problem: _Problem, opts: _Options, seed: int):
+def _triton_bwd(dout, q, k, v, out, lse, problem: _Problem, opts: _Options, seed: int, deterministic: bool):
+    if deterministic:
+        return _triton_bwd_two_pass(dout, q, k, v, out, lse, problem, opts, seed)
+    return _triton_bwd_one_pass(dout, q, k, v, out, lse, problem, opts, seed)
+
+
+def _triton_bwd_one_pass(dout, q, k, v, out, lse, problem: _Problem, opts: _Options, seed: int):
+    """delta, then one pass per key block: dk and dv in registers, dq added atomically (5 GEMM-equivalents)."""
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq = torch.zeros_like(q, dtype=torch.float32)  # the atomics' fp32 buffer, in q's layout
+    delta = torch.empty_like(lse)
+    scalars, flags = _shared_args(problem, opts, seed, q)
+    lse_strides = _lse_strides(problem, lse)
+    strides = {name: _bhm_strides(t, problem) for name, t in
+               dict(q=q, k=k, v=v, out=out, dout=dout, dq=dq, dk=dk, dv=dv).items()}
+    launch(
+        _DELTA_SPEC,
+        lambda meta: (triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), problem.batch * problem.num_heads),
+        out, dout, delta, *_mask_pointers(problem, q)[1:],
+        *strides["out"], *strides["dout"], *lse_strides, problem.seqlen_q, problem.seqlen_k, problem.num_heads,
+        HEAD_DIM=flags["HEAD_DIM"], IS_VARLEN=flags["IS_VARLEN"], BLOCK_D=flags["BLOCK_D"],
+    )
+    if k.numel() > 0:  # no keys: dq stays 0 and dk, dv are empty (a grid of 0 programs is not launched)
+        launch(
+            _spec("bwd", q.dtype, flags),
+            lambda meta: (triton.cdiv(problem.seqlen_k, meta["BLOCK_N"]), problem.batch * problem.num_kv_heads),
+            q, k, v, dout, lse, delta, dk, dv, dq, *_mask_pointers(problem, q),
+            *strides["q"], *strides["k"], *strides["v"], *strides["dout"], *strides["dk"], *strides["dv"],
+            *strides["dq"], *lse_strides, *scalars, **flags, ATOMIC_DQ=True,
+        )
+    return dq.to(q.dtype), dk, dv
+
+
+def _triton_bwd_two_pass(dout, q, k, v, out, lse, problem: _Problem, opts: _Options, seed: int):
+    """A dq pass, then a dk/dv pass: no atomics, bitwise repeatable (7 GEMM-equivalents)."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     scalars, flags = _shared_args(problem, opts, seed, q)
@@ -635,9 +752,9 @@ def _triton_bwd(dout, q, k, v, out, lse, problem: _Problem, opts: _Options, seed
     launch(
         _spec("dkdv", q.dtype, flags),
         lambda meta: (triton.cdiv(problem.seqlen_k, meta["BLOCK_N"]), problem.batch * problem.num_kv_heads),
-        q, k, v, dout, lse, delta, dk, dv, *_mask_pointers(problem, q),
+        q, k, v, dout, lse, delta, dk, dv, dk, *_mask_pointers(problem, q),  # dk: a dq_ptr it never reads
         *strides["q"], *strides["k"], *strides["v"], *strides["dout"], *strides["dk"], *strides["dv"],
-        *lse_strides, *scalars, **flags,
+        0, 0, 0, *lse_strides, *scalars, **flags, ATOMIC_DQ=False,
     )
     return dq, dk, dv
 
@@ -802,7 +919,10 @@ class FlashAttentionFunction(torch.autograd.Function):
         if dout.stride(-1) != 1:  # the kernels read rows of D contiguous elements
             dout = dout.contiguous()
         if use_triton(q):
-            dq, dk, dv = _triton_bwd(dout, q, k, v, out, lse, ctx.problem, ctx.opts, ctx.seed)
+            deterministic = ctx.opts.deterministic
+            if deterministic is None:  # read when the backward runs, as PyTorch's own kernels do
+                deterministic = torch.are_deterministic_algorithms_enabled()
+            dq, dk, dv = _triton_bwd(dout, q, k, v, out, lse, ctx.problem, ctx.opts, ctx.seed, deterministic)
         else:
             dq, dk, dv = _torch_bwd(dout, q, k, v, out, lse, ctx.problem, ctx.opts, ctx.seed)
         return dq, dk, dv, None, None
@@ -841,7 +961,7 @@ def _check_heads(num_heads: int, num_kv_heads: int) -> None:
         raise ValueError(f"the query heads ({num_heads}) must be a multiple of the key/value heads ({num_kv_heads})")
 
 
-def _options(head_dim, causal, softmax_scale, dropout_p, window, softcap) -> _Options:
+def _options(head_dim, causal, softmax_scale, dropout_p, window, softcap, deterministic) -> _Options:
     """The options as the kernels take them. Each number is checked for its range: an infinite or NaN scale or
     softcap turns every score into NaN, and dropout_p = 1 divides by zero."""
     if softmax_scale is None:
@@ -856,7 +976,9 @@ def _options(head_dim, causal, softmax_scale, dropout_p, window, softcap) -> _Op
             window = None
     if softcap is not None:
         softcap = check_number("softcap", softcap, above=0.0)
-    return _Options(softmax_scale, _band(bool(causal), window), softcap, dropout_p)
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool or None, got {deterministic!r}")
+    return _Options(softmax_scale, _band(bool(causal), window), softcap, dropout_p, deterministic)
 
 
 def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
@@ -885,6 +1007,7 @@ def flash_attention(
     window: tuple[int, int] | None = None,
     softcap: float | None = None,
     return_lse: bool = False,
+    deterministic: bool | None = None,
 ):
     """Attention ``softmax(q k^T * softmax_scale) v`` without an (Sq, Sk) matrix in memory.
 
@@ -916,12 +1039,20 @@ def flash_attention(
             ``softcap * tanh(scores / softcap)`` before the softmax (Gemma 2).
         return_lse: also return the (B, Hq, Sq) fp32 log-sum-exp of the scores
             (natural log, -inf for rows that see no key); it has no gradient.
+        deterministic: which backward the Triton kernels run. False: one pass
+            over the keys that adds dq up with fp32 atomics (5 GEMM-equivalents;
+            the order of the additions, so the last bits of dq, vary from run to
+            run). True: a dq pass and a dk/dv pass, bitwise repeatable, at 7.
+            None (default): True exactly when
+            ``torch.are_deterministic_algorithms_enabled()`` when the backward
+            runs, as PyTorch's own kernels decide. The PyTorch (CPU) path is
+            always deterministic.
 
     Returns:
         (B, Hq, Sq, D) in q's dtype and memory layout, or (out, lse).
 
     Head dims: multiples of 8 from 16 to 256; 32, 64, 80, 96, 128 and 256 are
-    tested. Any sequence length from 1 up. The backward is deterministic.
+    tested. Any sequence length from 1 up.
     """
     q, k, v = cast_for_autocast(autocast_dtype(q), q, k, v)  # as autocast casts SDPA's inputs
     _check_qkv(q, k, v, 4, "(B, H, S, D)")
@@ -936,7 +1067,7 @@ def flash_attention(
             raise ValueError(f"key_padding_mask must be (B, Sk) = ({batch}, {k.shape[2]}) on {q.device}, "
                              f"got {tuple(key_padding_mask.shape)} on {key_padding_mask.device}")
         key_padding_mask = key_padding_mask.contiguous()
-    opts = _options(head_dim, causal, softmax_scale, dropout_p, window, softcap)
+    opts = _options(head_dim, causal, softmax_scale, dropout_p, window, softcap, deterministic)
     problem = _Problem(batch, num_heads, k.shape[1], head_dim, seqlen_q, k.shape[2],
                        key_padding_mask=key_padding_mask)
     return _result(q, k, v, problem, opts, return_lse)
@@ -957,6 +1088,7 @@ def flash_attention_varlen(
     window: tuple[int, int] | None = None,
     softcap: float | None = None,
     return_lse: bool = False,
+    deterministic: bool | None = None,
 ):
     """Attention over packed sequences: no token attends across a sequence boundary.
 
@@ -990,7 +1122,7 @@ def flash_attention_varlen(
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
     max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, at_least=0)
     max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, at_least=0)
-    opts = _options(q.shape[-1], causal, softmax_scale, dropout_p, window, softcap)
+    opts = _options(q.shape[-1], causal, softmax_scale, dropout_p, window, softcap, deterministic)
     cu_seqlens_q = _checked_cu_seqlens("cu_seqlens_q", cu_seqlens_q, "q", q.shape[0], "max_seqlen_q", max_seqlen_q)
     cu_seqlens_k = _checked_cu_seqlens("cu_seqlens_k", cu_seqlens_k, "k", k.shape[0], "max_seqlen_k", max_seqlen_k)
     problem = _Problem(cu_seqlens_q.numel() - 1, q.shape[1], k.shape[1], q.shape[-1], max_seqlen_q, max_seqlen_k,

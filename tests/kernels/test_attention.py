@@ -11,11 +11,33 @@ import pytest
 import torch
 
 from ember.bench.memory import TensorSizeTracker
+from ember.kernels import attention as attention_module
 from ember.kernels import flash_attention, flash_attention_varlen
 from ember.kernels.attention import attention_ref
 from ember.kernels.backend import backend_for
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# The two backwards of the Triton kernels: one pass with atomic dq (the default),
+# and the two-pass one, bitwise repeatable. The PyTorch path has one backward.
+BACKWARDS = {"one-pass": False, "two-pass": True}
+
+
+def _skip_if_one_backward(device, backward):
+    if backward == "two-pass" and device == "cpu" and backend_for(torch.empty(0)) == "torch":
+        pytest.skip("the PyTorch path has one backward: deterministic changes nothing there")
+
+
+# The two-pass backward was the only one before the one-pass one came: it runs
+# on a subset that still has causal, window, softcap, padding, GQA and awkward
+# lengths, in one dtype each (the interpreter's time is CI's budget).
+TWO_PASS_CASES = {"len1-d32", "gqa4-causal-17x300-d80", "window-causal-softcap-77x128-d32",
+                  "padding-causal-gqa4-17x77-d128"}
+
+
+def _skip_two_pass_outside(backward, dtype, run_dtype, case=None):
+    if backward == "two-pass" and (dtype != run_dtype or (case is not None and case not in TWO_PASS_CASES)):
+        pytest.skip("the two-pass backward runs on a subset of cases and dtypes")
 
 
 def _padding_mask(batch, seqlen, generator):
@@ -75,21 +97,24 @@ def _check_against_reference(fn, ref_fn, q, k, v, dout, dtype, assert_within_tol
     return actual
 
 
+@pytest.mark.parametrize("backward", list(BACKWARDS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(case, dtype, device, assert_within_tolerance):
+def test_matches_reference(case, dtype, backward, device, assert_within_tolerance):
     batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, options = CASES[case]
     if dtype == torch.float32 and head_dim > 64:
         pytest.skip("float32 supports head dims up to 64 (test_bad_input covers the error)")
+    _skip_if_one_backward(device, backward)
+    _skip_two_pass_outside(backward, dtype, torch.float16, case)
     q, k, v, dout = _make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, device, seed=1)
-    options = dict(options)
+    options = dict(options, deterministic=BACKWARDS[backward])
     if options.pop("padding", False):
         options["key_padding_mask"] = _padding_mask(batch, seqlen_k, torch.Generator().manual_seed(2))
     mask = options.get("key_padding_mask")
     on_device = dict(options, key_padding_mask=mask.to(device)) if mask is not None else options
     out, dq, dk, dv = _check_against_reference(
         lambda *t: flash_attention(*t, **on_device),
-        lambda *t: attention_ref(*t, **options),
+        lambda *t: attention_ref(*t, **{k: v for k, v in options.items() if k != "deterministic"}),
         q, k, v, dout, dtype, assert_within_tolerance,
     )
     if mask is not None:  # the fully padded row sees nothing: output 0, no gradient through it
@@ -97,9 +122,12 @@ def test_matches_reference(case, dtype, device, assert_within_tolerance):
         assert dk[-1].abs().max() == 0 and dv[-1].abs().max() == 0
 
 
+@pytest.mark.parametrize("backward", list(BACKWARDS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_varlen_matches_reference_per_sequence(causal, dtype, device, assert_within_tolerance):
+def test_varlen_matches_reference_per_sequence(causal, dtype, backward, device, assert_within_tolerance):
+    _skip_if_one_backward(device, backward)
+    _skip_two_pass_outside(backward, dtype, torch.bfloat16)
     # Packed sequences, lengths 1 included; keys longer than queries in some.
     lengths_q = [1, 17, 77, 1, 40]
     lengths_k = [1, 30, 77, 5, 40]
@@ -124,7 +152,7 @@ def test_varlen_matches_reference_per_sequence(causal, dtype, device, assert_wit
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     _check_against_reference(
         lambda *t: flash_attention_varlen(*t, cu_q.to(device), cu_k.to(device), max(lengths_q), max(lengths_k),
-                                          causal=causal),
+                                          causal=causal, deterministic=BACKWARDS[backward]),
         per_sequence_reference,
         cast(q), cast(k), cast(v), cast(dout), dtype, assert_within_tolerance,
     )
@@ -166,11 +194,50 @@ def test_layout_of_q_is_kept_and_read_in_place(device, assert_within_tolerance):
     assert_within_tolerance("out", out, reference, stock, torch.float32)
 
 
-def test_backward_is_bitwise_deterministic(device):
-    q, k, v, dout = _make_case(2, 4, 2, 130, 130, 64, torch.float16, device, seed=7)
-    runs = [_outputs_and_grads(lambda *t: flash_attention(*t, causal=True), q, k, v, dout) for _ in range(2)]
+def test_deterministic_backward_is_bitwise_repeatable(device):
+    # Asked for by the argument, and by PyTorch's flag. (The interpreter runs
+    # atomics in order, so there the one-pass backward repeats too: the GPU
+    # tier is where this test can tell the two apart.)
+    q, k, v, dout = _make_case(1, 4, 2, 70, 70, 32, torch.float16, device, seed=7)  # GQA, two blocks each way
+    runs = [_outputs_and_grads(lambda *t: flash_attention(*t, causal=True, deterministic=True), q, k, v, dout)]
+    with _deterministic_algorithms():
+        runs.append(_outputs_and_grads(lambda *t: flash_attention(*t, causal=True), q, k, v, dout))
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+
+
+class _deterministic_algorithms:
+    """torch.use_deterministic_algorithms(True) inside the block, then as it was."""
+
+    def __enter__(self):
+        self.was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.was)
+
+
+@pytest.mark.parametrize("deterministic, flag, expected", [
+    (None, False, "one-pass"), (None, True, "two-pass"), (True, False, "two-pass"), (False, True, "one-pass"),
+], ids=["default", "torch-flag", "asked", "asked-over-the-flag"])
+def test_the_backward_follows_deterministic_then_torch_flag(deterministic, flag, expected, device, monkeypatch):
+    if device == "cpu" and backend_for(torch.empty(0)) == "torch":
+        pytest.skip("the PyTorch path has one backward")
+    launched = []
+    real_launch = attention_module.launch
+    monkeypatch.setattr(attention_module, "launch",
+                        lambda spec, *args, **kwargs: (launched.append(spec.name), real_launch(spec, *args, **kwargs)))
+    q, k, v, dout = _make_case(1, 2, 1, 5, 5, 16, torch.float32, device, seed=8)
+    out = flash_attention(q, k, v, deterministic=deterministic)
+    # PyTorch's flag is read when the backward runs, as its own kernels read it.
+    if flag:
+        with _deterministic_algorithms():
+            out.backward(dout)
+    else:
+        out.backward(dout)
+    kernels = {"one-pass": ["attention_delta", "attention_bwd_fp32"],
+               "two-pass": ["attention_dq_fp32", "attention_dkdv_fp32"]}[expected]
+    assert launched == ["attention_fwd_fp32", *kernels]
 
 
 def test_empty_batch(device):
@@ -195,14 +262,17 @@ def _dropout_mask(device, dtype, shape, dropout_p, seed, **options):
     return out[..., :seqlen] != 0  # (B, H, Sq, Sk); every probability is > 0 here
 
 
+@pytest.mark.parametrize("backward", list(BACKWARDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_dropout_matches_reference_with_the_same_mask(dtype, device, assert_within_tolerance):
+def test_dropout_matches_reference_with_the_same_mask(dtype, backward, device, assert_within_tolerance):
+    _skip_if_one_backward(device, backward)
+    _skip_two_pass_outside(backward, dtype, torch.bfloat16)
     shape, dropout_p = (2, 2, 64, 64), 0.3
     keep = _dropout_mask(device, dtype, shape, dropout_p, seed=12, causal=False).cpu()
     q, k, v, dout = _make_case(*shape[:2], 2, 64, 64, 64, dtype, device, seed=13)
     torch.manual_seed(12)  # the same seed draws the same mask for any inputs: forward and backward see it
     _check_against_reference(
-        lambda *t: flash_attention(*t, dropout_p=dropout_p),
+        lambda *t: flash_attention(*t, dropout_p=dropout_p, deterministic=BACKWARDS[backward]),
         lambda *t: attention_ref(*t, dropout_p=dropout_p, dropout_mask=keep),
         q, k, v, dout, dtype, assert_within_tolerance,
     )
@@ -279,6 +349,11 @@ BAD_INPUTS = {
     "dropout-1": (lambda: flash_attention(_q, _kv, _kv, dropout_p=1.0), ValueError, "dropout_p"),
     "window": (lambda: flash_attention(_q, _kv, _kv, window=(4,)), ValueError, "window must be"),
     "softcap": (lambda: flash_attention(_q, _kv, _kv, softcap=0.0), ValueError, "softcap"),
+    "deterministic-int": (lambda: flash_attention(_q, _kv, _kv, deterministic=1), TypeError,
+                          "deterministic must be a bool or None, got 1"),
+    "varlen-deterministic-str": (lambda: flash_attention_varlen(_q[0], _kv[0], _kv[0], torch.tensor([0, 4]),
+                                                                torch.tensor([0, 2]), 4, 2, deterministic="yes"),
+                                 TypeError, "deterministic"),
     # Issue 15, finding 10: options that were accepted and gave NaN or nonsense.
     "scale-inf": (lambda: flash_attention(_q, _kv, _kv, softmax_scale=float("inf")), ValueError,
                   "softmax_scale must be a finite number > 0, got inf"),

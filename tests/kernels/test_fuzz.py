@@ -241,6 +241,8 @@ def attention_options(draw):
         softmax_scale=draw(st.sampled_from([None, 0.2, 1.0])),
         window=window,
         softcap=draw(st.sampled_from([None, 5.0])),
+        # The backward: one pass with atomic dq, the two-pass one, or PyTorch's flag's choice.
+        deterministic=draw(st.sampled_from([None, False, True])),
     )
 
 
@@ -275,6 +277,7 @@ def test_flash_attention(device, data, assert_within_tolerance):
     out = flash_attention(q, k, v, **options)
     actual = [out, *grads_of(out, inputs, dout)]
     mask = options.pop("key_padding_mask", None)
+    options.pop("deterministic")
     results = reference_and_stock(
         lambda *t: attention_ref(*t, key_padding_mask=None if mask is None else mask.cpu(), **options), inputs, dout)
     assert_attention(actual, results, dtype, assert_within_tolerance)
@@ -303,6 +306,7 @@ def test_flash_attention_varlen(device, data, assert_within_tolerance):
 
     out = flash_attention_varlen(q, k, v, *cu_seqlens, max(lengths_q) + slack, max(lengths_k) + slack, **options)
     actual = [out, *grads_of(out, inputs, dout)]
+    options.pop("deterministic")
 
     def per_sequence_reference(q, k, v):
         ends_q, ends_k = torch.tensor(lengths_q).cumsum(0).tolist(), torch.tensor(lengths_k).cumsum(0).tolist()
@@ -482,6 +486,8 @@ BAD_OPTIONS = {
                             [1.0, 1.5, -0.1, NAN, INF, None], "dropout_p"),
     "attention.window": (lambda value: flash_attention(_q, _kv, _kv, window=(value, 2)), [-2, 1.5, True, None],
                          "window[0]"),
+    "attention.deterministic": (lambda value: flash_attention(_q, _kv, _kv, deterministic=value), [0, 1, "yes"],
+                                "deterministic"),
     "varlen.max_seqlen_q": (lambda value: flash_attention_varlen(_packed, _packed, _packed, _cu, _cu, value, 7),
                             [-1, 7.0, None, True], "max_seqlen_q"),
     "varlen.cu_seqlens_k": (lambda value: flash_attention_varlen(_packed, _packed, _packed, _cu, value, 7, 7),
