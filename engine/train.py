@@ -650,6 +650,10 @@ def finish(run: Run, stopped: str, eval_before: dict[str, float]) -> TrainResult
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             full = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            # A tied weight (a causal LM's head and embeddings) comes once per name; the model folder holds it once.
+            tied = ({name for name, _ in run.module.named_parameters(remove_duplicate=False)}
+                    - {name for name, _ in run.module.named_parameters()})
+            full = {name: tensor for name, tensor in full.items() if name not in tied}
         if run.processes.main:
             export = functools.partial(_export, run.module, run.task.tokenizer, run.config)
             if full is not None:

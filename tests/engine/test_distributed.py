@@ -192,6 +192,14 @@ def test_two_processes_match_one(two_process_runs, models, data, tmp_path, famil
         assert [record["kind"] for record in log].count("config") == 1  # rank 0 alone wrote it
         final = out / "final"
         assert (final / ("model" if case.startswith("fsdp") else "adapter")).is_dir(), case
+        if case.startswith("fsdp"):  # the export holds the whole weights, gathered from the shards
+            from safetensors.torch import load_file
+
+            two_weights = load_file(final / "model" / "model.safetensors")
+            one_weights = load_file(one.out_dir / "final" / "model" / "model.safetensors")
+            assert {k: v.shape for k, v in two_weights.items()} == {k: v.shape for k, v in one_weights.items()}
+            for name, weight in one_weights.items():
+                torch.testing.assert_close(two_weights[name], weight, rtol=0, atol=1e-3, msg=name)
     # One process reads the two processes' shards whole (DCP reshards 2 -> 1): the same held-out metrics.
     case = "fsdp-full-adamw"
     config = _config(models[family], data[models[family]], str(folder / f"{family}-{case}"), case)
