@@ -28,13 +28,14 @@ from ember.engine.train import evaluate_checkpoint
 from ember.kernels.backend import forced_backend
 
 # Every (model, mode) pair runs 6 steps; the 2-process runs use batch_size 4 per process, the single-process
-# references batch_size 8: the same global batches.
+# references batch_size 8: the same global batches (two of them accumulated per step in two cases, where the
+# gradients are reduced on the last micro-batch only).
 STEPS = 6
 CASES = {  # name: overrides of the common config
-    "ddp-lora": dict(lora_r=4, optimizer="adamw8bit", distributed="ddp", gradient_checkpointing=True),
+    "ddp-lora": dict(lora_r=4, optimizer="adamw8bit", distributed="ddp", gradient_checkpointing=True, grad_accum=2),
     "ddp-qlora": dict(lora_r=4, qlora=True, optimizer="adamw", distributed="ddp"),
     "fsdp-full-adamw8bit": dict(lora_r=0, optimizer="adamw8bit", distributed="fsdp", lr=3e-3),
-    "fsdp-full-adamw": dict(lora_r=0, optimizer="adamw", distributed="fsdp", lr=3e-3),
+    "fsdp-full-adamw": dict(lora_r=0, optimizer="adamw", distributed="fsdp", lr=3e-3, grad_accum=2),
 }
 
 
