@@ -24,10 +24,12 @@ by the weight in the promoted dtype; Gemma's multiplies by ``offset + weight``
 in fp32 and rounds the product to the input dtype. The default follows
 ``offset``: 1.0 (Gemma's ``1 + weight``) takes Gemma's, 0.0 Llama's.
 
-Kernels. The forward runs one program per row, walking the row in BLOCK_H
+Kernels. The forward runs one program per block of BLOCK_ROWS rows (a 2-D
+tile, row statistics summed along the columns), walking the rows in BLOCK_H
 chunks: one pass for the statistics (two for LayerNorm: mean, then the centred
-variance), one to normalize, so any hidden size works without spilling. The
-backward runs a fixed number of programs, each over a strided set of rows;
+variance), one to normalize, so any hidden size works without spilling; short
+rows share a program, long ones take one each. The backward runs a fixed
+number of programs, each over a strided set of the same row blocks;
 each keeps its own fp32 partial sum of the weight (and bias) gradient in a
 (programs, h) buffer that only it writes, and PyTorch sums the partials: no
 atomics, bitwise repeatable. Memory-bound: a row is read twice in the forward
@@ -83,50 +85,58 @@ def layer_norm_ref(x, weight, bias, *, eps=1e-5, residual=None):
 
 
 @triton.jit
-def _load_row(x_ptr, residual_ptr, row, cols, mask, stride_xr, stride_xc, stride_rr, stride_rc,
-              HAS_RESIDUAL: tl.constexpr):
-    # One chunk of x (+ residual, rounded to x's dtype as the unfused add rounds it), in x's dtype.
-    x = tl.load(x_ptr + row * stride_xr + cols * stride_xc, mask=mask, other=0.0)
+def _load_tile(x_ptr, residual_ptr, rows, cols, mask, stride_xr, stride_xc, stride_rr, stride_rc,
+               HAS_RESIDUAL: tl.constexpr):
+    # A (BLOCK_ROWS, BLOCK_H) tile of x (+ residual, rounded to x's dtype as the unfused add rounds it), in x's
+    # dtype; rows (BLOCK_ROWS, 1), cols (1, BLOCK_H).
+    x = tl.load(x_ptr + rows * stride_xr + cols * stride_xc, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        r = tl.load(residual_ptr + row * stride_rr + cols * stride_rc, mask=mask, other=0.0)
+        r = tl.load(residual_ptr + rows * stride_rr + cols * stride_rc, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
     return x
 
 
 @triton.jit
+def _row_block(block, N, BLOCK_ROWS: tl.constexpr):
+    # The rows of block number ``block`` as a (BLOCK_ROWS, 1) int64 column, and which of them exist.
+    rows = tl.cast(block, tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    return rows[:, None], rows < N
+
+
+@triton.jit
 def _rms_norm_fwd_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, rstd_ptr,
-    H,
+    N, H,
     stride_xr, stride_xc, stride_rr, stride_rc, stride_w, stride_or, stride_sr,
     eps, offset,
-    HAS_RESIDUAL: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    # One row: s = x (+ residual), rstd = 1 / sqrt(mean(s^2) + eps), out = s * rstd * (offset + weight).
-    row = tl.program_id(0).to(tl.int64)
-    squares = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    # BLOCK_ROWS rows: s = x (+ residual), rstd = 1 / sqrt(mean(s^2) + eps), out = s * rstd * (offset + weight).
+    rows, row_mask = _row_block(tl.program_id(0), N, BLOCK_ROWS)
+    squares = tl.zeros((BLOCK_ROWS, BLOCK_H), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
-        cols = h0 + tl.arange(0, BLOCK_H)
-        mask = cols < H
-        s = _load_row(x_ptr, residual_ptr, row, cols, mask, stride_xr, stride_xc, stride_rr, stride_rc,
-                      HAS_RESIDUAL)
+        cols = h0 + tl.arange(0, BLOCK_H)[None, :]
+        mask = row_mask[:, None] & (cols < H)
+        s = _load_tile(x_ptr, residual_ptr, rows, cols, mask, stride_xr, stride_xc, stride_rr, stride_rc,
+                       HAS_RESIDUAL)
         if HAS_RESIDUAL:
-            tl.store(sum_ptr + row * stride_sr + cols, s, mask=mask)
+            tl.store(sum_ptr + rows * stride_sr + cols, s, mask=mask)
         s = s.to(tl.float32)
         squares += s * s
-    rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / H + eps)
-    tl.store(rstd_ptr + row, rstd)
+    rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1, keep_dims=True) / H + eps)  # (BLOCK_ROWS, 1)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask[:, None])
     # The second pass reads x (and the residual) again rather than the sum just
     # stored: no program reads memory it wrote.
     for h0 in range(0, H, BLOCK_H):
-        cols = h0 + tl.arange(0, BLOCK_H)
-        mask = cols < H
-        s = _load_row(x_ptr, residual_ptr, row, cols, mask, stride_xr, stride_xc, stride_rr, stride_rc,
-                      HAS_RESIDUAL)
-        w = tl.load(weight_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32) + offset
+        cols = h0 + tl.arange(0, BLOCK_H)[None, :]
+        mask = row_mask[:, None] & (cols < H)
+        s = _load_tile(x_ptr, residual_ptr, rows, cols, mask, stride_xr, stride_xc, stride_rr, stride_rc,
+                       HAS_RESIDUAL)
+        w = tl.load(weight_ptr + cols * stride_w, mask=cols < H, other=0.0).to(tl.float32) + offset
         normed = s.to(tl.float32) * rstd
         if CAST_BEFORE_WEIGHT:
             normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(out_ptr + row * stride_or + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + rows * stride_or + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -136,84 +146,86 @@ def _rms_norm_bwd_kernel(
     stride_dr, stride_dc, stride_sr, stride_sc, stride_w, stride_gr, stride_gc, stride_xr,
     offset,
     HAS_DSUM: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, COMPUTE_DWEIGHT: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    # Rows pid, pid + PROGRAMS, ...: dx = rstd * (g - n * mean(g * n)) with n = s * rstd and g = dout * (offset
-    # + weight), plus the gradient of the returned sum; this program's partial of d(weight) = sum dout * n.
+    # Row blocks pid, pid + PROGRAMS, ... of BLOCK_ROWS rows: dx = rstd * (g - n * mean(g * n)) with n = s * rstd
+    # and g = dout * (offset + weight), plus the gradient of the returned sum; this program's partial of
+    # d(weight) = sum dout * n.
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     dweight_ptr += pid.to(tl.int64) * H
-    for row_index in range(pid, N, programs):
-        row = tl.cast(row_index, tl.int64)
-        rstd = tl.load(rstd_ptr + row)
-        dot = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for block in range(pid, tl.cdiv(N, BLOCK_ROWS), programs):
+        rows, row_mask = _row_block(block, N, BLOCK_ROWS)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask[:, None], other=0.0)  # (BLOCK_ROWS, 1)
+        dot = tl.zeros((BLOCK_ROWS, BLOCK_H), dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
-            cols = h0 + tl.arange(0, BLOCK_H)
-            mask = cols < H
-            dout = tl.load(dout_ptr + row * stride_dr + cols * stride_dc, mask=mask, other=0.0).to(tl.float32)
-            s = tl.load(s_ptr + row * stride_sr + cols * stride_sc, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(weight_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32) + offset
+            cols = h0 + tl.arange(0, BLOCK_H)[None, :]
+            mask = row_mask[:, None] & (cols < H)
+            dout = tl.load(dout_ptr + rows * stride_dr + cols * stride_dc, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + rows * stride_sr + cols * stride_sc, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(weight_ptr + cols * stride_w, mask=cols < H, other=0.0).to(tl.float32) + offset
             dot += dout * w * s
-        dot = tl.sum(dot, axis=0) * rstd / H  # mean(g * n)
+        dot = tl.sum(dot, axis=1, keep_dims=True) * rstd / H  # mean(g * n), (BLOCK_ROWS, 1)
         for h0 in range(0, H, BLOCK_H):
-            cols = h0 + tl.arange(0, BLOCK_H)
-            mask = cols < H
-            dout = tl.load(dout_ptr + row * stride_dr + cols * stride_dc, mask=mask, other=0.0).to(tl.float32)
-            normed = tl.load(s_ptr + row * stride_sr + cols * stride_sc, mask=mask, other=0.0).to(tl.float32) * rstd
-            w = tl.load(weight_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32) + offset
+            cols = h0 + tl.arange(0, BLOCK_H)[None, :]
+            mask = row_mask[:, None] & (cols < H)
+            dout = tl.load(dout_ptr + rows * stride_dr + cols * stride_dc, mask=mask, other=0.0).to(tl.float32)
+            normed = tl.load(s_ptr + rows * stride_sr + cols * stride_sc, mask=mask, other=0.0).to(tl.float32) * rstd
+            w = tl.load(weight_ptr + cols * stride_w, mask=cols < H, other=0.0).to(tl.float32) + offset
             dx = rstd * (dout * w - normed * dot)
             if HAS_DSUM:
-                dx += tl.load(dsum_ptr + row * stride_gr + cols * stride_gc, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + row * stride_xr + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                dx += tl.load(dsum_ptr + rows * stride_gr + cols * stride_gc, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + rows * stride_xr + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
             if COMPUTE_DWEIGHT:
                 if CAST_BEFORE_WEIGHT:
                     normed = normed.to(s_ptr.dtype.element_ty).to(tl.float32)
-                # Only this program touches its partial row, so the read-add-write needs no atomics.
-                partial = tl.load(dweight_ptr + cols, mask=mask, other=0.0)
-                tl.store(dweight_ptr + cols, partial + dout * normed, mask=mask)
+                # Only this program touches its partial row, so the read-add-write needs no atomics; rows past
+                # N read dout = 0 and add nothing.
+                partial = tl.load(dweight_ptr + cols, mask=cols < H, other=0.0)  # (1, BLOCK_H)
+                tl.store(dweight_ptr + cols, partial + tl.sum(dout * normed, axis=0, keep_dims=True), mask=cols < H)
 
 
 @triton.jit
 def _layer_norm_fwd_kernel(
     x_ptr, residual_ptr, weight_ptr, bias_ptr, out_ptr, sum_ptr, mean_ptr, rstd_ptr,
-    H,
+    N, H,
     stride_xr, stride_xc, stride_rr, stride_rc, stride_w, stride_b, stride_or, stride_sr,
     eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    # One row: s = x (+ residual), out = (s - mean) * rstd * weight + bias, with the variance taken about the
-    # mean (a second pass) rather than as E[s^2] - mean^2, which cancels when |mean| >> std.
-    row = tl.program_id(0).to(tl.int64)
-    total = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    # BLOCK_ROWS rows: s = x (+ residual), out = (s - mean) * rstd * weight + bias, with the variance taken about
+    # the mean (a second pass) rather than as E[s^2] - mean^2, which cancels when |mean| >> std.
+    rows, row_mask = _row_block(tl.program_id(0), N, BLOCK_ROWS)
+    total = tl.zeros((BLOCK_ROWS, BLOCK_H), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
-        cols = h0 + tl.arange(0, BLOCK_H)
-        mask = cols < H
-        s = _load_row(x_ptr, residual_ptr, row, cols, mask, stride_xr, stride_xc, stride_rr, stride_rc,
-                      HAS_RESIDUAL)
+        cols = h0 + tl.arange(0, BLOCK_H)[None, :]
+        mask = row_mask[:, None] & (cols < H)
+        s = _load_tile(x_ptr, residual_ptr, rows, cols, mask, stride_xr, stride_xc, stride_rr, stride_rc,
+                       HAS_RESIDUAL)
         if HAS_RESIDUAL:
-            tl.store(sum_ptr + row * stride_sr + cols, s, mask=mask)
+            tl.store(sum_ptr + rows * stride_sr + cols, s, mask=mask)
         total += s.to(tl.float32)
-    mean = tl.sum(total, axis=0) / H
-    squares = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    mean = tl.sum(total, axis=1, keep_dims=True) / H  # (BLOCK_ROWS, 1)
+    squares = tl.zeros((BLOCK_ROWS, BLOCK_H), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
-        cols = h0 + tl.arange(0, BLOCK_H)
-        mask = cols < H
-        s = _load_row(x_ptr, residual_ptr, row, cols, mask, stride_xr, stride_xc, stride_rr, stride_rc,
-                      HAS_RESIDUAL)
+        cols = h0 + tl.arange(0, BLOCK_H)[None, :]
+        mask = row_mask[:, None] & (cols < H)
+        s = _load_tile(x_ptr, residual_ptr, rows, cols, mask, stride_xr, stride_xc, stride_rr, stride_rc,
+                       HAS_RESIDUAL)
         centred = tl.where(mask, s.to(tl.float32) - mean, 0.0)
         squares += centred * centred
-    rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / H + eps)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
+    rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1, keep_dims=True) / H + eps)  # (BLOCK_ROWS, 1)
+    tl.store(mean_ptr + rows, mean, mask=row_mask[:, None])
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask[:, None])
     for h0 in range(0, H, BLOCK_H):
-        cols = h0 + tl.arange(0, BLOCK_H)
-        mask = cols < H
-        s = _load_row(x_ptr, residual_ptr, row, cols, mask, stride_xr, stride_xc, stride_rr, stride_rc,
-                      HAS_RESIDUAL)
-        out = (s.to(tl.float32) - mean) * rstd * tl.load(weight_ptr + cols * stride_w, mask=mask).to(tl.float32)
+        cols = h0 + tl.arange(0, BLOCK_H)[None, :]
+        mask = row_mask[:, None] & (cols < H)
+        s = _load_tile(x_ptr, residual_ptr, rows, cols, mask, stride_xr, stride_xc, stride_rr, stride_rc,
+                       HAS_RESIDUAL)
+        out = (s.to(tl.float32) - mean) * rstd * tl.load(weight_ptr + cols * stride_w, mask=cols < H).to(tl.float32)
         if HAS_BIAS:
-            out += tl.load(bias_ptr + cols * stride_b, mask=mask).to(tl.float32)
-        tl.store(out_ptr + row * stride_or + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+            out += tl.load(bias_ptr + cols * stride_b, mask=cols < H).to(tl.float32)
+        tl.store(out_ptr + rows * stride_or + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -222,59 +234,66 @@ def _layer_norm_bwd_kernel(
     dweight_ptr, dbias_ptr,  # (PROGRAMS, H) fp32 partials each
     N, H,
     stride_dr, stride_dc, stride_sr, stride_sc, stride_w, stride_gr, stride_gc, stride_xr,
-    HAS_DSUM: tl.constexpr, COMPUTE_DWEIGHT: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_DSUM: tl.constexpr, COMPUTE_DWEIGHT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    # Rows pid, pid + PROGRAMS, ...: dx = rstd * (g - mean(g) - n * mean(g * n)) with n = (s - mean) * rstd and
-    # g = dout * weight, plus the gradient of the returned sum; this program's partials of d(weight) = sum dout * n
-    # and d(bias) = sum dout.
+    # Row blocks pid, pid + PROGRAMS, ... of BLOCK_ROWS rows: dx = rstd * (g - mean(g) - n * mean(g * n)) with
+    # n = (s - mean) * rstd and g = dout * weight, plus the gradient of the returned sum; this program's partials
+    # of d(weight) = sum dout * n and d(bias) = sum dout.
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     dweight_ptr += pid.to(tl.int64) * H
     dbias_ptr += pid.to(tl.int64) * H
-    for row_index in range(pid, N, programs):
-        row = tl.cast(row_index, tl.int64)
-        mean = tl.load(mean_ptr + row)
-        rstd = tl.load(rstd_ptr + row)
-        g_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
-        gn_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for block in range(pid, tl.cdiv(N, BLOCK_ROWS), programs):
+        rows, row_mask = _row_block(block, N, BLOCK_ROWS)
+        mean = tl.load(mean_ptr + rows, mask=row_mask[:, None], other=0.0)  # (BLOCK_ROWS, 1)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask[:, None], other=0.0)
+        g_sum = tl.zeros((BLOCK_ROWS, BLOCK_H), dtype=tl.float32)
+        gn_sum = tl.zeros((BLOCK_ROWS, BLOCK_H), dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
-            cols = h0 + tl.arange(0, BLOCK_H)
-            mask = cols < H
-            dout = tl.load(dout_ptr + row * stride_dr + cols * stride_dc, mask=mask, other=0.0).to(tl.float32)
-            s = tl.load(s_ptr + row * stride_sr + cols * stride_sc, mask=mask, other=0.0).to(tl.float32)
-            g = dout * tl.load(weight_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32)
+            cols = h0 + tl.arange(0, BLOCK_H)[None, :]
+            mask = row_mask[:, None] & (cols < H)
+            dout = tl.load(dout_ptr + rows * stride_dr + cols * stride_dc, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + rows * stride_sr + cols * stride_sc, mask=mask, other=0.0).to(tl.float32)
+            g = dout * tl.load(weight_ptr + cols * stride_w, mask=cols < H, other=0.0).to(tl.float32)
             g_sum += g
             gn_sum += tl.where(mask, g * (s - mean) * rstd, 0.0)
-        g_mean = tl.sum(g_sum, axis=0) / H
-        gn_mean = tl.sum(gn_sum, axis=0) / H
+        g_mean = tl.sum(g_sum, axis=1, keep_dims=True) / H  # (BLOCK_ROWS, 1)
+        gn_mean = tl.sum(gn_sum, axis=1, keep_dims=True) / H
         for h0 in range(0, H, BLOCK_H):
-            cols = h0 + tl.arange(0, BLOCK_H)
-            mask = cols < H
-            dout = tl.load(dout_ptr + row * stride_dr + cols * stride_dc, mask=mask, other=0.0).to(tl.float32)
-            s = tl.load(s_ptr + row * stride_sr + cols * stride_sc, mask=mask, other=0.0).to(tl.float32)
+            cols = h0 + tl.arange(0, BLOCK_H)[None, :]
+            mask = row_mask[:, None] & (cols < H)
+            dout = tl.load(dout_ptr + rows * stride_dr + cols * stride_dc, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + rows * stride_sr + cols * stride_sc, mask=mask, other=0.0).to(tl.float32)
             normed = (s - mean) * rstd
-            g = dout * tl.load(weight_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32)
+            g = dout * tl.load(weight_ptr + cols * stride_w, mask=cols < H, other=0.0).to(tl.float32)
             dx = rstd * (g - g_mean - normed * gn_mean)
             if HAS_DSUM:
-                dx += tl.load(dsum_ptr + row * stride_gr + cols * stride_gc, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + row * stride_xr + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                dx += tl.load(dsum_ptr + rows * stride_gr + cols * stride_gc, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + rows * stride_xr + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
             if COMPUTE_DWEIGHT:
-                # Only this program touches its partial rows, so the read-add-write needs no atomics.
-                partial = tl.load(dweight_ptr + cols, mask=mask, other=0.0)
-                tl.store(dweight_ptr + cols, partial + dout * normed, mask=mask)
-                partial = tl.load(dbias_ptr + cols, mask=mask, other=0.0)
-                tl.store(dbias_ptr + cols, partial + dout, mask=mask)
+                # Only this program touches its partial rows, so the read-add-write needs no atomics; rows past
+                # N read dout = 0 and add nothing.
+                partial = tl.load(dweight_ptr + cols, mask=cols < H, other=0.0)  # (1, BLOCK_H)
+                tl.store(dweight_ptr + cols, partial + tl.sum(dout * normed, axis=0, keep_dims=True), mask=cols < H)
+                partial = tl.load(dbias_ptr + cols, mask=cols < H, other=0.0)
+                tl.store(dbias_ptr + cols, partial + tl.sum(dout, axis=0, keep_dims=True), mask=cols < H)
 
 
 # ----------------------------------------------------------------------------
 # Kernel registry: tuning configs and the compile gate's representative cases
 # ----------------------------------------------------------------------------
 
-# BLOCK_H is the launcher's choice (the row length, up to _MAX_BLOCK_H);
-# the configs tune the warps for it. 4 warps suit rows up to ~2K elements,
-# 8 and 16 the longer ones.
+# The tile (BLOCK_ROWS, BLOCK_H) is the launcher's choice (_blocks): the row
+# length up to _MAX_BLOCK_H columns, and rows enough to fill _TILE elements, so
+# short rows (BERT-tiny's 32, a test's 64) do not cost one program each: on a
+# GPU one tiny program per row leaves most lanes idle, and under the
+# interpreter every program pays a fixed overhead per op (a (256, 32)
+# LayerNorm took 256 programs, 1.7 s forward). The configs tune the warps for
+# the tile: 4 warps suit ~2K-4K elements, 8 and 16 the long rows. configs[0]
+# is what the interpreter runs; its warps do not change the interpreter's speed.
 _CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 8, 16)]
 _MAX_BLOCK_H = 4096
+_TILE = 4096
 
 # Argument types other than compile_case's defaults: fp32 statistics and partials, fp32 scalars.
 _ARG_TYPES = dict(rstd_ptr="*fp32", mean_ptr="*fp32", dweight_ptr="*fp32", dbias_ptr="*fp32",
@@ -285,21 +304,23 @@ _UNIT_COLUMN_STRIDES = ("stride_xc", "stride_rc", "stride_w", "stride_b", "strid
 
 
 def _register(name, kernel, flags, reset_to_zero=()):
-    """One spec per kernel; compile cases at the largest block with every flag on, in bf16 and in fp32 (the
-    most registers: 4-byte elements in the same layout)."""
+    """One spec per kernel; compile cases with every flag on, in bf16 and in fp32 (the most registers: 4-byte
+    elements in the same layout), at the two tile shapes: one row of the largest block, and 64 rows of 64."""
     arguments = _kernel_arguments(kernel)
     unit = {stride: 1 for stride in _UNIT_COLUMN_STRIDES if stride in arguments}
     return register(KernelSpec(
         name=name,
         kernel=kernel,
         configs=_CONFIGS,
-        key=["H", "BLOCK_H"],
+        key=["H", "BLOCK_ROWS", "BLOCK_H"],
         reset_to_zero=reset_to_zero,
         compile_cases=[
-            compile_case(kernel, f"{TRITON_DTYPE[dtype]},block{_MAX_BLOCK_H}", dtype=dtype, types=_ARG_TYPES,
-                         constexprs=dict(unit, BLOCK_H=_MAX_BLOCK_H, **{flag: True for flag in flags}),
-                         tensor_cores=False)
+            compile_case(kernel, f"{TRITON_DTYPE[dtype]},rows{block_rows}xblock{block_h}", dtype=dtype,
+                         types=_ARG_TYPES, tensor_cores=False,
+                         constexprs=dict(unit, BLOCK_ROWS=block_rows, BLOCK_H=block_h,
+                                         **{flag: True for flag in flags}))
             for dtype in (torch.bfloat16, torch.float32)
+            for block_rows, block_h in ((1, _MAX_BLOCK_H), (_TILE // 64, 64))
         ],
     ))
 
@@ -322,8 +343,12 @@ _LN_BWD = _register("layer_norm_bwd", _layer_norm_bwd_kernel, ("HAS_DSUM", "COMP
 # ----------------------------------------------------------------------------
 
 
-def _block_h(hidden: int) -> int:
-    return min(triton.next_power_of_2(hidden), _MAX_BLOCK_H)
+def _blocks(rows: int, hidden: int) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK_H): a row in chunks of up to _MAX_BLOCK_H columns, and as many rows per program as
+    fill a tile of _TILE elements (never more than the rows there are, to a power of 2)."""
+    block_h = min(triton.next_power_of_2(hidden), _MAX_BLOCK_H)
+    block_rows = max(1, min(_TILE // block_h, triton.next_power_of_2(max(rows, 1))))
+    return block_rows, block_h
 
 
 @functools.lru_cache(maxsize=None)
@@ -345,17 +370,20 @@ def _triton_rms_fwd(x, residual, weight, eps, offset, cast_before_weight, out_dt
     out = torch.empty((rows, hidden), device=x.device, dtype=out_dtype)
     total = torch.empty((rows, hidden), device=x.device, dtype=x.dtype) if residual is not None else None
     rstd = torch.empty((rows,), device=x.device, dtype=torch.float32)
-    launch(_RMS_FWD, lambda meta: (rows,),
+    block_rows, block_h = _blocks(rows, hidden)
+    launch(_RMS_FWD, lambda meta: (triton.cdiv(rows, block_rows),),
            x, x if residual is None else residual, weight, out, out if total is None else total, rstd,
-           hidden, x.stride(0), x.stride(1), _stride(residual, 0), _stride(residual, 1), weight.stride(0),
+           rows, hidden, x.stride(0), x.stride(1), _stride(residual, 0), _stride(residual, 1), weight.stride(0),
            out.stride(0), hidden if total is None else total.stride(0), eps, offset,
-           HAS_RESIDUAL=residual is not None, CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_H=_block_h(hidden))
+           HAS_RESIDUAL=residual is not None, CAST_BEFORE_WEIGHT=cast_before_weight,
+           BLOCK_ROWS=block_rows, BLOCK_H=block_h)
     return out, total, rstd
 
 
 def _triton_rms_bwd(dout, s, weight, rstd, dsum, offset, cast_before_weight, compute_dweight):
     rows, hidden = s.shape
-    programs = min(rows, _backward_programs(s.device))
+    block_rows, block_h = _blocks(rows, hidden)
+    programs = min(triton.cdiv(rows, block_rows), _backward_programs(s.device))
     dx = torch.empty((rows, hidden), device=s.device, dtype=s.dtype)
     partials = torch.zeros((programs if compute_dweight else 1, hidden), device=s.device, dtype=torch.float32)
     launch(_RMS_BWD, lambda meta: (programs,),
@@ -363,7 +391,7 @@ def _triton_rms_bwd(dout, s, weight, rstd, dsum, offset, cast_before_weight, com
            rows, hidden, dout.stride(0), dout.stride(1), s.stride(0), s.stride(1), weight.stride(0),
            _stride(dsum, 0), _stride(dsum, 1), dx.stride(0), offset,
            HAS_DSUM=dsum is not None, CAST_BEFORE_WEIGHT=cast_before_weight, COMPUTE_DWEIGHT=compute_dweight,
-           BLOCK_H=_block_h(hidden))
+           BLOCK_ROWS=block_rows, BLOCK_H=block_h)
     return dx, partials.sum(0) if compute_dweight else None
 
 
@@ -372,25 +400,27 @@ def _triton_ln_fwd(x, residual, weight, bias, eps, out_dtype):
     out = torch.empty((rows, hidden), device=x.device, dtype=out_dtype)
     total = torch.empty((rows, hidden), device=x.device, dtype=x.dtype) if residual is not None else None
     stats = torch.empty((2, rows), device=x.device, dtype=torch.float32)
-    launch(_LN_FWD, lambda meta: (rows,),
+    block_rows, block_h = _blocks(rows, hidden)
+    launch(_LN_FWD, lambda meta: (triton.cdiv(rows, block_rows),),
            x, x if residual is None else residual, weight, weight if bias is None else bias, out,
            out if total is None else total, stats[0], stats[1],
-           hidden, x.stride(0), x.stride(1), _stride(residual, 0), _stride(residual, 1), weight.stride(0),
+           rows, hidden, x.stride(0), x.stride(1), _stride(residual, 0), _stride(residual, 1), weight.stride(0),
            _stride(bias, 0), out.stride(0), hidden if total is None else total.stride(0), eps,
-           HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK_H=_block_h(hidden))
+           HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows, BLOCK_H=block_h)
     return out, total, stats[0], stats[1]
 
 
 def _triton_ln_bwd(dout, s, weight, mean, rstd, dsum, compute_dweight):
     rows, hidden = s.shape
-    programs = min(rows, _backward_programs(s.device))
+    block_rows, block_h = _blocks(rows, hidden)
+    programs = min(triton.cdiv(rows, block_rows), _backward_programs(s.device))
     dx = torch.empty((rows, hidden), device=s.device, dtype=s.dtype)
     partials = torch.zeros((2, programs if compute_dweight else 1, hidden), device=s.device, dtype=torch.float32)
     launch(_LN_BWD, lambda meta: (programs,),
            dout, s, weight, mean, rstd, dx if dsum is None else dsum, dx, partials[0], partials[1],
            rows, hidden, dout.stride(0), dout.stride(1), s.stride(0), s.stride(1), weight.stride(0),
            _stride(dsum, 0), _stride(dsum, 1), dx.stride(0),
-           HAS_DSUM=dsum is not None, COMPUTE_DWEIGHT=compute_dweight, BLOCK_H=_block_h(hidden))
+           HAS_DSUM=dsum is not None, COMPUTE_DWEIGHT=compute_dweight, BLOCK_ROWS=block_rows, BLOCK_H=block_h)
     if not compute_dweight:
         return dx, None, None
     sums = partials.sum(1)

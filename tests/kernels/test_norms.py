@@ -16,9 +16,11 @@ from ember.kernels.backend import forced_backend
 from ember.kernels.norms import layer_norm_ref, rms_norm_ref
 
 # (rows, hidden, dtype): one row, an odd count, hidden sizes that are not powers of 2, one longer than a
-# block (4096) so a row takes several chunks; every dtype at more than one size.
+# block (4096) so a row takes several chunks; every dtype at more than one size. 300 rows of 77 take 32 rows per
+# program (a tile of 32 x 128) in 10 row blocks, the last one partial, more than the interpreter's 4 backward
+# programs, so each backward program walks several blocks.
 CASES = [(1, 77, torch.float16), (1, 300, torch.bfloat16), (17, 300, torch.float32), (17, 1376, torch.bfloat16),
-         (3, 1376, torch.float16), (2, 4500, torch.float32), (2, 4500, torch.bfloat16)]
+         (3, 1376, torch.float16), (2, 4500, torch.float32), (2, 4500, torch.bfloat16), (300, 77, torch.float16)]
 CASE_IDS = ["N{}xH{}-{}".format(n, h, str(d).removeprefix("torch.")) for n, h, d in CASES]
 
 
