@@ -48,10 +48,9 @@ from torch import nn
 
 from ember.kernels import NF4Weight, apply_rotary, geglu, layer_norm, rms_norm, swiglu
 # The gated MLP runs LoRA's forward and backward halves itself (so that it can recompute the product and
-# re-read the base weights); lora_linear exposes only the whole autograd Function.
-from ember.kernels import lora as lora_kernels
+# re-read the base weights between them), through lora's public halves rather than lora_linear's Function.
+from ember.kernels.lora import lora_dropout_seed, lora_linear_backward, lora_linear_forward
 from ember.kernels.autocast import autocast_dtype, autocast_off
-from ember.kernels.backend import use_triton
 
 from .lora import LoRALinear
 
@@ -285,7 +284,7 @@ class _Run:
         self.p = projection
         self.weight = projection.nf4 if projection.nf4 is not None else weight
         self.bias, self.lora_a, self.lora_b = bias, lora_a, lora_b
-        self.xa, self.seed, self.run_triton = None, 0, False
+        self.xa, self.seed = None, 0
 
     def weight_in(self, dtype):
         # Read again (and cast again) in the backward rather than keeping a 16-bit copy per call.
@@ -295,28 +294,26 @@ class _Run:
         bias = None if self.bias is None else self.bias.to(x2.dtype)
         if self.lora_a is None:
             return F.linear(x2, self.weight_in(x2.dtype), bias)
-        self.seed = int(torch.randint(1 << 32, 1 << 62, ()).item()) if self.p.dropout_p > 0 else 0
-        self.run_triton = use_triton(x2) and x2.shape[0] > 0
-        fwd = lora_kernels._triton_fwd if self.run_triton else lora_kernels._torch_fwd
-        y, self.xa = fwd(x2, self.weight_in(x2.dtype), self.lora_a, self.lora_b, bias, self.p.scaling,
-                         self.p.dropout_p, self.seed)
+        self.seed = lora_dropout_seed(self.p.dropout_p)
+        # The uncast weight: lora_linear_forward casts it for this call only.
+        y, self.xa = lora_linear_forward(x2, self.weight, self.lora_a, self.lora_b, scaling=self.p.scaling,
+                                         bias=bias, dropout_p=self.p.dropout_p, seed=self.seed)
         return y
 
     def backward(self, dy2, x2, needs_dx: bool):
         """(dx, grads of (weight, bias, lora_a, lora_b)) for dy2 (M, out) and the input x2 (M, in)."""
-        weight = self.weight_in(x2.dtype)
         grad_bias = None
         if self.bias is not None and self.bias.requires_grad:
             grad_bias = dy2.sum(0, dtype=torch.float32).to(self.bias.dtype)
         if self.lora_a is None:
-            dx = dy2 @ weight if needs_dx else None
+            dx = dy2 @ self.weight_in(x2.dtype) if needs_dx else None
             grad_weight = None
             if self.weight.requires_grad:
                 grad_weight = (dy2.t() @ x2).to(self.weight.dtype)
             return dx, (grad_weight, grad_bias, None, None)
-        bwd = lora_kernels._triton_bwd if self.run_triton else lora_kernels._torch_bwd
-        dx, grad_a, grad_b = bwd(dy2, x2, self.xa, weight, self.lora_a, self.lora_b, self.p.scaling,
-                                 self.p.dropout_p, self.seed, needs_dx)
+        dx, grad_a, grad_b = lora_linear_backward(dy2, x2, self.xa, self.weight, self.lora_a, self.lora_b,
+                                                  scaling=self.p.scaling, dropout_p=self.p.dropout_p,
+                                                  seed=self.seed, needs_dx=needs_dx)
         return dx, (None, grad_bias, grad_a.to(self.lora_a.dtype), grad_b.to(self.lora_b.dtype))
 
 

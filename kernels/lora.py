@@ -594,6 +594,73 @@ def _torch_bwd(dy, x, xa, weight, lora_a, lora_b, scaling, dropout_p, seed, need
 
 
 # ----------------------------------------------------------------------------
+# The forward and backward halves, without autograd: LoRALinearFunction runs
+# them, and so can a Function over several projections (ember.engine's gated
+# MLP recomputes its product and re-reads its base weights between them).
+# ----------------------------------------------------------------------------
+
+
+def lora_dropout_seed(dropout_p: float) -> int:
+    """A fresh dropout seed for one call of ``lora_linear_forward`` (0 when there is no dropout).
+
+    Drawn from torch's (CPU) generator: torch.manual_seed makes runs repeatable, and drawing it needs no
+    device sync. The same seed must be given to the call's ``lora_linear_backward``.
+    """
+    return int(torch.randint(1 << 32, 1 << 62, ()).item()) if dropout_p > 0 else 0
+
+
+def _weight_in(weight, dtype: torch.dtype):
+    # A dense base in the compute dtype: a transient cast (no copy when it has that dtype already), made again
+    # in the backward rather than kept. An NF4 base dequantizes to the compute dtype in the kernels.
+    return weight if isinstance(weight, NF4Weight) else weight.to(dtype)
+
+
+def lora_linear_forward(x, weight, lora_a, lora_b, *, scaling: float, bias=None, dropout_p: float = 0.0,
+                        seed: int = 0):
+    """The forward half of ``lora_linear`` on rows, outside autograd: ``(y, xa)``.
+
+    Args:
+        x: (M, in_features), float16, bfloat16 or float32: the compute dtype.
+        weight: the frozen base, (out_features, in_features) in any float dtype
+            (cast to x's dtype for this call only; nothing keeps the copy) or an
+            ``NF4Weight``.
+        lora_a: (r, in_features); lora_b: (out_features, r); any float dtype.
+        scaling, dropout_p: as ``lora_linear``'s.
+        bias: None or (out_features,) in x's dtype.
+        seed: the dropout seed (``lora_dropout_seed``); pass the same one to the backward.
+
+    Returns:
+        y (M, out_features) in x's dtype, and xa = dropout(x) A^T (M, r) in fp32,
+        which the backward needs. Runs the Triton kernels or the PyTorch path
+        as the backend rule says. Inputs are not checked: ``lora_linear`` is
+        the checked entry point.
+    """
+    if use_triton(x) and x.shape[0] > 0:  # a grid of 0 programs is not launched
+        return _triton_fwd(x, _weight_in(weight, x.dtype), lora_a, lora_b, bias, scaling, dropout_p, seed)
+    return _torch_fwd(x, _weight_in(weight, x.dtype), lora_a, lora_b, bias, scaling, dropout_p, seed)
+
+
+def lora_linear_backward(dy, x, xa, weight, lora_a, lora_b, *, scaling: float, dropout_p: float = 0.0,
+                         seed: int = 0, needs_dx: bool = True):
+    """The backward half of ``lora_linear`` on rows: ``(dx, grad_a, grad_b)``.
+
+    Args:
+        dy: (M, out_features) in x's dtype; x: the forward's (M, in_features)
+            input; xa: the forward's (M, r) fp32 result; weight, lora_a,
+            lora_b, scaling, dropout_p, seed: as given to the forward (the
+            weight uncast: it is cast again here, transiently).
+        needs_dx: False skips the dx matmul (dx is then None).
+
+    Returns:
+        dx (M, in_features) in x's dtype or None; grad_a (r, in_features) and
+        grad_b (out_features, r) in fp32 (cast them to the adapters' dtypes).
+        The base weight gets no gradient.
+    """
+    run = _triton_bwd if use_triton(x) and x.shape[0] > 0 else _torch_bwd
+    return run(dy, x, xa, _weight_in(weight, x.dtype), lora_a, lora_b, scaling, dropout_p, seed, needs_dx)
+
+
+# ----------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------
 
@@ -602,18 +669,17 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, x, weight, lora_a, lora_b, scaling: float, bias, dropout_p: float):
+        # weight: the base as the caller holds it (under autocast an fp32 Parameter beside 16-bit x). It is cast to
+        # x's dtype inside each half, so what is saved is the tensor the module keeps alive anyway, not a 16-bit
+        # copy per call (for a 4096 x 4096 layer, 32 MiB until the backward).
         in_features, out_features = x.shape[-1], lora_b.shape[0]
         x2 = x.reshape(-1, in_features)  # (M, in): a view for contiguous activations
-        # A fresh seed per call from torch's (CPU) generator: torch.manual_seed
-        # makes runs repeatable, and drawing it needs no device sync.
-        seed = int(torch.randint(1 << 32, 1 << 62, ()).item()) if dropout_p > 0 else 0
-        # An empty batch goes through the PyTorch path: a grid of 0 programs is not launched.
-        run_triton = use_triton(x2) and x2.shape[0] > 0
-        y, xa = (_triton_fwd if run_triton else _torch_fwd)(x2, weight, lora_a, lora_b, bias, scaling, dropout_p,
-                                                              seed)
+        seed = lora_dropout_seed(dropout_p)
+        y, xa = lora_linear_forward(x2, weight, lora_a, lora_b, scaling=scaling, bias=bias, dropout_p=dropout_p,
+                                    seed=seed)
         ctx.save_for_backward(x2, xa, lora_a, lora_b, *([weight] if isinstance(weight, torch.Tensor) else []))
         ctx.nf4_weight = weight if isinstance(weight, NF4Weight) else None
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.run_triton = scaling, dropout_p, seed, run_triton
+        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return y.view(*x.shape[:-1], out_features)
 
@@ -624,8 +690,8 @@ class LoRALinearFunction(torch.autograd.Function):
         weight = dense_weight[0] if dense_weight else ctx.nf4_weight
         dy2 = dy.reshape(-1, dy.shape[-1])  # (M, out)
         needs_dx = ctx.needs_input_grad[0]
-        dx, grad_a, grad_b = (_triton_bwd if ctx.run_triton else _torch_bwd)(
-            dy2, x2, xa, weight, lora_a, lora_b, ctx.scaling, ctx.dropout_p, ctx.seed, needs_dx)
+        dx, grad_a, grad_b = lora_linear_backward(dy2, x2, xa, weight, lora_a, lora_b, scaling=ctx.scaling,
+                                                  dropout_p=ctx.dropout_p, seed=ctx.seed, needs_dx=needs_dx)
         grad_bias = dy2.sum(0, dtype=torch.float32) if ctx.has_bias and ctx.needs_input_grad[5] else None
         return (
             dx.view(ctx.x_shape) if needs_dx else None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype),
@@ -638,7 +704,8 @@ class LoRALinearFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------
 
 
-def _check_inputs(x, weight, lora_a, lora_b, scaling, bias, dropout_p) -> None:
+def _check_inputs(x, weight, lora_a, lora_b, scaling, bias, dropout_p, weight_cast: bool) -> None:
+    """weight_cast: autocast casts a dense weight to x's dtype (so any float dtype is accepted)."""
     for name, t in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b)):
         check_tensor(name, t)
     if x.dim() < 1:
@@ -648,7 +715,7 @@ def _check_inputs(x, weight, lora_a, lora_b, scaling, bias, dropout_p) -> None:
     elif isinstance(weight, torch.Tensor):
         if weight.dim() != 2:
             raise ValueError(f"weight must be (out_features, in_features), got shape {tuple(weight.shape)}")
-        if weight.dtype != x.dtype:
+        if weight.dtype != x.dtype and not (weight_cast and weight.is_floating_point()):
             raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
         if weight.requires_grad and torch.is_grad_enabled():
             raise ValueError("weight is the frozen base weight: lora_linear gives it no gradient; "
@@ -701,9 +768,9 @@ def lora_linear(x, weight, lora_a, lora_b, *, scaling: float, bias=None, dropout
     """
     # Under autocast the matmuls run in its dtype, as F.linear's would. The
     # adapters keep theirs (usually fp32): their tiles are cast in registers.
+    # A dense weight is cast inside the Function, in the forward and again in
+    # the backward, so that no 16-bit copy of it is kept between them.
     dtype = autocast_dtype(x)
     x, bias = cast_for_autocast(dtype, x, bias)
-    if isinstance(weight, torch.Tensor):  # an NF4 weight dequantizes to x's dtype anyway
-        (weight,) = cast_for_autocast(dtype, weight)
-    _check_inputs(x, weight, lora_a, lora_b, scaling, bias, dropout_p)
+    _check_inputs(x, weight, lora_a, lora_b, scaling, bias, dropout_p, weight_cast=dtype is not None)
     return LoRALinearFunction.apply(x, weight, lora_a, lora_b, float(scaling), bias, float(dropout_p))

@@ -340,3 +340,33 @@ def test_matches_peft_lora_layer(device, dropout_p, assert_within_tolerance):
     # PEFT computes in fp32 here, so it is held to the float64 rule's atol alone.
     for name, actual, expected in zip(["y", "dx", "d_lora_a", "d_lora_b"], ours, theirs):
         assert_within_tolerance(name, actual, expected.double(), expected.double(), torch.float32)
+
+
+def test_autocast_saves_the_uncast_base_weight_not_a_16_bit_copy(device, assert_within_tolerance):
+    # Under autocast an fp32 base runs in bf16, as F.linear's would, but the Function saves the fp32 Parameter
+    # (alive anyway) and casts it again in the backward: no per-call bf16 copy of the weight is held.
+    rows, in_features, out_features, rank = 19, 48, 40, 8
+    x, weight, lora_a, lora_b, bias = _inputs((rows,), in_features, out_features, rank, torch.float32,
+                                              torch.float32, device)
+    upstream = torch.randn(rows, out_features, dtype=torch.bfloat16, device=device)
+    leaves = _leaves(x, lora_a, lora_b, bias)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autocast(device.type if isinstance(device, torch.device) else torch.device(device).type,
+                        dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lora_linear(leaves[0], weight, leaves[1], leaves[2], scaling=1.3, bias=leaves[3])
+    assert y.dtype == torch.bfloat16
+    weight_shaped = [t for t in saved if tuple(t.shape) == (out_features, in_features)]
+    assert [t.dtype for t in weight_shaped] == [torch.float32], [(t.dtype, tuple(t.shape)) for t in saved]
+    assert weight_shaped[0].data_ptr() == weight.data_ptr()
+    # The forward is the one it was: bitwise what lora_linear gives on the inputs cast as autocast casts them.
+    expected = lora_linear(x.bfloat16(), weight.bfloat16(), lora_a, lora_b, scaling=1.3, bias=bias.bfloat16())
+    assert torch.equal(y, expected)
+    ours = [y] + _grads(y, upstream, *leaves)
+    # Against float64, with stock = the reference on the bf16-cast inputs (the adapters as bf16 tiles).
+    bf16 = [t.bfloat16() for t in (x, weight, lora_a, lora_b, bias)]
+    _check_against_float64(assert_within_tolerance, ours, *bf16[:4], bf16[4], 1.3, upstream)
