@@ -46,6 +46,10 @@ EXTRAS = [
      "ratio"),
     ("largest_tensor_mb", "MiB, largest tensor created", "ratio"),
     ("saved_activations_mb", "MiB saved for backward", "ratio"),
+    # The layer suite's headline on memory (issue 17): what autograd keeps for the backward of one layer, per token,
+    # parameters excluded and 16-bit weight copies made in the forward included (ember.bench.memory.HeldActivations).
+    ("held_bytes_per_token_per_layer", "bytes held for the backward per token per layer (autograd's saved tensors; "
+     "parameters excluded)", "ratio"),
     ("state_bytes_per_param", "state bytes / parameter", "ratio"),
 ]
 

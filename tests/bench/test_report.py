@@ -103,3 +103,20 @@ def test_memory_too_small_to_measure_reads_as_zero_with_the_difference_not_a_rat
     assert "torch's fused AdamW updates in place" in text
     run["results"][1]["peak_extra_rss_mb"] = 0.0  # ember's own value negligible too: no difference to give
     assert "| - | ~0 | ~0 | ~0 |" in report.tables(run)
+
+
+def test_layer_suite_reports_held_bytes_per_token_per_layer_with_its_ratio_to_stock():
+    run = _fake_run("cpu", {})
+    run["results"] = [dict(suite="layer", provider=p, params=dict(model=model, scope="layer", tokens=512),
+                           status="ok", peak_extra_rss_mb=rss, held_bytes_per_token_per_layer=held,
+                           held_per_layer_x_hidden=held / hidden, held_total_mb=1.0)
+                      for model, hidden, p, rss, held in (("llama", 512, "ember", 20.0, 15208.0),
+                                                          ("llama", 512, "torch", 40.0, 35962.0),
+                                                          ("bert-base", 768, "ember", 30.0, 25024.0),
+                                                          ("bert-base", 768, "torch", 60.0, 61024.0))]
+    text = report.tables(run)
+    assert "layer: bytes held for the backward per token per layer" in text
+    assert "| model=llama | 15,208.0 | 35,962.0 (0.42x) |" in text
+    assert "| model=bert-base | 25,024.0 | 61,024.0 (0.41x) |" in text
+    # The headline (peak extra RSS) is still the first table, the held bytes after it.
+    assert text.index("| model=llama | 20.0 | 40.0 (0.50x) |") < text.index("| model=llama | 15,208.0 |")
