@@ -225,6 +225,26 @@ def test_fsdp_bf16_mixed_precision(two_process_runs, models, data, tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_checkpoint_resumes_on_one_process_with_the_same_global_batch(two_process_runs, models, data, tmp_path):
+    """A checkpoint of two DDP processes of batch 4 (written by rank 0 as one process writes) resumes on one
+    process of batch 8: refused unless asked for, as a changed batch_size is; then the same global batches,
+    so the losses of the uninterrupted two-process run."""
+    import shutil
+
+    results, _, folder = two_process_runs
+    case = "ddp-lora"
+    out = tmp_path / case
+    shutil.copytree(folder / f"llama-{case}", out)
+    shutil.rmtree(out / "checkpoints" / "step-00000006")
+    shutil.rmtree(out / "final")
+    with pytest.raises(ConfigError, match="resume_allow_changes=true"):
+        _one_process(models["llama"], data, out, case, resume=True)
+    with pytest.warns(UserWarning, match="global batch changes"):
+        resumed = _one_process(models["llama"], data, out, case, resume=True, resume_allow_changes=True)
+    assert resumed.losses == pytest.approx(results[f"llama-{case}"]["losses"][3:], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_fsdp_run_killed_mid_checkpoint_resumes_exactly(two_process_runs):
     """Rank 0, the one that renames a checkpoint into place, is SIGKILLed as the checkpoint of step 6 begins
     (its temporary made, its shards not written; the one of step 3 is whole): rank 1's save fails, torchrun
