@@ -345,3 +345,23 @@ def test_gated_mlp_lora_dropout_draws_as_the_unfused_layers(device):
     assert type(holder.mlp).__name__ == "EmberLlamaMLP"
     for a, b in zip(fused, unfused):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", [*CONFIGS, *ENCODERS])
+def test_family_matches_stock_in_bf16_through_the_kernels(family, assert_within_tolerance):
+    """Every family through the layer kernels themselves (the Triton kernels under the interpreter on a CPU, or
+    on CUDA), every weight trained under bf16 autocast: loss and gradients against float64 by the tolerance rule,
+    stock transformers under the same autocast being the yardstick."""
+    model = _model(family)
+    batch = _batch(family)
+
+    def run(m, autocast, backend):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), forced_backend(backend):
+            loss = m(**batch).loss
+            loss.backward()
+        return loss, {name: p.grad for name, p in m.named_parameters() if p.requires_grad}
+
+    reference = run(copy.deepcopy(model).double(), False, "torch")
+    stock = run(copy.deepcopy(model), True, "torch")
+    ours = run(patch(copy.deepcopy(model), attention=False, loss=False), True, "triton")
+    _assert_all_within(ours, reference, stock, torch.bfloat16, assert_within_tolerance)
