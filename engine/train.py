@@ -46,6 +46,7 @@ from .config import ConfigError, TrainConfig, TrainingError
 from .data import DataPosition, model_folder, next_batch
 from .device import resolve_device
 from .distributed import Processes
+from .loading import load_pretrained
 from .lora import LoRAConfig, apply_lora, lora_report
 from .metrics import ClassificationReport
 from .optim import build
@@ -110,19 +111,17 @@ def load_tokenizer(folder: Path):
         return transformers.AutoTokenizer.from_pretrained(folder)
 
 
-def load_model(config: TrainConfig, folder: Path, class_names: list[str]) -> nn.Module:
-    """The task's model from ``folder``, with a fresh classification head where there is one."""
-    import transformers
-
+def load_model(config: TrainConfig, folder: Path, class_names: list[str], device: torch.device | None = None
+               ) -> nn.Module:
+    """The task's model from ``folder`` on ``device``, with a fresh classification head where there is one; with
+    QLoRA its LoRA targets are quantized to NF4 while loading (``ember.engine.loading``)."""
+    heads = {} if config.task == "causal-lm" else dict(
+        num_labels=len(class_names), id2label=dict(enumerate(class_names)),
+        label2id={name: i for i, name in enumerate(class_names)})
+    quantize = functools.partial(lora_targets, config=config) if config.qlora else None
     with _quiet_transformers(), _named_load_errors(folder, "model"):
-        if config.task == "causal-lm":
-            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        else:
-            model_class = {"sequence-classification": transformers.AutoModelForSequenceClassification,
-                           "token-classification": transformers.AutoModelForTokenClassification}[config.task]
-            model = model_class.from_pretrained(
-                folder, num_labels=len(class_names), id2label=dict(enumerate(class_names)),
-                label2id={name: i for i, name in enumerate(class_names)}, dtype=torch.float32)
+        model = load_pretrained(folder, task=config.task, dtype=torch.float32, device=device, quantize=quantize,
+                                **heads)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and config.max_length > limit:
         raise ConfigError(f"max_length {config.max_length} is longer than the model allows ({limit} positions)")
@@ -157,13 +156,8 @@ def prepare_model(model: nn.Module, config: TrainConfig, precision) -> nn.Module
         patch(model)
     if config.lora_r:
         head = head_name(model)
-        # LoRA on every Linear of the body. A fresh classification head is trained
-        # whole (PEFT's modules_to_save); a causal LM's head stays frozen.
-        targets = [name for name, module in model.named_modules()
-                   if isinstance(module, nn.Linear) and name != head and not name.startswith(head + ".")]
         lora = LoRAConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                          target_modules=targets if config.lora_targets == "all-linear" else config.lora_targets,
-                          quantize_base="nf4" if config.qlora else None)
+                          target_modules=lora_targets(model, config), quantize_base="nf4" if config.qlora else None)
         try:
             model = apply_lora(model, lora)
         except ValueError as error:  # apply_lora names what matched nothing and what there is
@@ -178,6 +172,16 @@ def prepare_model(model: nn.Module, config: TrainConfig, precision) -> nn.Module
     return model
 
 
+def lora_targets(model: nn.Module, config: TrainConfig) -> list[str] | str:
+    """LoRA on every Linear of the body. A fresh classification head is trained whole (PEFT's modules_to_save);
+    a causal LM's head stays frozen. Other lora_targets: as given (a regex or a name)."""
+    if config.lora_targets != "all-linear":
+        return config.lora_targets
+    head = head_name(model)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name != head and not name.startswith(head + ".")]
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -186,7 +190,7 @@ def _task_and_model(config: TrainConfig, precision: Precision, device: torch.dev
     """The tokenizer comes first (the task tokenizes its data), the data before the model (the head's classes)."""
     folder = model_folder(config.model)
     task = TASKS[config.task](config, load_tokenizer(folder), device)
-    model = load_model(config, folder, task.class_names)
+    model = load_model(config, folder, task.class_names, device)
     return task, prepare_model(model, config, precision).to(device)
 
 
