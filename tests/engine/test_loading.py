@@ -16,6 +16,7 @@ from ember.engine.data import model_folder
 from ember.engine.loading import load_pretrained
 from ember.engine.lora import LoRALinear, NF4Linear, apply_lora
 from ember.engine.patch import patch
+from ember.kernels.backend import forced_backend
 
 
 def _ids(vocab: int, seed: int = 0) -> torch.Tensor:
@@ -85,10 +86,11 @@ def test_qlora_from_pretrained_equals_the_old_path(tiny_llama):
             old_layers[name].lora_B.copy_(layer.lora_B)
             old_layers[name].lora_A.copy_(layer.lora_A)
     ids = _ids(new.config.vocab_size)
-    new_loss, old_loss = new(ids, labels=ids).loss, old(ids, labels=ids).loss
-    assert new_loss.item() == old_loss.item()
-    new_loss.backward()
-    old_loss.backward()
+    with forced_backend("torch"):  # the two loads are compared, not the kernels' backends (tested elsewhere)
+        new_loss, old_loss = new(ids, labels=ids).loss, old(ids, labels=ids).loss
+        assert new_loss.item() == old_loss.item()
+        new_loss.backward()
+        old_loss.backward()
     for name, layer in new_layers.items():
         assert torch.equal(layer.lora_A.grad, old_layers[name].lora_A.grad)
     assert [n for n, p in new.named_parameters() if p.requires_grad] == \
@@ -158,8 +160,9 @@ def test_a_device_map_places_by_module(tiny_llama):
 def test_what_streaming_does_not_read_goes_through_transformers(tiny_llama, tmp_path, caplog):
     """A .bin checkpoint: the whole-model path, said in one log line, and the same result."""
     folder = tmp_path / "bin"
-    _stock(tiny_llama).save_pretrained(folder, safe_serialization=False)
-    assert not (folder / "model.safetensors").exists()
+    stock = _stock(tiny_llama)
+    stock.config.save_pretrained(folder)  # transformers 5 writes safetensors only: the .bin is written by hand
+    torch.save(stock.state_dict(), folder / "pytorch_model.bin")
     with caplog.at_level(logging.INFO, logger="ember.loading"):
         model = load_pretrained(folder, dtype=torch.float32, quantize="all-linear")
     assert [r.getMessage() for r in caplog.records if "through transformers' from_pretrained" in r.getMessage()]
