@@ -34,7 +34,7 @@ from .tasks import TASKS
 class TrainConfig:
     # -- what to train on
     task: str = "sequence-classification"  # or "causal-lm", "token-classification"
-    model: str = "asset:all-minilm-l6-v2"  # a Hugging Face folder, or asset:<name> (see engine.data)
+    model: str = "asset:all-minilm-l6-v2"  # a Hugging Face folder, asset:<name>, or a hub id in the local HF cache
     data: str = "asset:rotten-tomatoes"  # a .csv/.jsonl/.txt file, or asset:<name>
     text_column: str = "text"
     label_column: str = "label"

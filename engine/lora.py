@@ -354,7 +354,8 @@ class NF4Linear(NF4Storage, nn.Linear):
         return F.linear(x.to(dtype), dequantize_nf4(self.base_weight, dtype=dtype), bias)  # rounded once to dtype
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, base=nf4, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, base=nf4, "
+                f"bias={self.bias is not None}")
 
 
 # ----------------------------------------------------------------------------
