@@ -145,7 +145,7 @@ def texts():
 
 
 def _sft(trainer_class, model, texts, tokenizer, tmp_path, steps, **options):
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=steps, max_length=SEQ, **_COMMON, **options)
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=steps, **{"max_length": SEQ, **_COMMON, **options})
     return _train(trainer_class(model=model, args=args, train_dataset=texts, processing_class=tokenizer))
 
 
@@ -176,6 +176,17 @@ def test_ember_sft_trainer_matches_stock_sft_trainer(tmp_path, fused_loss_calls,
     stock = _sft(trl.SFTTrainer, _llama(), texts, tokenizer, tmp_path / "stock", **options)[2][0]
     ours = _sft(EmberSFTTrainer, patch(_llama()), texts, tokenizer, tmp_path / "ember", **options)[2][0]
     assert fused_loss_calls == [TOKENS, TOKENS]
+    assert ours["loss"] == pytest.approx(stock["loss"], rel=1e-5)
+    assert ours["grad_norm"] == pytest.approx(stock["grad_norm"], rel=1e-4)
+
+
+def test_ember_sft_trainer_packed_matches_sft_trainer(tmp_path, fused_loss_calls, texts, tokenizer):
+    """packing=True: SFTTrainer packs documents padding-free into one row; ember's attention keeps them apart
+    (cu_seq_lens) and the loss counts no target across a boundary, as the stock model and SFTTrainer do."""
+    options = dict(steps=1, bf16=False, packing=True, max_length=2 * SEQ)
+    stock = _sft(trl.SFTTrainer, _llama(), texts, tokenizer, tmp_path / "stock", **options)[2][0]
+    ours = _sft(EmberSFTTrainer, patch(_llama()), texts, tokenizer, tmp_path / "ember", **options)[2][0]
+    assert fused_loss_calls == [2 * TOKENS]  # BATCH packed rows of two documents each, flattened into one row
     assert ours["loss"] == pytest.approx(stock["loss"], rel=1e-5)
     assert ours["grad_norm"] == pytest.approx(stock["grad_norm"], rel=1e-4)
 
