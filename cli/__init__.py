@@ -100,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
         # would take the value of '--lr 3e-4' for the config file. The keys' help comes from the config dataclass.
         command = commands.add_parser(
             name, help=text, usage=f"ember {name} [CONFIG.toml|.yaml] [--key=value | --key value ...]",
-            description=textwrap.fill(text + ". Every key can be set in the config file, as --key=value or as "
-                                      "--key value; later sources win: defaults, preset, file, command line.", width),
+            description=textwrap.fill(text + ". Every key can be set in the config file (TOML or YAML), as "
+                                      "--key=value or as --key value; later sources win: defaults, preset, file, "
+                                      "command line. Hugging Face TrainingArguments names are taken for the keys "
+                                      "that list them.", width),
             epilog="config keys:\n" + describe_keys(width),
             formatter_class=argparse.RawDescriptionHelpFormatter)
         command.set_defaults(handler=handler, takes_overrides=True)

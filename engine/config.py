@@ -223,10 +223,11 @@ def _without_aliases(updates: dict[str, Any], source: str, from_text: bool) -> d
     """``updates`` (one source: a preset, a file or the command line) with each TrainingArguments name replaced
     by the ember keys it sets (see config_aliases). An alias beside its own key is refused: which one is meant?"""
     own = {name: value for name, value in updates.items() if name not in ALIASES}
-    for name in own.keys() & REFUSED.keys():
-        raise ConfigError(f"{name} in {source} is a TrainingArguments name ember does not take: {REFUSED[name]}")
+    refused = next((name for name in own if name in REFUSED), None)
+    if refused:
+        raise ConfigError(f"{refused} in {source} is a TrainingArguments name ember does not take: {REFUSED[refused]}")
     implied: dict[str, Any] = {}
-    for name in updates.keys() & ALIASES.keys():
+    for name in (name for name in updates if name in ALIASES):
         alias = ALIASES[name]
         if alias.key in own:
             raise ConfigError(f"{name} and {alias.key} in {source} are one key ({name} is TrainingArguments' name "
@@ -234,14 +235,11 @@ def _without_aliases(updates: dict[str, Any], source: str, from_text: bool) -> d
         value = _typed(alias.type, name, updates[name], from_text)
         if name in _MIXED_PRECISION:
             continue  # the pair is read together below
-        if alias.values is None:
-            implied[alias.key] = value
-        else:
-            if value not in alias.values:
-                raise ConfigError(f"{name}: expected one of {', '.join(map(_value_text, alias.values))}, "
-                                  f"got {value!r}")
-            # Keys implied beyond the alias's own (min_lr_ratio by a schedule) give way to the same keys written.
-            implied.update({key: value for key, value in alias.values[value].items() if key not in own})
+        if alias.values is not None and value not in alias.values:
+            raise ConfigError(f"{name}: expected one of {', '.join(map(_value_text, alias.values))}, got {value!r}")
+        sets = {alias.key: value} if alias.values is None else alias.values[value]
+        # Keys a value implies beyond the alias's own (min_lr_ratio, for a schedule) give way to the same keys written.
+        implied.update({key: setting for key, setting in sets.items() if key not in own})
     mixed = {name: _typed(bool, name, updates[name], from_text) for name in _MIXED_PRECISION if name in updates}
     if mixed.get("bf16") and mixed.get("fp16"):
         raise ConfigError(f"bf16 and fp16 in {source}: at most one can be true")
