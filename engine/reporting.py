@@ -93,6 +93,7 @@ class JsonLines:
         kept = _records_through(path, resumed_step) if resumed_step is not None else []
         write_atomically(path, lambda temporary: temporary.write_text("".join(kept), encoding="utf-8"))
         self.file = open(path, "a", encoding="utf-8")
+        self.where = f"{path}"
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         self.file.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
@@ -122,6 +123,7 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+        self.where = f"tensorboard in {out_dir / 'tensorboard'}"
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         for key, value in _scalars(values).items():
@@ -145,6 +147,9 @@ class WandB:
         self.run = wandb.init(mode=_env_or("WANDB_MODE", "offline"), dir=_env_or("WANDB_DIR", str(out_dir)),
                               project=_env_or("WANDB_PROJECT", "ember"), name=_env_or("WANDB_NAME", out_dir.name),
                               config=config, reinit="create_new")  # never takes over a run the caller has open
+        folder = Path(self.run.dir).parent
+        self.where = (f"wandb offline run {folder} (upload: wandb sync {folder})" if self.run.settings.mode == "offline"
+                      else f"wandb run {getattr(self.run, 'url', None) or folder}")
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         scalars = _scalars(values)
@@ -170,6 +175,7 @@ class MLflow:
         experiment = self.client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
         self.run_id = self.client.create_run(experiment_id, run_name=out_dir.name).info.run_id
+        self.where = f"mlflow run {self.run_id} in {uri}"
         self.client.log_batch(self.run_id, params=[Param(key, json.dumps(value) if not isinstance(value, str)
                                                          else value) for key, value in config.items()])
 
@@ -207,6 +213,10 @@ class RunLog:
         except BaseException:
             self.close()
             raise
+
+    def describe(self) -> str:
+        """Where the records go, one place per reporter, for the run's opening lines."""
+        return "; ".join(reporter.where for reporter in self.reporters)
 
     def write(self, kind: str, step: int, **values) -> None:
         if kind == "end":

@@ -438,6 +438,7 @@ def open_log(run: Run) -> RunLog | NoLog:
         run.log = NoLog()
         return run.log
     run.log = RunLog(run.out_dir, run.config, resumed_step=run.saved_step)
+    _say(f"logs: {run.log.describe()}")
     remove_stale_temporaries(run.out_dir)  # a final/ export or log rewrite killed mid-write
     run.log.write("config", run.state.step, config=run.config.to_dict(), precision=str(run.precision))
     return run.log

@@ -171,6 +171,9 @@ def test_wandb_is_offline_in_out_dir_unless_the_user_says_otherwise(monkeypatch,
     calls = []
 
     class FakeRun:
+        dir = str(tmp_path / "fake" / "files")
+        settings = type("Settings", (), {"mode": "offline"})
+
         def log(self, values, step):
             pass
 
@@ -223,7 +226,7 @@ def test_a_run_that_fails_is_closed_as_failed(offline_trackers, tmp_path):
     assert run.info.status == "FAILED"
 
 
-def test_training_reports_to_every_installed_tracker(offline_trackers, tiny_bert, sentiment_csv, tmp_path):
+def test_training_reports_to_every_installed_tracker(offline_trackers, tiny_bert, sentiment_csv, tmp_path, capsys):
     """report_to = "all" through the loop: each installed tracker gets the train and eval scalars."""
     config = TrainConfig(model=str(tiny_bert), data=str(sentiment_csv), out_dir=str(tmp_path / "run"),
                          max_length=16, eval_size=50, batch_size=8, max_steps=4, warmup_steps=1, eval_every=2,
@@ -234,6 +237,8 @@ def test_training_reports_to_every_installed_tracker(offline_trackers, tiny_bert
         pytest.skip("none of tensorboard, wandb, mlflow is installed")
     with forced_backend("torch"):
         train_module.train(config)
+    said = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("logs: "))
+    assert said.count("; ") == len(names)  # log.jsonl, then one place per tracker
     if "tensorboard" in names:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -245,6 +250,7 @@ def test_training_reports_to_every_installed_tracker(offline_trackers, tiny_bert
         history = [{_key(item): json.loads(item.value_json) for item in record.history.item}
                    for record in _wandb_run(tmp_path / "run") if record.WhichOneof("record_type") == "history"]
         assert [row["_step"] for row in history if "train/loss" in row] == [2, 4]
+        assert "(upload: wandb sync " in said
     if "mlflow" in names:
         from mlflow.tracking import MlflowClient
 
