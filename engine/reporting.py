@@ -166,7 +166,7 @@ class MLflow:
         from mlflow.tracking import MlflowClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:
+        if not uri:  # MLflow 3 refuses its file store unless this is set (a database store needs SQLAlchemy)
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             uri = (out_dir / "mlruns").resolve().as_uri()
         # The client, not mlflow's module-level active run: a caller's own MLflow run is left alone.
