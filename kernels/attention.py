@@ -623,6 +623,7 @@ _CONFIGS = {
 # mma they spill (see the compile gate), so sm_80 keeps the tiles above. Their 16-query tiles
 # are what leaves room for 64 rows of dk and dv (fp32) per warpgroup and Philox's state.
 _HOPPER_CONFIGS: dict[tuple[str, str], triton.Config] = {
+    ("dq", "d256_dropout"): _config(128, 16, 8, 1),
     ("dkdv", "d128_dropout"): _bwd_config(16, 64, 4, 1),
 }
 # Not keyed on sequence lengths: packed batches change their maximum length every step.
