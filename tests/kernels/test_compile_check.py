@@ -32,8 +32,7 @@ _NOT_YET_HOPPER = frozenset({
     "attention_bwd_fp32",
     # Head dim 256's dk and dv (64 keys x 256 in fp32 per warpgroup), and the dropout variants' Philox state.
     "attention_dkdv_d256", "attention_dkdv_d256_dropout",
-    "attention_dkdv_fp32",
-})
+    })
 
 
 @pytest.mark.slow
