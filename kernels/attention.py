@@ -626,6 +626,7 @@ _HOPPER_CONFIGS: dict[tuple[str, str], triton.Config] = {
     ("dq", "d256_dropout"): _config(128, 16, 8, 1),
     ("dkdv", "d128_dropout"): _bwd_config(16, 64, 4, 1),
     ("dkdv", "fp32"): _bwd_config(16, 64, 4, 1),
+    ("bwd", "d128"): _bwd_config(16, 128, 8, 1, dq_transposed=True),
 }
 # Not keyed on sequence lengths: packed batches change their maximum length every step.
 _AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "HAS_BAND", "HAS_KPM", "HAS_SOFTCAP", "HAS_DROPOUT"]
