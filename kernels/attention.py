@@ -627,6 +627,8 @@ _HOPPER_CONFIGS: dict[tuple[str, str], triton.Config] = {
     ("dkdv", "d128_dropout"): _bwd_config(16, 64, 4, 1),
     ("dkdv", "fp32"): _bwd_config(16, 64, 4, 1),
     ("bwd", "d128"): _bwd_config(16, 128, 8, 1, dq_transposed=True),
+    # dq's product stays (BLOCK_M, D), sm_80-style HMMA: transposed, it spills with Philox's state.
+    ("bwd", "d128_dropout"): _bwd_config(16, 128, 8, 1),
 }
 # Not keyed on sequence lengths: packed batches change their maximum length every step.
 _AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "HAS_BAND", "HAS_KPM", "HAS_SOFTCAP", "HAS_DROPOUT"]
