@@ -230,3 +230,22 @@ def test_the_memory_bench_measures_both_ways(tiny_llama):
     whole, streaming = (measure_one(way, str(tiny_llama), "float32") for way in ("whole", "streaming"))
     assert whole["base_bytes"] == streaming["base_bytes"] > 0  # the same NF4 bases either way
     assert all(row["peak_rss_mib"] >= row["baseline_rss_mib"] > 0 for row in (whole, streaming))
+
+
+def test_ember_train_quantizes_its_qlora_targets_while_loading(tiny_bert, tmp_path):
+    """``ember train --qlora``: the body's Linear layers arrive as NF4Linear (no dense copy to quantize later),
+    the fresh classifier stays dense, and prepare_model turns them into NF4 LoRA layers."""
+    import ember.engine.train as train_module
+    from ember.engine.config import TrainConfig
+    from ember.engine.precision import decide
+
+    config = TrainConfig(model=str(tiny_bert), qlora=True, lora_r=4, precision="fp32", max_length=16,
+                         out_dir=str(tmp_path))
+    model = train_module.load_model(config, tiny_bert, ["neg", "pos"], torch.device("cpu"))
+    quantized = sorted(name for name, m in model.named_modules() if isinstance(m, NF4Linear))
+    assert len(quantized) == 2 * 6 + 1  # q, k, v, attention output, intermediate, output per layer; the pooler
+    assert type(model.classifier) is torch.nn.Linear
+    model = train_module.prepare_model(model, config, decide("fp32", "cpu"))
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert sorted(layers) == quantized and all(layer.quantized for layer in layers.values())
+    assert model.classifier.weight.requires_grad
