@@ -25,6 +25,7 @@ from .distributed import MODES
 from .distributed import check as check_distributed
 from .errors import ConfigError, TrainingError  # noqa: F401  (raised by loading and running a config)
 from .optim import OPTIMIZERS
+from .peft_methods import check as check_peft_method
 from .precision import POLICIES
 from .schedule import SCHEDULES
 from .tasks import TASKS
@@ -64,6 +65,8 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_targets: str = "all-linear"
     qlora: bool = False  # base weights in NF4
+    peft_method: str = "lora"  # lora (ember's fused LoRA), or PEFT's own dora, adalora, prefix, ia3 (engine.peft_methods)
+    num_virtual_tokens: int = 20  # peft_method "prefix": virtual tokens in front of every layer's keys and values
     ember_kernels: bool = True  # patch attention and loss with ember's kernels
     distributed: str = "auto"  # under torchrun: ddp, fsdp (FSDP2), auto (fsdp for full fine-tunes, else ddp)
 
@@ -269,6 +272,7 @@ def check(config: TrainConfig) -> None:
                           f"got {config.early_stopping_metric!r}")
     if config.qlora and config.lora_r == 0:
         raise ConfigError("qlora: needs lora_r > 0 (QLoRA trains adapters over a frozen NF4 base)")
+    check_peft_method(config)
     if config.offload_activations and not config.gradient_checkpointing:
         raise ConfigError("offload_activations: needs gradient_checkpointing = true")
     if config.distributed == "fsdp":  # asked for by name: refused even before a launch with several processes
