@@ -25,66 +25,73 @@ from .distributed import MODES
 from .distributed import check as check_distributed
 from .errors import ConfigError, TrainingError  # noqa: F401  (raised by loading and running a config)
 from .optim import OPTIMIZERS
+from .peft_methods import PEFT_METHODS
 from .peft_methods import check as check_peft_method
 from .precision import POLICIES
 from .schedule import SCHEDULES
 from .tasks import TASKS
 
 
+def key(default: Any, meaning: str) -> Any:
+    """A TrainConfig field and its one line of meaning, which ``ember train --help`` prints beside its type and
+    default: the meaning sits next to the field, so the help cannot drift from the dataclass."""
+    return dataclasses.field(default=default, metadata={"help": meaning})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # -- what to train on
-    task: str = "sequence-classification"  # or "causal-lm", "token-classification"
-    model: str = "asset:all-minilm-l6-v2"  # a Hugging Face folder, or asset:<name> (see engine.data)
-    data: str = "asset:rotten-tomatoes"  # a .csv/.jsonl/.txt file, or asset:<name>
-    text_column: str = "text"
-    label_column: str = "label"
-    prompt_column: str = ""  # causal-lm prompt/response pairs: the prompt is masked from the loss
-    max_length: int = 64
-    eval_size: int = 1000  # examples (classification) or sequences (causal-lm) held out
-    train_size: int = 0  # 0: all that is not held out
-    pack: bool = False  # causal-lm: documents packed into rows, varlen attention keeps them apart
+    task: str = key("sequence-classification", "what the model learns (sets the head, loss and metrics)")
+    model: str = key("asset:all-minilm-l6-v2", "a Hugging Face model folder, or asset:<name> (see engine.data)")
+    data: str = key("asset:rotten-tomatoes", "a .csv/.jsonl/.txt file, or asset:<name>")
+    text_column: str = key("text", "the column (or JSON field) holding the text")
+    label_column: str = key("label", "the column holding the label (classification) or tags (token-classification)")
+    prompt_column: str = key("", "causal-lm prompt/response pairs: the prompt column, masked from the loss")
+    max_length: int = key(64, "tokens per example (longer ones are cut)")
+    eval_size: int = key(1000, "examples (classification) or sequences (causal-lm) held out for evaluation")
+    train_size: int = key(0, "examples to train on; 0: all that are not held out")
+    pack: bool = key(False, "causal-lm: documents packed into rows, varlen attention keeps them apart")
 
     # -- how
-    precision: str = "auto"  # auto, bf16, fp16, bf16-pure, fp32
-    optimizer: str = "adamw8bit"  # adamw, adamw8bit, bnb_adamw8bit, bnb_paged_adamw8bit
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    batch_size: int = 32
-    grad_accum: int = 1
-    max_steps: int = 150
-    warmup_steps: int = 10
-    schedule: str = "cosine"  # cosine, linear, constant
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # 0: no clipping
-    gradient_checkpointing: bool = False
-    offload_activations: bool = False  # with checkpointing: saved layer inputs go to CPU memory
-    lora_r: int = 16  # 0: full fine-tune
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: str = "all-linear"
-    qlora: bool = False  # base weights in NF4
-    peft_method: str = "lora"  # lora (ember's fused LoRA), or PEFT's own dora, adalora, prefix, ia3 (engine.peft_methods)
-    num_virtual_tokens: int = 20  # peft_method "prefix": virtual tokens in front of every layer's keys and values
-    ember_kernels: bool = True  # patch attention and loss with ember's kernels
-    distributed: str = "auto"  # under torchrun: ddp, fsdp (FSDP2), auto (fsdp for full fine-tunes, else ddp)
+    precision: str = key("auto", "auto: bf16 where the hardware has it, else fp32")
+    optimizer: str = key("adamw8bit", "adamw8bit is ember's fused 8-bit AdamW; bnb_* are bitsandbytes'")
+    lr: float = key(2e-3, "the peak learning rate, reached after warmup_steps")
+    weight_decay: float = key(0.01, "AdamW's decoupled weight decay")
+    betas: tuple[float, float] = key((0.9, 0.999), "AdamW's beta1,beta2")
+    batch_size: int = key(32, "examples per micro-batch on each process")
+    grad_accum: int = key(1, "micro-batches accumulated into one optimizer step")
+    max_steps: int = key(150, "optimizer steps of the whole run")
+    warmup_steps: int = key(10, "steps of linear warm-up from 0 to lr")
+    schedule: str = key("cosine", "the decay after warm-up, down to min_lr_ratio x lr at max_steps")
+    min_lr_ratio: float = key(0.1, "the learning rate at max_steps, as a fraction of lr")
+    grad_clip: float = key(1.0, "the gradient norm is clipped to this; 0: no clipping")
+    gradient_checkpointing: bool = key(False, "recompute activations in the backward pass to save memory")
+    offload_activations: bool = key(False, "with gradient_checkpointing: saved layer inputs go to CPU memory")
+    lora_r: int = key(16, "LoRA rank; 0: full fine-tune")
+    lora_alpha: float = key(32.0, "LoRA scale numerator (the update is scaled by lora_alpha / lora_r)")
+    lora_dropout: float = key(0.05, "dropout on the LoRA branch's input")
+    lora_targets: str = key("all-linear", "the layers LoRA adapts: all-linear, or comma-separated module names")
+    qlora: bool = key(False, "base weights in NF4 (QLoRA); needs lora_r > 0")
+    peft_method: str = key("lora", "lora is ember's fused LoRA; the others run PEFT's own (see engine.peft_methods)")
+    num_virtual_tokens: int = key(20, "peft_method prefix: virtual tokens in front of every layer's keys and values")
+    ember_kernels: bool = key(True, "patch attention and loss with ember's kernels")
+    distributed: str = key("auto", "under torchrun; auto: fsdp (FSDP2) for full fine-tunes, else ddp")
 
     # -- evaluation, checkpoints, logs
-    eval_every: int = 50
-    early_stopping_metric: str = ""  # e.g. "accuracy", "loss"; empty: no early stopping
-    early_stopping_patience: int = 3
-    save_every: int = 50
-    keep_last: int = 2
-    out_dir: str = "runs/ember"
-    resume: bool = False
-    resume_allow_changes: bool = False  # resume even where the saved config differs (e.g. a deliberate new seed)
-    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
-    log_every: int = 10
-    tensorboard: bool = False
-    progress: bool = True
-    seed: int = 0
-    device: str = "auto"  # auto, cpu, cuda
+    eval_every: int = key(50, "steps between held-out evaluations")
+    early_stopping_metric: str = key("", "stop when this metric (e.g. accuracy, loss) stops improving; empty: never")
+    early_stopping_patience: int = key(3, "evaluations without improvement before early stopping")
+    save_every: int = key(50, "steps between checkpoints")
+    keep_last: int = key(2, "checkpoints kept on disk (older ones are deleted)")
+    out_dir: str = key("runs/ember", "folder for checkpoints, the final export and log.jsonl")
+    resume: bool = key(False, "continue from the latest checkpoint in out_dir")
+    resume_allow_changes: bool = key(False, "resume even where the saved config differs (e.g. a deliberate new seed)")
+    max_bad_steps: int = key(5, "consecutive non-finite losses before the run stops")
+    log_every: int = key(10, "steps between training records in the log")
+    tensorboard: bool = key(False, "TensorBoard event files in out_dir/tensorboard")
+    progress: bool = key(True, "show a progress bar")
+    seed: int = key(0, "seeds the data order, the split, dropout and new weights")
+    device: str = key("auto", "auto: cuda if available, else cpu")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,7 +108,49 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
+# The keys that take one of a few words, checked by ``check`` and listed by ``describe_keys``.
+CHOICES: dict[str, tuple[str, ...]] = {"task": tuple(TASKS), "precision": ("auto", *POLICIES), "optimizer": OPTIMIZERS,
+                                       "schedule": SCHEDULES, "device": DEVICES, "distributed": MODES,
+                                       "peft_method": PEFT_METHODS}
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _metavar(name: str) -> str:
+    """What key ``name`` takes, as ``--help`` shows it: {a,b,c} for a choice (as argparse shows one), else
+    INT, FLOAT, BOOL, TEXT, or FLOAT,FLOAT for a pair."""
+    if name in CHOICES:
+        return "{" + ",".join(CHOICES[name]) + "}"
+    expected = typing.get_type_hints(TrainConfig)[name]
+    names = {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}
+    if typing.get_origin(expected) is tuple:
+        return ",".join(names[item] for item in typing.get_args(expected))
+    return names[expected]
+
+
+def _value_text(value: Any) -> str:
+    """A value as one types it after --key: true, 0.002, 0.9,0.999; an empty text shows as ''."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(_value_text(item) for item in value)
+    return str(value) if value != "" else "''"
+
+
+def describe_keys(width: int = 100, column: int = 32) -> str:
+    """Every config key with what it takes, its meaning and its default, in the dataclass's order, laid out
+    as argparse lays out options: this is ``ember train --help``'s list of keys."""
+    import textwrap
+
+    lines = []
+    for field in dataclasses.fields(TrainConfig):
+        invocation = f"  --{field.name} {_metavar(field.name)}"
+        meaning = f"{field.metadata['help']} (default: {_value_text(field.default)})"
+        if len(invocation) + 2 > column:  # too long to share its line with the meaning, as in argparse
+            lines.append(invocation)
+            invocation = ""
+        lines.append(textwrap.fill(meaning, width, initial_indent=invocation.ljust(column),
+                                   subsequent_indent=" " * column, break_on_hyphens=False, break_long_words=False))
+    return "\n".join(lines)
 
 
 def _coerce(name: str, value: Any, from_text: bool) -> Any:
@@ -145,12 +194,12 @@ def _coerce(name: str, value: Any, from_text: bool) -> Any:
 
 
 def _apply(values: dict[str, Any], updates: dict[str, Any], source: str, from_text: bool) -> None:
-    for key, value in updates.items():
-        if key == "preset":
+    for name, value in updates.items():
+        if name == "preset":
             continue
-        if key not in _FIELDS:
-            raise ConfigError(f"unknown key {key!r} in {source}")
-        values[key] = _coerce(key, value, from_text)
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown key {name!r} in {source}")
+        values[name] = _coerce(name, value, from_text)
 
 
 def _scan(arguments: list[str]) -> tuple[list[int], dict[str, str]]:
@@ -163,20 +212,20 @@ def _scan(arguments: list[str]) -> tuple[list[int], dict[str, str]]:
         if not item.startswith("--"):
             positional.append(i - 1)
             continue
-        key, has_value, value = item[2:].partition("=")
-        key = key.replace("-", "_")
+        name, has_value, value = item[2:].partition("=")
+        name = name.replace("-", "_")
         if not has_value:
             following = arguments[i] if i < len(arguments) else None
             takes_next = following is not None and not following.startswith("--") and (
-                _FIELDS.get(key) is None or typing.get_type_hints(TrainConfig)[key] is not bool
+                _FIELDS.get(name) is None or typing.get_type_hints(TrainConfig)[name] is not bool
                 or following.lower() in _BOOL_WORDS)
             if takes_next:
                 value, i = following, i + 1
-            elif key in _FIELDS and typing.get_type_hints(TrainConfig)[key] is not bool:
-                raise ConfigError(f"{key}: expected a value: --{key}=VALUE or --{key} VALUE")
+            elif name in _FIELDS and typing.get_type_hints(TrainConfig)[name] is not bool:
+                raise ConfigError(f"{name}: expected a value: --{name}=VALUE or --{name} VALUE")
             else:
                 value = "true"
-        options[key] = value
+        options[name] = value
     return positional, options
 
 
@@ -247,9 +296,7 @@ def _in_range(value: float, low: float, high: float, low_in: bool, high_in: bool
 
 def check(config: TrainConfig) -> None:
     """Values that are well typed but make no sense, named with what was expected."""
-    choices = {"task": tuple(TASKS), "precision": ("auto", *POLICIES), "optimizer": OPTIMIZERS,
-               "schedule": SCHEDULES, "device": DEVICES, "distributed": MODES}
-    for name, allowed in choices.items():
+    for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(config, name)!r}")
     for name in ("batch_size", "grad_accum", "max_steps", "max_length", "eval_every", "save_every", "keep_last",
