@@ -66,10 +66,9 @@ def adalora_schedule(config) -> dict[str, int]:
 
 
 def check(config) -> None:
-    """peft_method and what it combines with, checked with the rest of the config (a ConfigError naming them)."""
+    """What peft_method (one of PEFT_METHODS, checked with the other choices) combines with, checked with the
+    rest of the config: a ConfigError naming the combination."""
     method = config.peft_method
-    if method not in PEFT_METHODS:
-        raise ConfigError(f"peft_method: expected one of {', '.join(PEFT_METHODS)}, got {method!r}")
     if config.num_virtual_tokens < 1:
         raise ConfigError(f"num_virtual_tokens: expected a positive integer, got {config.num_virtual_tokens}")
     if method == "lora":
@@ -122,7 +121,7 @@ def _peft_config(config, head: str | None):
     if method == "prefix":
         return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=config.num_virtual_tokens,
                                        modules_to_save=modules_to_save)
-    raise AssertionError(f"unhandled peft_method {method!r}")  # check() allows only PEFT_METHODS
+    raise AssertionError(f"unhandled peft_method {method!r}")  # config.check allows only PEFT_METHODS
 
 
 _KERNELS_IN_THE_PATH = {

@@ -89,7 +89,8 @@ def test_trains_resumes_and_exports(method, method_config, tmp_path, monkeypatch
     assert resumed.losses == whole.losses[2:]
     resumed_final = list_checkpoints(split)[-1]
     assert all(torch.equal(tensor, final[name]) for name, tensor in load_trainable(resumed_final).items())
-    allocator, resumed_allocator = (load_state(list_checkpoints(out)[-1])["peft_method"] for out in (config.out_dir, split))
+    allocator, resumed_allocator = (load_state(list_checkpoints(out)[-1])["peft_method"]
+                                    for out in (config.out_dir, split))
     if method == "adalora":  # importance scores and the rank pattern: masking goes on as it would have
         assert allocator["exp_avg_ipt"] and isinstance(allocator["rank_pattern"], dict)
         assert allocator["rank_pattern"] == resumed_allocator["rank_pattern"]
