@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 import os
 
+import torch
 import torch.nn as nn
 
 from .errors import ConfigError
@@ -216,6 +217,11 @@ class AdaLoRAHooks(StepHooks):
         return self.tuner.peft_config[self.tuner.trainable_adapter_name]
 
     def after_optimizer_step(self, step: int) -> None:
+        # fp16's loss scaler skips a step whose gradients overflowed; their importance scores would be inf for
+        # good, so the allocation skips it too.
+        grads = [p.grad for name, p in self.tuner.named_parameters() if "lora_" in name and p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.abs().amax() for g in grads])).all():
+            return
         self.tuner.update_and_allocate(step)
 
     def state_dict(self) -> dict:

@@ -75,7 +75,10 @@ def test_trains_resumes_and_exports(method, method_config, tmp_path, monkeypatch
     config = method_config(method, tmp_path / "whole")
     whole = _train(config)
     assert whole.steps == 3 and all(torch.isfinite(torch.tensor(whole.losses)))
-    assert f"{method} (PEFT {peft.__version__})" in capsys.readouterr().out  # with the kernels it runs
+    model_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model:"))
+    assert f"{method} (PEFT {peft.__version__})" in model_line  # and, in the same line, which kernels run
+    assert ("ember's attention runs the virtual tokens" if method == "prefix"
+            else "PEFT's adapter layers run their own matmuls") in model_line
     final = load_trainable(list_checkpoints(config.out_dir)[-1])
     assert initial and final.keys() == initial.keys()
     assert [name for name in initial if torch.equal(final[name], initial[name])] == []
@@ -133,3 +136,36 @@ def test_targets_that_match_nothing_are_named(method_config, tmp_path):
     with pytest.raises(ConfigError, match="peft_method 'dora' \\(lora_targets 'nothing_here'\\)"):
         _train(method_config("dora", tmp_path / "run", lora_targets="nothing_here"))
     assert not (tmp_path / "run").exists()
+
+
+def test_adalora_penalty_and_allocation(tiny_bert):
+    """PEFT's orthogonality penalty is in the training loss, not in a held-out one (and its weight is back after);
+    a step whose gradients overflowed (fp16's scaler skipped it) leaves the rank allocator's scores alone."""
+    import transformers
+
+    from ember.engine import peft_methods
+
+    config = TrainConfig(peft_method="adalora", lora_r=4, lora_dropout=0.0, max_steps=10, warmup_steps=0)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    model = peft_methods.wrap(base, config, head="classifier")
+    batch = transformers.AutoTokenizer.from_pretrained(tiny_bert)(["good film", "a dull plot"], padding=True,
+                                                                    return_tensors="pt")
+    labels = torch.tensor([1, 0])
+    training_loss = model.train()(**batch, labels=labels).loss
+    output = model.eval()(**batch, labels=labels)
+    assert output.loss.item() == pytest.approx(torch.nn.functional.cross_entropy(output.logits, labels).item(),
+                                               rel=1e-6)
+    assert training_loss.item() > output.loss.item() + 0.1
+    assert model.peft_config["default"].orth_reg_weight == peft_methods.ADALORA_ORTH_REG_WEIGHT
+
+    hooks = peft_methods.step_hooks(model, config)
+    training_loss.backward()
+    next(p for name, p in model.named_parameters() if "lora_A" in name).grad[0, 0] = float("inf")
+    hooks.after_optimizer_step(1)
+    assert hooks.state_dict()["ipt"] == {}
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.nan_to_num_(posinf=1.0)
+    hooks.after_optimizer_step(1)
+    scores = hooks.state_dict()
+    assert scores["ipt"] and all(torch.isfinite(t).all() for t in scores["exp_avg_ipt"].values())
