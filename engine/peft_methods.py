@@ -1,8 +1,8 @@
 """PEFT's other parameter-efficient methods in ember's loop: DoRA, AdaLoRA, prefix tuning, IA3.
 
-    model = wrap(patch(model), config)       # a peft.PeftModel over the patched transformers model
-    hooks = step_hooks(model, config)        # what the loop calls after each optimizer step (AdaLoRA)
-    write_adapter(model, "out/adapter")      # PEFT's own save_pretrained
+    model = wrap(patch(model), config, head="classifier")   # a peft.PeftModel over the patched model
+    hooks = step_hooks(model, config)       # what the loop calls after each optimizer step (AdaLoRA)
+    write_adapter(model, "out/adapter")     # PEFT's own save_pretrained
 
 ``peft_method = "lora"`` (the default) is ember's fused LoRA (``ember.engine.lora``) and
 never comes here. The others are PEFT's own implementations, built from ember's keys:
@@ -13,7 +13,8 @@ never comes here. The others are PEFT's own implementations, built from ember's 
   schedule from the loop's: total_step = max_steps, tinit = warmup_steps (ranks are not pruned during the
   warmup), tfinal = max_steps // 10 (the last tenth trains at the final ranks). The loop calls
   ``update_and_allocate`` after every optimizer step; PEFT adds its orthogonality penalty (orth_reg_weight 0.5)
-  to the training loss, and held-out losses leave it out.
+  to the training loss (once per micro-batch, so grad_accum k weighs it k times), and held-out losses leave
+  it out.
 - ``prefix``: ``PrefixTuningConfig`` with ``num_virtual_tokens``; the lora_* keys do not apply.
 - ``ia3``: ``IA3Config``; lora_targets = "all-linear" (the default) means IA3's own targets, PEFT's list per
   architecture (keys, values and the feed-forward output, as in the IA3 paper); any other lora_targets is

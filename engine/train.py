@@ -640,7 +640,8 @@ def _write_adapter(model, config: TrainConfig, folder: Path) -> None:
 
 
 def _export(model, tokenizer, config: TrainConfig, folder: Path, state_dict: dict | None = None) -> None:
-    """LoRA: the adapter in PEFT's format (and a trained classification head); full fine-tune: a model folder.
+    """LoRA: the adapter in PEFT's format (and a trained classification head; PEFT's other methods save it inside
+    their adapter); full fine-tune: a model folder.
 
     Written to ``folder`` by ``write_atomically``: a kill mid-export leaves the previous export, never half."""
     from safetensors.torch import save_file
