@@ -1,8 +1,8 @@
 """The `ember` command line. It only puts library pieces together, and nothing imports it.
 
-    ember train [CONFIG.toml] [--key=value | --key value ...]   fine-tune (no arguments: the default job)
+    ember train [CONFIG.toml|.yaml] [--key=value | --key value ...]   fine-tune (no arguments: the default job)
     torchrun --nproc_per_node=N $(which ember) train ...       the same on N processes (DDP or FSDP2)
-    ember eval  [CONFIG.toml] [--key=value | --key value ...]   held-out metrics of the latest checkpoint
+    ember eval  [CONFIG.toml|.yaml] [--key=value | --key value ...]   held-out metrics of the latest checkpoint
     ember bench [run] [SUITE ...] [--quick] [--providers P,Q] [--out DIR] [--device cpu|cuda]
                                                   benchmarks against stock PyTorch and peers (JSON)
     ember bench report RUN.json [BASELINE.json] [--out DIR]   markdown tables and PNG plots of a run
@@ -99,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         # The config file and the keys (--key=value, --key value) are read by ember.engine.config: argparse
         # would take the value of '--lr 3e-4' for the config file. The keys' help comes from the config dataclass.
         command = commands.add_parser(
-            name, help=text, usage=f"ember {name} [CONFIG.toml] [--key=value | --key value ...]",
-            description=textwrap.fill(text + ". Every key can be set in the config file, as --key=value or as "
-                                      "--key value; later sources win: defaults, preset, file, command line.", width),
+            name, help=text, usage=f"ember {name} [CONFIG.toml|.yaml] [--key=value | --key value ...]",
+            description=textwrap.fill(text + ". Every key can be set in the config file (TOML or YAML), as "
+                                      "--key=value or as --key value; later sources win: defaults, preset, file, "
+                                      "command line. Hugging Face TrainingArguments names are taken for the keys "
+                                      "that list them.", width),
             epilog="config keys:\n" + describe_keys(width),
             formatter_class=argparse.RawDescriptionHelpFormatter)
         command.set_defaults(handler=handler, takes_overrides=True)

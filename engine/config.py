@@ -4,9 +4,11 @@
 
 Sources, later ones winning: the dataclass defaults (which are the default
 job), a preset (``preset = "smollm2-lora"`` in the file or ``--preset=...``),
-a TOML file, ``--key=value`` overrides. Every key is checked against the
-field's type; an unknown key or a wrong type is a ``ConfigError`` with a one-line
-message naming it.
+a TOML or YAML file, ``--key=value`` (or ``--key value``) overrides. Hugging
+Face ``TrainingArguments`` names are taken as aliases of ember's keys
+(``learning_rate`` for ``lr``: see config_aliases). Every key is checked
+against the field's type; an unknown key or a wrong type is a ``ConfigError``
+with a one-line message naming it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from ember.kernels.lora import MAX_RANK
 
+from .config_aliases import ALIASES, REFUSED, aliases_of
 from .device import DEVICES
 from .distributed import MODES
 from .distributed import check as check_distributed
@@ -28,6 +31,7 @@ from .optim import OPTIMIZERS
 from .peft_methods import PEFT_METHODS
 from .peft_methods import check as check_peft_method
 from .precision import POLICIES
+from .reporting import TRACKERS
 from .schedule import SCHEDULES
 from .tasks import TASKS
 
@@ -88,7 +92,9 @@ class TrainConfig:
     resume_allow_changes: bool = key(False, "resume even where the saved config differs (e.g. a deliberate new seed)")
     max_bad_steps: int = key(5, "consecutive non-finite losses before the run stops")
     log_every: int = key(10, "steps between training records in the log")
-    tensorboard: bool = key(False, "TensorBoard event files in out_dir/tensorboard")
+    report_to: tuple[str, ...] = key((), "where metrics go besides out_dir/log.jsonl: tensorboard, wandb, mlflow, "
+                                         "all (those installed) or none")
+    tensorboard: bool = key(False, "the same as tensorboard in report_to (event files in out_dir/tensorboard)")
     progress: bool = key(True, "show a progress bar")
     seed: int = key(0, "seeds the data order, the split, dropout and new weights")
     device: str = key("auto", "auto: cuda if available, else cpu")
@@ -112,6 +118,7 @@ _FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
 CHOICES: dict[str, tuple[str, ...]] = {"task": tuple(TASKS), "precision": ("auto", *POLICIES), "optimizer": OPTIMIZERS,
                                        "schedule": SCHEDULES, "device": DEVICES, "distributed": MODES,
                                        "peft_method": PEFT_METHODS}
+_MIXED_PRECISION = ("bf16", "fp16")  # TrainingArguments' two booleans for ember's precision
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -122,29 +129,33 @@ def _metavar(name: str) -> str:
         return "{" + ",".join(CHOICES[name]) + "}"
     expected = typing.get_type_hints(TrainConfig)[name]
     names = {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}
+    if typing.get_args(expected)[1:] == (Ellipsis,):
+        return "NAME[,NAME...]"
     if typing.get_origin(expected) is tuple:
         return ",".join(names[item] for item in typing.get_args(expected))
     return names[expected]
 
 
 def _value_text(value: Any) -> str:
-    """A value as one types it after --key: true, 0.002, 0.9,0.999; an empty text shows as ''."""
+    """A value as one types it after --key: true, 0.002, 0.9,0.999; an empty text shows as '', no names as none."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):
-        return ",".join(_value_text(item) for item in value)
+        return ",".join(_value_text(item) for item in value) or "none"
     return str(value) if value != "" else "''"
 
 
 def describe_keys(width: int = 100, column: int = 32) -> str:
-    """Every config key with what it takes, its meaning and its default, in the dataclass's order, laid out
-    as argparse lays out options: this is ``ember train --help``'s list of keys."""
+    """Every config key with what it takes, its meaning, its default and its TrainingArguments names, in the
+    dataclass's order, laid out as argparse lays out options: this is ``ember train --help``'s list of keys."""
     import textwrap
 
     lines = []
     for field in dataclasses.fields(TrainConfig):
         invocation = f"  --{field.name} {_metavar(field.name)}"
-        meaning = f"{field.metadata['help']} (default: {_value_text(field.default)})"
+        aliases = aliases_of(field.name)
+        also = f"; TrainingArguments: {', '.join(aliases)}" if aliases else ""
+        meaning = f"{field.metadata['help']} (default: {_value_text(field.default)}{also})"
         if len(invocation) + 2 > column:  # too long to share its line with the meaning, as in argparse
             lines.append(invocation)
             invocation = ""
@@ -155,7 +166,11 @@ def describe_keys(width: int = 100, column: int = 32) -> str:
 
 def _coerce(name: str, value: Any, from_text: bool) -> Any:
     """``value`` as field ``name``'s type, or a ConfigError naming both."""
-    expected = typing.get_type_hints(TrainConfig)[name]
+    return _typed(typing.get_type_hints(TrainConfig)[name], name, value, from_text)
+
+
+def _typed(expected: Any, name: str, value: Any, from_text: bool) -> Any:
+    """``value`` as type ``expected`` (parsed when it is command-line text), or a ConfigError naming ``name``."""
     if expected is bool:
         if isinstance(value, bool):
             return value
@@ -180,6 +195,11 @@ def _coerce(name: str, value: Any, from_text: bool) -> Any:
     elif expected is str:
         if isinstance(value, str):
             return value
+    elif typing.get_args(expected)[1:] == (Ellipsis,):  # names (report_to): one, a list, or comma-separated
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(item, str) for item in items):
+            names = tuple(item.strip() for item in items if item.strip())
+            return () if names == ("none",) else names
     elif typing.get_origin(expected) is tuple:
         items = value.split(",") if from_text and isinstance(value, str) else value
         if isinstance(items, (list, tuple)) and len(items) == len(typing.get_args(expected)):
@@ -188,18 +208,49 @@ def _coerce(name: str, value: Any, from_text: bool) -> Any:
             except (TypeError, ValueError):
                 pass
     type_name = getattr(expected, "__name__", str(expected))
-    if typing.get_origin(expected) is tuple:
+    if typing.get_args(expected)[1:] == (Ellipsis,):
+        type_name = "a name or a list of names"
+    elif typing.get_origin(expected) is tuple:
         type_name = f"{len(typing.get_args(expected))} comma-separated numbers"
     raise ConfigError(f"{name}: expected {type_name}, got {value!r}")
 
 
 def _apply(values: dict[str, Any], updates: dict[str, Any], source: str, from_text: bool) -> None:
-    for name, value in updates.items():
+    for name, value in _without_aliases(updates, source, from_text).items():
         if name == "preset":
             continue
         if name not in _FIELDS:
             raise ConfigError(f"unknown key {name!r} in {source}")
         values[name] = _coerce(name, value, from_text)
+
+
+def _without_aliases(updates: dict[str, Any], source: str, from_text: bool) -> dict[str, Any]:
+    """``updates`` (one source: a preset, a file or the command line) with each TrainingArguments name replaced
+    by the ember keys it sets (see config_aliases). An alias beside its own key is refused: which one is meant?"""
+    own = {name: value for name, value in updates.items() if name not in ALIASES}
+    refused = next((name for name in own if name in REFUSED), None)
+    if refused:
+        raise ConfigError(f"{refused} in {source} is a TrainingArguments name ember does not take: {REFUSED[refused]}")
+    implied: dict[str, Any] = {}
+    for name in (name for name in updates if name in ALIASES):
+        alias = ALIASES[name]
+        if alias.key in own:
+            raise ConfigError(f"{name} and {alias.key} in {source} are one key ({name} is TrainingArguments' name "
+                              f"for {alias.key}): give one of them")
+        value = _typed(alias.type, name, updates[name], from_text)
+        if name in _MIXED_PRECISION:
+            continue  # the pair is read together below
+        if alias.values is not None and value not in alias.values:
+            raise ConfigError(f"{name}: expected one of {', '.join(map(_value_text, alias.values))}, got {value!r}")
+        sets = {alias.key: value} if alias.values is None else alias.values[value]
+        # Keys a value implies beyond the alias's own (min_lr_ratio, for a schedule) give way to the same keys written.
+        implied.update({key: setting for key, setting in sets.items() if key not in own})
+    mixed = {name: _typed(bool, name, updates[name], from_text) for name in _MIXED_PRECISION if name in updates}
+    if mixed.get("bf16") and mixed.get("fp16"):
+        raise ConfigError(f"bf16 and fp16 in {source}: at most one can be true")
+    if mixed:  # as the Trainer reads them: the one that is true, and fp32 when neither is
+        implied["precision"] = "bf16" if mixed.get("bf16") else "fp16" if mixed.get("fp16") else "fp32"
+    return {**implied, **own}
 
 
 def _scan(arguments: list[str]) -> tuple[list[int], dict[str, str]]:
@@ -217,16 +268,22 @@ def _scan(arguments: list[str]) -> tuple[list[int], dict[str, str]]:
         if not has_value:
             following = arguments[i] if i < len(arguments) else None
             takes_next = following is not None and not following.startswith("--") and (
-                _FIELDS.get(name) is None or typing.get_type_hints(TrainConfig)[name] is not bool
-                or following.lower() in _BOOL_WORDS)
+                _type_of(name) is not bool or following.lower() in _BOOL_WORDS)
             if takes_next:
                 value, i = following, i + 1
-            elif name in _FIELDS and typing.get_type_hints(TrainConfig)[name] is not bool:
+            elif _type_of(name) not in (bool, None):
                 raise ConfigError(f"{name}: expected a value: --{name}=VALUE or --{name} VALUE")
             else:
                 value = "true"
         options[name] = value
     return positional, options
+
+
+def _type_of(name: str) -> Any:
+    """The type key or alias ``name`` takes; None for a name ember does not know (refused later, by name)."""
+    if name in _FIELDS:
+        return typing.get_type_hints(TrainConfig)[name]
+    return ALIASES[name].type if name in ALIASES else None
 
 
 def _parse_overrides(overrides: list[str]) -> dict[str, str]:
@@ -237,7 +294,7 @@ def _parse_overrides(overrides: list[str]) -> dict[str, str]:
 
 
 def load_command_line(arguments: list[str]) -> TrainConfig:
-    """``[CONFIG.toml] [--key=value | --key value | --flag ...]``, in any order, as ``ember train`` takes it."""
+    """``[CONFIG.toml|.yaml] [--key=value | --key value | --flag ...]``, in any order, as ``ember train`` takes it."""
     positional, _ = _scan(arguments)
     if len(positional) > 1:
         raise ConfigError(f"expected one config file and --key=value options, got {arguments[positional[1]]!r} "
@@ -247,20 +304,51 @@ def load_command_line(arguments: list[str]) -> TrainConfig:
     return load_config(arguments[positional[0]], arguments[: positional[0]] + arguments[positional[0] + 1 :])
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the preset, then the TOML file at ``path``, then ``--key=value`` overrides."""
-    from_file: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+def _yaml_loader():
+    """PyYAML's safe loader, reading ``3e-4`` as a number as YAML 1.2 (and TOML, and JSON) do: YAML 1.1 wants a
+    dot (``3.0e-4``) and would hand ``learning_rate: 3e-4`` over as text."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    exponent = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789"))
+    return Loader
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """The keys of the config file at ``path``: YAML for .yaml/.yml, else TOML."""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
         try:
-            from_file = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+            keys = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader())
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            reason = " ".join(str(error).split())  # PyYAML's message spans lines; errors here are one line
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {reason}") from None
+        if keys is None:  # an empty file, or comments only
+            return {}
+        if not isinstance(keys, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping of keys to values, "
+                              f"got {type(keys).__name__}")
+        return keys
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the preset, then the TOML or YAML file at ``path``, then ``--key=value`` overrides."""
+    from_file = _read_file(Path(path)) if path is not None else {}
     from_command_line = _parse_overrides(overrides or [])
     preset = from_command_line.get("preset", from_file.get("preset", "minilm-sentiment"))
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
 
     values: dict[str, Any] = {}
@@ -313,6 +401,7 @@ def check(config: TrainConfig) -> None:
             raise ConfigError(f"{name}: expected {_range_text(*limits)}, got {getattr(config, name)}")
     if not all(_in_range(beta, 0.0, 1.0, True, False) for beta in config.betas):
         raise ConfigError(f"betas: expected two numbers in [0, 1), got {config.betas}")
+    _check_report_to(config.report_to)
     metrics = TASKS[config.task].metric_names
     if config.early_stopping_metric and config.early_stopping_metric not in metrics:
         raise ConfigError(f"early_stopping_metric: expected one of {', '.join(metrics)} (task {config.task}), "
@@ -325,3 +414,15 @@ def check(config: TrainConfig) -> None:
     if config.distributed == "fsdp":  # asked for by name: refused even before a launch with several processes
         check_distributed("fsdp", lora_r=config.lora_r, qlora=config.qlora, optimizer=config.optimizer,
                           precision=config.precision)
+
+
+def _check_report_to(report_to: Any) -> None:
+    """Names of trackers, or all, or none, as TrainingArguments takes them. Whether each tracker's package is
+    installed is checked when a run starts (``ember eval`` of the same config reports nowhere)."""
+    if isinstance(report_to, str) or not all(isinstance(name, str) for name in report_to):
+        raise ConfigError(f"report_to: expected a tuple of names, got {report_to!r}")
+    for name in report_to:
+        if name not in (*TRACKERS, "all", "none"):
+            raise ConfigError(f"report_to: expected names among {', '.join(TRACKERS)}, or all, or none; got {name!r}")
+    if len(report_to) > 1 and {"all", "none"} & set(report_to):
+        raise ConfigError(f"report_to: all and none stand alone, got {', '.join(report_to)}")

@@ -12,6 +12,7 @@ import pytest
 import ember.cli as cli
 from ember.cli import main
 from ember.engine.config import TrainConfig, load_config
+from ember.engine.config_aliases import ALIASES
 
 
 def test_demo_command(capsys):
@@ -66,7 +67,9 @@ def test_help_lists_every_config_key_with_its_default(command, capsys, monkeypat
     entries = {entry.split()[0][2:]: " ".join(entry.split()) for entry in entries}
     assert list(entries) == [field.name for field in dataclasses.fields(TrainConfig)]
     for field in dataclasses.fields(TrainConfig):
-        shown = re.fullmatch(r".*\(default: (\S*)\)", entries[field.name]).group(1)
+        shown = re.search(r"\(default: (\S*?)[;)]", entries[field.name]).group(1)
         typed = "" if shown == "''" else shown
         assert load_config(None, [f"--{field.name}={typed}"]) == TrainConfig(), (field.name, shown)
         assert field.metadata["help"].split()[0] in entries[field.name]  # the meaning is there, not just the key
+    for name, alias in ALIASES.items():  # and each TrainingArguments name, with the key it is an alias of
+        assert re.search(rf"TrainingArguments: [a-z0-9_, ]*\b{name}\b", entries[alias.key]), (name, entries[alias.key])
