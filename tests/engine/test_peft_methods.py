@@ -169,3 +169,30 @@ def test_adalora_penalty_and_allocation(tiny_bert):
     hooks.after_optimizer_step(1)
     scores = hooks.state_dict()
     assert scores["ipt"] and all(torch.isfinite(t).all() for t in scores["exp_avg_ipt"].values())
+
+
+def test_prefix_through_embers_attention_kernel_matches_stock(tiny_llama, device):
+    """The virtual tokens' keys and values through ember's attention (the Triton kernels themselves: the
+    interpreter here, CUDA there), its fused loss and layers, against stock transformers: loss and the prefix's
+    gradient, padded rows included."""
+    import copy
+
+    import transformers
+
+    from ember.engine.patch import patch
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama)
+    batch = tokenizer(["good film", "the movie was awful and dull"], padding=True, return_tensors="pt").to(device)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).to(device)
+    results = []
+    for model in (copy.deepcopy(base), patch(base)):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), model.prompt_encoder.default.embedding.weight.grad))
+    (stock_loss, stock_grad), (ember_loss, ember_grad) = results
+    torch.testing.assert_close(ember_loss, stock_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ember_grad, stock_grad, rtol=1e-4, atol=1e-6)
+    assert stock_grad.abs().amax() > 0
