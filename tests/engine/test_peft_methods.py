@@ -81,6 +81,9 @@ def test_trains_resumes_and_exports(method, method_config, tmp_path, monkeypatch
             else "PEFT's adapter layers run their own matmuls") in model_line
     final = load_trainable(list_checkpoints(config.out_dir)[-1])
     assert initial and final.keys() == initial.keys()
+    if config.task != "causal-lm":  # the fresh head is trained whole (PEFT's modules_to_save)
+        assert {"classifier.modules_to_save.default.weight", "classifier.modules_to_save.default.bias"} <= {
+            name.removeprefix("base_model.model.") for name in initial}
     assert [name for name in initial if torch.equal(final[name], initial[name])] == []
 
     # Resume from the step-2 checkpoint of a copy.
@@ -147,7 +150,7 @@ def test_adalora_penalty_and_allocation(tiny_bert):
 
     config = TrainConfig(peft_method="adalora", lora_r=4, lora_dropout=0.0, max_steps=10, warmup_steps=0)
     base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
-    model = peft_methods.wrap(base, config, head="classifier")
+    model = peft_methods.wrap(base, config)
     batch = transformers.AutoTokenizer.from_pretrained(tiny_bert)(["good film", "a dull plot"], padding=True,
                                                                     return_tensors="pt")
     labels = torch.tensor([1, 0])
