@@ -1,6 +1,6 @@
 """PEFT's other parameter-efficient methods in ember's loop: DoRA, AdaLoRA, prefix tuning, IA3.
 
-    model = wrap(patch(model), config)      # a peft.PeftModel over the patched model
+    model = wrap(patch(model), config, head="classifier")   # a peft.PeftModel over the patched model
     hooks = step_hooks(model, config)       # what the loop calls after each optimizer step (AdaLoRA)
     write_adapter(model, "out/adapter")     # PEFT's own save_pretrained
 
@@ -101,28 +101,31 @@ def check(config) -> None:
                               f"{schedule['tfinal']} keep the final ranks); lower warmup_steps or raise max_steps")
 
 
-def _peft_config(config):
-    """PEFT's config for ``config.peft_method``. The task type decides PEFT's model class; for classification
-    it trains the head ("classifier" or "score", the names ``train.head_name`` finds) whole itself, as
-    modules_to_save."""
+def _peft_config(config, head: str | None):
+    """PEFT's config for ``config.peft_method``. The head is named in modules_to_save even where PEFT's model
+    class adds "classifier" and "score" itself: only a module named there is kept out of "all-linear" (PEFT
+    would otherwise wrap a token classifier's head in LoRA, then refuse to train it whole)."""
     import peft
 
     task_type = _TASK_TYPES[config.task]
+    modules_to_save = [head] if head is not None else None
     method = config.peft_method
     if method == "dora":
         return peft.LoraConfig(task_type=task_type, r=config.lora_r, lora_alpha=config.lora_alpha,
-                               lora_dropout=config.lora_dropout, target_modules=config.lora_targets, use_dora=True)
+                               lora_dropout=config.lora_dropout, target_modules=config.lora_targets, use_dora=True,
+                               modules_to_save=modules_to_save)
     if method == "adalora":
         return peft.AdaLoraConfig(task_type=task_type, target_r=config.lora_r,
                                   init_r=math.ceil(ADALORA_INIT_RANK_RATIO * config.lora_r),
                                   lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                   target_modules=config.lora_targets, orth_reg_weight=ADALORA_ORTH_REG_WEIGHT,
-                                  **adalora_schedule(config))
+                                  modules_to_save=modules_to_save, **adalora_schedule(config))
     if method == "ia3":
         targets = None if config.lora_targets == "all-linear" else config.lora_targets
-        return peft.IA3Config(task_type=task_type, target_modules=targets)
+        return peft.IA3Config(task_type=task_type, target_modules=targets, modules_to_save=modules_to_save)
     if method == "prefix":
-        return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=config.num_virtual_tokens)
+        return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=config.num_virtual_tokens,
+                                       modules_to_save=modules_to_save)
     raise AssertionError(f"unhandled peft_method {method!r}")  # config.check allows only PEFT_METHODS
 
 
@@ -134,12 +137,12 @@ _KERNELS_IN_THE_PATH["prefix"] = ("ember's attention runs the virtual tokens' ke
                                   "causal mask), and its loss, norm, rotary and MLP kernels run as without them")
 
 
-def wrap(model: nn.Module, config) -> nn.Module:
-    """``model`` (patched or not) wrapped by PEFT for ``config.peft_method``; a classification head is trained
-    whole, a causal LM's head stays frozen."""
+def wrap(model: nn.Module, config, head: str | None) -> nn.Module:
+    """``model`` (patched or not) wrapped by PEFT for ``config.peft_method``; ``head``: a fresh classification
+    head to train whole, None for a causal LM."""
     import peft
 
-    peft_config = _peft_config(config)
+    peft_config = _peft_config(config, head)
     try:
         wrapped = peft.get_peft_model(model, peft_config)
     except ValueError as error:  # targets that match nothing, an architecture PEFT has no IA3 defaults for, ...

@@ -158,7 +158,7 @@ def prepare_model(model: nn.Module, config: TrainConfig, precision) -> nn.Module
     if config.ember_kernels:
         patch(model)
     if uses_peft(config):
-        model = wrap_with_peft(model, config)
+        model = wrap_with_peft(model, config, head=None if config.task == "causal-lm" else head_name(model))
     elif config.lora_r:
         head = head_name(model)
         # LoRA on every Linear of the body. A fresh classification head is trained

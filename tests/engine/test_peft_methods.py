@@ -150,7 +150,7 @@ def test_adalora_penalty_and_allocation(tiny_bert):
 
     config = TrainConfig(peft_method="adalora", lora_r=4, lora_dropout=0.0, max_steps=10, warmup_steps=0)
     base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
-    model = peft_methods.wrap(base, config)
+    model = peft_methods.wrap(base, config, head="classifier")
     batch = transformers.AutoTokenizer.from_pretrained(tiny_bert)(["good film", "a dull plot"], padding=True,
                                                                     return_tensors="pt")
     labels = torch.tensor([1, 0])
@@ -199,3 +199,23 @@ def test_prefix_through_embers_attention_kernel_matches_stock(tiny_llama, device
     torch.testing.assert_close(ember_loss, stock_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ember_grad, stock_grad, rtol=1e-4, atol=1e-6)
     assert stock_grad.abs().amax() > 0
+
+
+def test_token_classification_trains_the_head_whole(method_config, tmp_path, vocabulary):
+    """A token classifier's head is no LoRA target under "all-linear": it is trained whole, as modules_to_save."""
+    import json
+
+    positive, negative, neutral = vocabulary
+    data = tmp_path / "tags.jsonl"
+    data.write_text("".join(json.dumps({"tokens": words, "tags": ["POS" if w in positive else "NEG" if w in negative
+                                                                   else "O" for w in words]}) + "\n"
+                            for words in ([positive[i % 6], neutral[i % 9], negative[i % 6]] for i in range(60))))
+    config = method_config("dora", tmp_path / "run", task="token-classification", data=str(data),
+                           text_column="tokens", label_column="tags", max_steps=2)
+    result = _train(config)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    trained = load_trainable(list_checkpoints(result.out_dir)[-1])
+    assert {name for name in trained if ".classifier." in name} == {
+        f"base_model.model.classifier.modules_to_save.default.{p}" for p in ("weight", "bias")}
+    saved = json.loads((result.out_dir / "final" / "adapter" / "adapter_config.json").read_text())
+    assert saved["task_type"] == "TOKEN_CLS" and "classifier" in saved["modules_to_save"]
