@@ -51,6 +51,8 @@ from .metrics import ClassificationReport
 from .optim import build
 from .patch import patch
 from .peft_format import save_adapter
+from .peft_methods import StepHooks, describe, step_hooks, uses_peft, write_adapter
+from .peft_methods import wrap as wrap_with_peft
 from .precision import Precision, decide
 from .reporting import NoLog, RunLog, trackers_of
 from .schedule import lr_factor
@@ -151,10 +153,12 @@ def head_name(model: nn.Module) -> str:
 
 
 def prepare_model(model: nn.Module, config: TrainConfig, precision) -> nn.Module:
-    """ember's kernels, LoRA or full fine-tuning, dtype and gradient checkpointing."""
+    """ember's kernels, LoRA (or another of PEFT's methods) or full fine-tuning, dtype and gradient checkpointing."""
     if config.ember_kernels:
         patch(model)
-    if config.lora_r:
+    if uses_peft(config):
+        model = wrap_with_peft(model, config, head=None if config.task == "causal-lm" else head_name(model))
+    elif config.lora_r:
         head = head_name(model)
         lora = LoRAConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                           target_modules=lora_targets(model, config), quantize_base="nf4" if config.qlora else None)
@@ -273,6 +277,7 @@ class Run:
     tokens_seen: int = 0
     started: float = 0.0  # when the loop started (time.time())
     saved_step: int | None = None  # the step of the latest checkpoint on disk
+    hooks: StepHooks = dataclasses.field(default_factory=StepHooks)  # a PEFT method's (AdaLoRA's rank allocation)
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -297,13 +302,17 @@ def start(config: TrainConfig) -> Run:
     if mode is not None:
         distributed.check(mode, lora_r=config.lora_r, qlora=config.qlora, optimizer=config.optimizer,
                           precision=precision.policy)
+    if mode is not None and uses_peft(config):
+        raise ConfigError(f"peft_method {config.peft_method!r} runs in one process (its PEFT model under DDP is not "
+                          f"tested here); launch one process, or use peft_method = 'lora'")
     out_dir = Path(config.out_dir)
     _check_out_dir(out_dir)
     trackers_of(config)  # a tracker's missing package, refused before the model loads
     _say(f"precision: {precision}")
 
     task, model = _task_and_model(config, precision, device)
-    _say(f"model: {config.model}, {lora_report(model) if config.lora_r else 'full fine-tune'}")
+    adapters = describe(model, config) if uses_peft(config) else lora_report(model)
+    _say(f"model: {config.model}, {adapters if config.lora_r else 'full fine-tune'}")
     _say(f"data: {task.describe()}")
     module = model
     if mode is not None:
@@ -325,7 +334,8 @@ def start(config: TrainConfig) -> Run:
                       weight_decay=config.weight_decay, stochastic_rounding=precision.stochastic_rounding)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     return Run(config, device, precision, out_dir, task, model, trainable, optimizer, schedule,
-               scaler=precision.grad_scaler(), processes=processes, mode=mode, module=module)
+               scaler=precision.grad_scaler(), processes=processes, mode=mode, module=module,
+               hooks=step_hooks(module, config))
 
 
 def resume(run: Run) -> None:
@@ -422,6 +432,7 @@ def _restore_states(run: Run, saved: dict) -> None:
     run.schedule.load_state_dict(saved["schedule"])
     run.scaler.load_state_dict(saved["scaler"])
     run.state = LoopState.from_dict(saved["loop"])
+    run.hooks.load_state_dict(saved.get("peft_method", {}))
     run.saved_step = run.state.step
     per_rank = saved.get("rng_ranks")
     _set_rng_states(per_rank[run.processes.rank] if per_rank and len(per_rank) == run.processes.world_size
@@ -486,6 +497,7 @@ def optimizer_step(run: Run, loss: float) -> None:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.schedule.step()
+    run.hooks.after_optimizer_step(run.state.step)  # AdaLoRA reads the gradients: before they are dropped
     run.optimizer.zero_grad(set_to_none=True)
     run.state.bad_steps = 0
     run.state.step += 1
@@ -544,7 +556,8 @@ def save(run: Run) -> None:
     shards through torch.distributed.checkpoint; otherwise rank 0 writes the checkpoint as one process does."""
     optimizer = run.optimizer.state_dict()
     state = {"optimizer": optimizer, "schedule": run.schedule.state_dict(),
-             "scaler": run.scaler.state_dict(), "loop": dataclasses.asdict(run.state), "rng": _rng_states()}
+             "scaler": run.scaler.state_dict(), "loop": dataclasses.asdict(run.state), "rng": _rng_states(),
+             "peft_method": run.hooks.state_dict()}
     if run.processes.several:
         state.update(rng_ranks=distributed.gather(_rng_states()), world_size=run.processes.world_size)
     if run.mode == "fsdp":
@@ -554,24 +567,33 @@ def save(run: Run) -> None:
                                 run.config.keep_last)
     else:
         if run.processes.main:
-            write_adapter = (lambda folder: save_adapter(run.module, folder / "adapter")) if run.config.lora_r \
-                else None
+            write_extra = (lambda folder: _write_adapter(run.module, run.config, folder / "adapter")) \
+                if run.config.lora_r else None
             save_checkpoint(run.out_dir, run.state.step, run.trainable, state, run.config.to_dict(),
-                            run.config.keep_last, write_extra=write_adapter)
+                            run.config.keep_last, write_extra=write_extra)
         distributed.barrier()
     run.saved_step = run.state.step
 
 
+def _write_adapter(model, config: TrainConfig, folder: Path) -> None:
+    """ember's LoRA in PEFT's format, or PEFT's other methods saved by PEFT (their trained head included)."""
+    if uses_peft(config):
+        write_adapter(model, folder)
+    else:
+        save_adapter(model, folder)
+
+
 def _export(model, tokenizer, config: TrainConfig, folder: Path, state_dict: dict | None = None) -> None:
-    """LoRA: the adapter in PEFT's format (and a trained classification head); full fine-tune: a model folder.
+    """LoRA: the adapter in PEFT's format (and a trained classification head; PEFT's other methods save it inside
+    their adapter); full fine-tune: a model folder.
 
     Written to ``folder`` by ``write_atomically``: a kill mid-export leaves the previous export, never half."""
     from safetensors.torch import save_file
 
     folder.mkdir()
     if config.lora_r:
-        save_adapter(model, folder / "adapter")
-    if config.lora_r and config.task != "causal-lm":
+        _write_adapter(model, config, folder / "adapter")
+    if config.lora_r and config.task != "causal-lm" and not uses_peft(config):  # PEFT's adapter holds the head
         head = head_name(model)
         save_file({f"{head}.{name}": p.detach().cpu().contiguous() for name, p in getattr(model, head).named_parameters()},
                   str(folder / "head.safetensors"))
