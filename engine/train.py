@@ -351,7 +351,8 @@ def resume(run: Run) -> None:
         raise ConfigError(f"{run.out_dir} already holds checkpoints: pass --resume=true to continue, "
                           f"or choose another out_dir")
     folder, damaged = _latest_on_main(run)
-    check_config(folder, run.config.to_dict(), allow_changes=run.config.resume_allow_changes)
+    check_config(folder, run.config.to_dict(), allow_changes=run.config.resume_allow_changes,
+                 defaults=TrainConfig().to_dict())
     if is_sharded(folder) and run.mode != "fsdp":
         raise ConfigError(f"checkpoint {folder} holds an FSDP2 run's shards: resume it with several processes "
                           f"and distributed = 'fsdp' ('ember eval' reads it in one process)")
