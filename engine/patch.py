@@ -5,11 +5,16 @@
 
 - attention: ``attn_implementation="ember"`` (``ember.engine.hf_attention``),
   for every model that dispatches through transformers' AttentionInterface.
-- loss, causal LMs (Llama, Mistral, Qwen2/3, Gemma, SmolLM2, ... any
-  ``*ForCausalLM`` with an ``lm_head``): with ``labels``, the loss is
-  ``linear_cross_entropy`` of the final hidden states against the LM head and
-  the shifted labels, so the (tokens, vocab) logits are never computed;
-  ``logits`` in the output is then None. Without labels the model is unchanged.
+- loss, causal LMs (the families of ``ember.engine.causal_lm_heads.HEADS``:
+  Llama, Mistral, Qwen2/3, Gemma 1-3, Granite, Cohere, Mixtral, Qwen2-MoE,
+  GPT-2, ...): with ``labels``, the loss is ``linear_cross_entropy`` of the
+  final hidden states against the LM head and the shifted labels, with the
+  family's logit scale, final softcap and MoE router loss reproduced, so the
+  (tokens, vocab) logits are never computed while training. In eval mode the
+  logits are returned (and the loss taken from them), so evaluation metrics
+  see predictions; ``return_logits`` changes that. Without labels the model is
+  unchanged. Any other family keeps its stock loss: one warning line says so
+  (``loss="auto"``), or ``loss=True`` raises a ValueError naming it.
 - loss, classification heads (``*ForSequenceClassification`` single-label and
   ``*ForTokenClassification``): the logits are small and kept; the loss is
   ``ember.kernels.cross_entropy`` on them.
@@ -17,7 +22,11 @@
 The patched forward takes ``num_items_in_batch`` as transformers' Trainer
 passes it: the loss is then summed and divided by that count, so gradient
 accumulation weights every target token (or example) of the accumulated batch
-equally. Gemma 2's final logit softcap is applied inside the fused loss.
+equally.
+- PEFT in either order: ``patch(get_peft_model(model))`` patches the
+  transformers model inside PEFT's wrappers, as ``get_peft_model(patch(model))``
+  does; an adapter later put on ``lm_head`` makes the patched forward run the
+  stock loss for that call (logged), since the fused loss reads the bare weight.
 - norm, rope, mlp (``ember.engine.layers``): the RMSNorm / LayerNorm modules,
   the rotary embedding and the gated MLP of Llama, Mistral, Qwen2/3, Gemma,
   Gemma 2, Phi-3 (BERT and RoBERTa: their LayerNorms) run ember's kernels, and
@@ -68,7 +77,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, n
         router_logits = kwargs.pop("output_router_logits", None)
         router_logits = self.config.output_router_logits if router_logits is None else router_logits
         kwargs["output_router_logits"] = router_logits
-    outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    outputs = causal_lm_heads.backbone(self)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = outputs.last_hidden_state  # (B, S, H)
     if shift_labels is None:
         # Position t predicts token t + 1; the last position predicts nothing (transformers' ForCausalLMLoss).
