@@ -154,7 +154,8 @@ def head_name(model: nn.Module) -> str:
 def prepare_model(model: nn.Module, config: TrainConfig, precision) -> nn.Module:
     """ember's kernels, LoRA or full fine-tuning, dtype and gradient checkpointing."""
     if config.ember_kernels:
-        patch(model)
+        # ember's evaluation scores causal LMs from the loss alone: no (tokens, vocab) logits at eval either.
+        patch(model, return_logits="never")
     if config.lora_r:
         head = head_name(model)
         # LoRA on every Linear of the body. A fresh classification head is trained
