@@ -155,7 +155,8 @@ def head_name(model: nn.Module) -> str:
 def prepare_model(model: nn.Module, config: TrainConfig, precision) -> nn.Module:
     """ember's kernels, LoRA (or another of PEFT's methods) or full fine-tuning, dtype and gradient checkpointing."""
     if config.ember_kernels:
-        patch(model)
+        # ember's evaluation scores causal LMs from the loss alone: no (tokens, vocab) logits at eval either.
+        patch(model, return_logits="never")
     if uses_peft(config):
         model = wrap_with_peft(model, config, head=None if config.task == "causal-lm" else head_name(model))
     elif config.lora_r:
