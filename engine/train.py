@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import random
@@ -46,12 +45,16 @@ from .config import ConfigError, TrainConfig, TrainingError
 from .data import DataPosition, model_folder, next_batch
 from .device import resolve_device
 from .distributed import Processes
+from .loading import load_pretrained
 from .lora import LoRAConfig, apply_lora, lora_report
 from .metrics import ClassificationReport, EntityReport
 from .optim import build
 from .patch import patch
 from .peft_format import save_adapter
+from .peft_methods import StepHooks, describe, step_hooks, uses_peft, write_adapter
+from .peft_methods import wrap as wrap_with_peft
 from .precision import Precision, decide
+from .reporting import NoLog, RunLog, trackers_of
 from .schedule import lr_factor
 from .tasks import TASKS
 
@@ -111,19 +114,17 @@ def load_tokenizer(folder: Path):
         return transformers.AutoTokenizer.from_pretrained(folder)
 
 
-def load_model(config: TrainConfig, folder: Path, class_names: list[str]) -> nn.Module:
-    """The task's model from ``folder``, with a fresh classification head where there is one."""
-    import transformers
-
+def load_model(config: TrainConfig, folder: Path, class_names: list[str], device: torch.device | None = None
+               ) -> nn.Module:
+    """The task's model from ``folder`` on ``device``, with a fresh classification head where there is one; with
+    QLoRA its LoRA targets are quantized to NF4 while loading (``ember.engine.loading``)."""
+    heads = {} if config.task == "causal-lm" else dict(
+        num_labels=len(class_names), id2label=dict(enumerate(class_names)),
+        label2id={name: i for i, name in enumerate(class_names)})
+    quantize = functools.partial(lora_targets, config=config) if config.qlora else None
     with _quiet_transformers(), _named_load_errors(folder, "model"):
-        if config.task == "causal-lm":
-            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        else:
-            model_class = {"sequence-classification": transformers.AutoModelForSequenceClassification,
-                           "token-classification": transformers.AutoModelForTokenClassification}[config.task]
-            model = model_class.from_pretrained(
-                folder, num_labels=len(class_names), id2label=dict(enumerate(class_names)),
-                label2id={name: i for i, name in enumerate(class_names)}, dtype=torch.float32)
+        model = load_pretrained(folder, task=config.task, dtype=torch.float32, device=device, quantize=quantize,
+                                **heads)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and config.max_length > limit:
         raise ConfigError(f"max_length {config.max_length} is longer than the model allows ({limit} positions)")
@@ -153,18 +154,16 @@ def head_name(model: nn.Module) -> str:
 
 
 def prepare_model(model: nn.Module, config: TrainConfig, precision) -> nn.Module:
-    """ember's kernels, LoRA or full fine-tuning, dtype and gradient checkpointing."""
+    """ember's kernels, LoRA (or another of PEFT's methods) or full fine-tuning, dtype and gradient checkpointing."""
     if config.ember_kernels:
-        patch(model)
-    if config.lora_r:
+        # ember's evaluation scores causal LMs from the loss alone: no (tokens, vocab) logits at eval either.
+        patch(model, return_logits="never")
+    if uses_peft(config):
+        model = wrap_with_peft(model, config, head=None if config.task == "causal-lm" else head_name(model))
+    elif config.lora_r:
         head = head_name(model)
-        # LoRA on every Linear of the body. A fresh classification head is trained
-        # whole (PEFT's modules_to_save); a causal LM's head stays frozen.
-        targets = [name for name, module in model.named_modules()
-                   if isinstance(module, nn.Linear) and name != head and not name.startswith(head + ".")]
         lora = LoRAConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                          target_modules=targets if config.lora_targets == "all-linear" else config.lora_targets,
-                          quantize_base="nf4" if config.qlora else None)
+                          target_modules=lora_targets(model, config), quantize_base="nf4" if config.qlora else None)
         try:
             model = apply_lora(model, lora)
         except ValueError as error:  # apply_lora names what matched nothing and what there is
@@ -179,6 +178,16 @@ def prepare_model(model: nn.Module, config: TrainConfig, precision) -> nn.Module
     return model
 
 
+def lora_targets(model: nn.Module, config: TrainConfig) -> list[str] | str:
+    """LoRA on every Linear of the body. A fresh classification head is trained whole (PEFT's modules_to_save);
+    a causal LM's head stays frozen. Other lora_targets: as given (a regex or a name)."""
+    if config.lora_targets != "all-linear":
+        return config.lora_targets
+    head = head_name(model)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name != head and not name.startswith(head + ".")]
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -187,7 +196,7 @@ def _task_and_model(config: TrainConfig, precision: Precision, device: torch.dev
     """The tokenizer comes first (the task tokenizes its data), the data before the model (the head's classes)."""
     folder = model_folder(config.model)
     task = TASKS[config.task](config, load_tokenizer(folder), device)
-    model = load_model(config, folder, task.class_names)
+    model = load_model(config, folder, task.class_names, device)
     return task, prepare_model(model, config, precision).to(device)
 
 
@@ -222,72 +231,10 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # peak resident set, KiB on Linux
 
 
-class RunLog:
-    """JSON lines in out_dir/log.jsonl, and TensorBoard events when asked for.
-
-    The log describes the run in out_dir once: a fresh run starts it anew, a
-    run resumed at step N keeps the records up to step N (those of the steps
-    it redoes go, so no step is logged twice) and appends its own, starting
-    with a "config" record at step N. Each run segment ends with one "end"
-    record.
-    """
-
-    def __init__(self, out_dir: Path, tensorboard: bool, resumed_step: int | None):
-        if tensorboard:  # checked before anything is written
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as error:
-                raise ConfigError(f"tensorboard = true needs the tensorboard package ({error})") from None
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "log.jsonl"
-        kept = _records_through(path, resumed_step) if resumed_step is not None else []
-        write_atomically(path, lambda temporary: temporary.write_text("".join(kept), encoding="utf-8"))
-        self.file = open(path, "a", encoding="utf-8")
-        self.writer = SummaryWriter(str(out_dir / "tensorboard")) if tensorboard else None
-
-    def write(self, kind: str, step: int, **values) -> None:
-        self.file.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{kind}/{key}", value, step)
-
-    def close(self) -> None:  # contextlib.closing(log) closes it however the run ends
-        self.file.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-class _NoLog:
-    """What ranks other than 0 log: nothing."""
-
-    def write(self, kind: str, step: int, **values) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _say(*args, **kwargs) -> None:
     """print, on rank 0 only (every rank runs the same loop)."""
     if distributed.current().main:
         print(*args, **kwargs)
-
-
-def _records_through(path: Path, step: int) -> list[str]:
-    """The lines of the log at ``path`` whose step is at most ``step``; a line torn by a kill is dropped."""
-    if not path.is_file():
-        return []
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record_step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        if isinstance(record_step, int) and record_step <= step:
-            kept.append(line + "\n")
-    return kept
 
 
 def _rng_states() -> dict:
@@ -326,12 +273,13 @@ class Run:
     processes: Processes = Processes()  # this rank among the run's processes (one process alone by default)
     mode: str | None = None  # "ddp" or "fsdp" with several processes
     module: nn.Module | None = None  # the Hugging Face model (``model`` may be its DDP wrapper)
-    log: RunLog | _NoLog | None = None  # opened by open_log once the run has started and resumed
+    log: RunLog | NoLog | None = None  # opened by open_log once the run has started and resumed
     state: LoopState = dataclasses.field(default_factory=LoopState)
     losses: list[float] = dataclasses.field(default_factory=list)  # one per optimizer step of this process
     tokens_seen: int = 0
     started: float = 0.0  # when the loop started (time.time())
     saved_step: int | None = None  # the step of the latest checkpoint on disk
+    hooks: StepHooks = dataclasses.field(default_factory=StepHooks)  # a PEFT method's (AdaLoRA's rank allocation)
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -356,12 +304,17 @@ def start(config: TrainConfig) -> Run:
     if mode is not None:
         distributed.check(mode, lora_r=config.lora_r, qlora=config.qlora, optimizer=config.optimizer,
                           precision=precision.policy)
+    if mode is not None and uses_peft(config):
+        raise ConfigError(f"peft_method {config.peft_method!r} runs in one process (its PEFT model under DDP is not "
+                          f"tested here); launch one process, or use peft_method = 'lora'")
     out_dir = Path(config.out_dir)
     _check_out_dir(out_dir)
+    trackers_of(config)  # a tracker's missing package, refused before the model loads
     _say(f"precision: {precision}")
 
     task, model = _task_and_model(config, precision, device)
-    _say(f"model: {config.model}, {lora_report(model) if config.lora_r else 'full fine-tune'}")
+    adapters = describe(model, config) if uses_peft(config) else lora_report(model)
+    _say(f"model: {config.model}, {adapters if config.lora_r else 'full fine-tune'}")
     _say(f"data: {task.describe()}")
     module = model
     if mode is not None:
@@ -383,7 +336,8 @@ def start(config: TrainConfig) -> Run:
                       weight_decay=config.weight_decay, stochastic_rounding=precision.stochastic_rounding)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     return Run(config, device, precision, out_dir, task, model, trainable, optimizer, schedule,
-               scaler=precision.grad_scaler(), processes=processes, mode=mode, module=module)
+               scaler=precision.grad_scaler(), processes=processes, mode=mode, module=module,
+               hooks=step_hooks(module, config))
 
 
 def resume(run: Run) -> None:
@@ -399,7 +353,8 @@ def resume(run: Run) -> None:
         raise ConfigError(f"{run.out_dir} already holds checkpoints: pass --resume=true to continue, "
                           f"or choose another out_dir")
     folder, damaged = _latest_on_main(run)
-    check_config(folder, run.config.to_dict(), allow_changes=run.config.resume_allow_changes)
+    check_config(folder, run.config.to_dict(), allow_changes=run.config.resume_allow_changes,
+                 defaults=TrainConfig().to_dict())
     if is_sharded(folder) and run.mode != "fsdp":
         raise ConfigError(f"checkpoint {folder} holds an FSDP2 run's shards: resume it with several processes "
                           f"and distributed = 'fsdp' ('ember eval' reads it in one process)")
@@ -480,6 +435,7 @@ def _restore_states(run: Run, saved: dict) -> None:
     run.schedule.load_state_dict(saved["schedule"])
     run.scaler.load_state_dict(saved["scaler"])
     run.state = LoopState.from_dict(saved["loop"])
+    run.hooks.load_state_dict(saved.get("peft_method", {}))
     run.saved_step = run.state.step
     per_rank = saved.get("rng_ranks")
     _set_rng_states(per_rank[run.processes.rank] if per_rank and len(per_rank) == run.processes.world_size
@@ -493,13 +449,14 @@ def _restore_states(run: Run, saved: dict) -> None:
                      betas=config.betas, weight_decay=config.weight_decay)
 
 
-def open_log(run: Run) -> RunLog | _NoLog:
+def open_log(run: Run) -> RunLog | NoLog:
     """The run's log, opened once it has started and resumed; its first record is the config of this segment.
     Ranks other than 0 log nothing."""
     if not run.processes.main:
-        run.log = _NoLog()
+        run.log = NoLog()
         return run.log
-    run.log = RunLog(run.out_dir, run.config.tensorboard, resumed_step=run.saved_step)
+    run.log = RunLog(run.out_dir, run.config, resumed_step=run.saved_step)
+    _say(f"logs: {run.log.describe()}")
     remove_stale_temporaries(run.out_dir)  # a final/ export or log rewrite killed mid-write
     run.log.write("config", run.state.step, config=run.config.to_dict(), precision=str(run.precision))
     return run.log
@@ -543,6 +500,7 @@ def optimizer_step(run: Run, loss: float) -> None:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.schedule.step()
+    run.hooks.after_optimizer_step(run.state.step)  # AdaLoRA reads the gradients: before they are dropped
     run.optimizer.zero_grad(set_to_none=True)
     run.state.bad_steps = 0
     run.state.step += 1
@@ -601,7 +559,8 @@ def save(run: Run) -> None:
     shards through torch.distributed.checkpoint; otherwise rank 0 writes the checkpoint as one process does."""
     optimizer = run.optimizer.state_dict()
     state = {"optimizer": optimizer, "schedule": run.schedule.state_dict(),
-             "scaler": run.scaler.state_dict(), "loop": dataclasses.asdict(run.state), "rng": _rng_states()}
+             "scaler": run.scaler.state_dict(), "loop": dataclasses.asdict(run.state), "rng": _rng_states(),
+             "peft_method": run.hooks.state_dict()}
     if run.processes.several:
         state.update(rng_ranks=distributed.gather(_rng_states()), world_size=run.processes.world_size)
     if run.mode == "fsdp":
@@ -611,24 +570,33 @@ def save(run: Run) -> None:
                                 run.config.keep_last)
     else:
         if run.processes.main:
-            write_adapter = (lambda folder: save_adapter(run.module, folder / "adapter")) if run.config.lora_r \
-                else None
+            write_extra = (lambda folder: _write_adapter(run.module, run.config, folder / "adapter")) \
+                if run.config.lora_r else None
             save_checkpoint(run.out_dir, run.state.step, run.trainable, state, run.config.to_dict(),
-                            run.config.keep_last, write_extra=write_adapter)
+                            run.config.keep_last, write_extra=write_extra)
         distributed.barrier()
     run.saved_step = run.state.step
 
 
+def _write_adapter(model, config: TrainConfig, folder: Path) -> None:
+    """ember's LoRA in PEFT's format, or PEFT's other methods saved by PEFT (their trained head included)."""
+    if uses_peft(config):
+        write_adapter(model, folder)
+    else:
+        save_adapter(model, folder)
+
+
 def _export(model, tokenizer, config: TrainConfig, folder: Path, state_dict: dict | None = None) -> None:
-    """LoRA: the adapter in PEFT's format (and a trained classification head); full fine-tune: a model folder.
+    """LoRA: the adapter in PEFT's format (and a trained classification head; PEFT's other methods save it inside
+    their adapter); full fine-tune: a model folder.
 
     Written to ``folder`` by ``write_atomically``: a kill mid-export leaves the previous export, never half."""
     from safetensors.torch import save_file
 
     folder.mkdir()
     if config.lora_r:
-        save_adapter(model, folder / "adapter")
-    if config.lora_r and config.task != "causal-lm":
+        _write_adapter(model, config, folder / "adapter")
+    if config.lora_r and config.task != "causal-lm" and not uses_peft(config):  # PEFT's adapter holds the head
         head = head_name(model)
         save_file({f"{head}.{name}": p.detach().cpu().contiguous() for name, p in getattr(model, head).named_parameters()},
                   str(folder / "head.safetensors"))
