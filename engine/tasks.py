@@ -2,8 +2,10 @@
 
 - ``ClassificationTask``: sequence classification; (text, label) pairs, the
   held-out report is accuracy, macro-F1 and per-class precision/recall/F1.
-- ``TokenClassificationTask``: (words, tags) rows; a word's tag goes to its
-  first sub-word token, the others are not scored; the same report, per word.
+- ``TokenClassificationTask``: (words, tags) sentences from a CoNLL file or
+  .csv/.jsonl rows; a word's tag goes to its first sub-word token, the others
+  are not scored. BIO tags (NER) are scored per entity with seqeval, other tag
+  sets (part of speech, ...) per tag with the report above; both per word.
 - ``CausalLMTask``: documents (a .txt file split at blank lines, or rows of a
   .jsonl/.csv file, optionally prompt/response pairs whose prompt is masked
   from the loss), each ending in EOS. Packed: the documents of a batch are laid
@@ -27,9 +29,10 @@ import torch
 import torch.nn as nn
 
 from . import distributed
+from .conll import read_conll, tag_names
 from .data import load_classification, read_labelled_rows, read_rows, resolve, row_text, split_held_out
 from .errors import ConfigError
-from .metrics import classification_report
+from .metrics import classification_report, entity_report, require_seqeval
 
 if TYPE_CHECKING:  # the config validates its task against TASKS: it imports this module
     from .config import TrainConfig
@@ -37,8 +40,8 @@ if TYPE_CHECKING:  # the config validates its task against TASKS: it imports thi
 
 
 def held_out_batches(task, model):
-    """(batch, counts) over the task's held-out examples in batches of ``task.eval_batch_size``, the model in
-    eval mode meanwhile; ``counts`` is False for a batch whose results must be dropped.
+    """(batch, examples) over the task's held-out examples in batches of ``task.eval_batch_size``, the model in
+    eval mode meanwhile; ``examples`` are the batch's examples, empty for a batch whose results must be dropped.
 
     With several processes each rank takes every N-th example, and every rank runs the same number of
     forwards (FSDP2's forward is a collective): a rank short of a batch runs a stand-in it does not count.
@@ -51,7 +54,7 @@ def held_out_batches(task, model):
     try:
         for start in range(0, most, task.eval_batch_size):
             chunk = examples[start : start + task.eval_batch_size]
-            yield task.batch(chunk or task.eval_examples[:1]), bool(chunk)
+            yield task.batch(chunk or task.eval_examples[:1]), chunk
     finally:
         model.train(was_training)
 
@@ -87,11 +90,11 @@ class ClassificationTask:
     @torch.no_grad()
     def evaluate(self, model, precision):
         loss_sum, predictions, labels = 0.0, [], []
-        for batch, counts in held_out_batches(self, model):
+        for batch, examples in held_out_batches(self, model):
             targets = batch.pop("labels").reshape(-1)  # (examples,) or, per token, (examples * tokens,)
             with precision.autocast():
                 logits = model(**batch).logits.float()
-            if not counts:
+            if not examples:
                 continue
             logits = logits.reshape(-1, logits.shape[-1])
             loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
@@ -107,28 +110,42 @@ class ClassificationTask:
         return metrics, report
 
 
+# Token classification reads these as CoNLL files (token<TAB>tag lines, a blank line between sentences).
+CONLL_SUFFIXES = (".conll", ".txt", ".tsv", ".iob", ".bio")
+ENTITY_METRICS = ("loss", "accuracy", "entity_precision", "entity_recall", "entity_f1")  # BIO tags: NER
+TAG_METRICS = ("loss", "accuracy", "macro_f1")  # any other tag set
+
+
 class TokenClassificationTask(ClassificationTask):
     kind = "token-classification"
+    metric_names = tuple(dict.fromkeys(ENTITY_METRICS + TAG_METRICS))  # what evaluate may report
 
     def __init__(self, config: TrainConfig, tokenizer, device: torch.device):
         self.config, self.tokenizer, self.device = config, tokenizer, device
-        examples = []
-        for i, row in enumerate(read_labelled_rows(config)):
-            words, tags = (_sequence(row.get(column), column, i, config)
-                           for column in (config.text_column, config.label_column))
-            if len(words) != len(tags):
-                raise ConfigError(f"data {config.data!r}, row {i}: {len(words)} words but {len(tags)} tags")
-            examples.append((words, tags))
-        self.class_names = sorted({tag for _, tags in examples for tag in tags})
+        sentences = tagged_sentences(config)
+        self.class_names = tag_names(sentences)
         if len(self.class_names) < 2:
             raise ConfigError(f"data {config.data!r}: every word has the tag {self.class_names[0]!r}; "
                               f"token classification needs at least 2 tags")
-        indexed = [(words, [self.class_names.index(tag) for tag in tags]) for words, tags in examples]
+        # NER is judged by entity (type and whole span right), which only means something for BIO tags.
+        self.by_entity = all(tag == "O" or tag[:2] in ("B-", "I-") for tag in self.class_names)
+        reported = ENTITY_METRICS if self.by_entity else TAG_METRICS
+        if config.early_stopping_metric and config.early_stopping_metric not in reported:
+            scheme = "BIO tags (scored by entity)" if self.by_entity else "tags that are not BIO (scored per tag)"
+            raise ConfigError(f"early_stopping_metric: data {config.data!r} has {scheme}, which report "
+                              f"{', '.join(reported)}; got {config.early_stopping_metric!r}")
+        if self.by_entity:
+            require_seqeval()
+        # A word cut off by max_length gets no prediction: it is scored as "O" (an entity there is missed).
+        self.scored_names = self.class_names if "O" in self.class_names else [*self.class_names, "O"]
+        index = {tag: i for i, tag in enumerate(self.class_names)}
+        indexed = [(words, [index[tag] for tag in tags]) for words, tags in sentences]
         self.train_examples, self.eval_examples = split_held_out(indexed, config)
 
     def describe(self) -> str:
+        scored = "by entity (seqeval)" if self.by_entity else "per tag"
         return (f"{len(self.train_examples)} train / {len(self.eval_examples)} held-out sentences, "
-                f"tags {self.class_names}")
+                f"{len(self.class_names)} tags {self.class_names}, scored {scored}")
 
     def batch(self, examples: list[tuple[list[str], list[int]]]) -> dict:
         encoded = self.tokenizer([words for words, _ in examples], is_split_into_words=True, truncation=True,
@@ -143,6 +160,58 @@ class TokenClassificationTask(ClassificationTask):
         batch = {key: value.to(self.device) for key, value in encoded.items()}
         batch["labels"] = labels.to(self.device)
         return batch
+
+    @torch.no_grad()
+    def evaluate(self, model, precision):
+        """BIO tags: the loss per scored token, every held-out word's tag accuracy, and seqeval's entity-level
+        micro precision, recall and F1 (the report holds them per type and averaged). Other tags: per tag."""
+        if not self.by_entity:
+            return super().evaluate(model, precision)
+        outside = self.scored_names.index("O")
+        loss_sum, scored, predicted, true = 0.0, 0, [], []
+        for batch, examples in held_out_batches(self, model):
+            labels = batch.pop("labels")  # (B, S), a tag id at each word's first sub-word token, else -100
+            with precision.autocast():
+                logits = model(**batch).logits.float()  # (B, S, tags)
+            if not examples:
+                continue
+            loss_sum += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                    reduction="sum").item()
+            scored += int((labels != -100).sum())
+            best, labels = logits.argmax(-1).cpu(), labels.cpu()
+            for row, (_, tags) in enumerate(examples):
+                words = best[row][labels[row] != -100]  # (words kept,): one prediction per word, in order
+                cut = torch.full((len(tags) - len(words),), outside, dtype=torch.long)
+                predicted.append(torch.cat([words, cut]))
+                true.append(torch.tensor(tags, dtype=torch.long))
+        if distributed.current().several:  # every rank's sentences: the entity scores need them all
+            loss_sum, scored = distributed.sum_over_ranks([loss_sum, float(scored)], self.device)
+            predicted, true = (sum(distributed.gather(part), []) for part in (predicted, true))
+        report = entity_report(predicted, true, self.scored_names)
+        metrics = {"loss": loss_sum / max(scored, 1), "accuracy": report.token_accuracy,
+                   "entity_precision": report.micro.precision, "entity_recall": report.micro.recall,
+                   "entity_f1": report.entity_f1}
+        return metrics, report
+
+
+def tagged_sentences(config: TrainConfig) -> list[tuple[list[str], list[str]]]:
+    """(words, tags) per sentence: from a CoNLL file (by its suffix, see ``CONLL_SUFFIXES``), or from the rows
+    of a .csv/.jsonl file whose text and label columns hold the words and tags (lists, or space-separated)."""
+    path = resolve(config.data, "data")
+    if path.suffix in CONLL_SUFFIXES:
+        return read_conll(path)
+    if path.suffix not in (".csv", ".jsonl"):
+        raise ConfigError(f"data {config.data!r}: token classification reads a CoNLL file "
+                          f"({', '.join(CONLL_SUFFIXES)}: token<TAB>tag lines, a blank line between sentences) "
+                          f"or .csv/.jsonl rows; got {path.name!r}")
+    sentences = []
+    for i, row in enumerate(read_labelled_rows(config)):
+        words, tags = (_sequence(row.get(column), column, i, config)
+                       for column in (config.text_column, config.label_column))
+        if len(words) != len(tags):
+            raise ConfigError(f"data {config.data!r}, row {i}: {len(words)} words but {len(tags)} tags")
+        sentences.append((words, tags))
+    return sentences
 
 
 def _sequence(value, column: str, row: int, config: TrainConfig) -> list[str]:
@@ -239,10 +308,10 @@ class CausalLMTask:
     @torch.no_grad()
     def evaluate(self, model, precision):
         loss_sum, targets = 0.0, 0
-        for batch, counts in held_out_batches(self, model):
+        for batch, examples in held_out_batches(self, model):
             with precision.autocast():
                 summed = self.loss(model, batch, 1).float().item()
-            if counts:
+            if examples:
                 loss_sum, targets = loss_sum + summed, targets + self.targets(batch)
         if distributed.current().several:
             loss_sum, targets = distributed.sum_over_ranks([loss_sum, float(targets)], self.device)

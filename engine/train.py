@@ -47,7 +47,7 @@ from .device import resolve_device
 from .distributed import Processes
 from .loading import load_pretrained
 from .lora import LoRAConfig, apply_lora, lora_report
-from .metrics import ClassificationReport
+from .metrics import ClassificationReport, EntityReport
 from .optim import build
 from .patch import patch
 from .peft_format import save_adapter
@@ -81,11 +81,12 @@ class TrainResult:
     stopped: str  # "max_steps", "early_stopping", "interrupted"
     eval_before: dict[str, float]
     eval_after: dict[str, float]
-    report: ClassificationReport | None
+    report: ClassificationReport | EntityReport | None  # held-out, after training (None for a causal LM)
     seconds: float
     peak_memory_mb: float
     out_dir: Path
     losses: list[float]
+    report_before: ClassificationReport | EntityReport | None = None  # held-out, before training
 
 
 # ----------------------------------------------------------------------------
@@ -528,7 +529,7 @@ def report_progress(run: Run, loss: float, progress: tqdm) -> None:
                       peak_memory_mb=peak_memory_mb(run.device))
 
 
-def evaluate(run: Run) -> tuple[dict[str, float], ClassificationReport | None]:
+def evaluate(run: Run) -> tuple[dict[str, float], ClassificationReport | EntityReport | None]:
     """Held-out metrics of the model as it is now, written to the log."""
     metrics, report = run.task.evaluate(run.model, run.precision)
     run.log.write("eval", run.state.step, **metrics)
@@ -608,7 +609,8 @@ def _format(metrics: dict) -> str:
     return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items())
 
 
-def finish(run: Run, stopped: str, eval_before: dict[str, float]) -> TrainResult:
+def finish(run: Run, stopped: str, eval_before: dict[str, float],
+           report_before: ClassificationReport | EntityReport | None = None) -> TrainResult:
     """The final evaluation and, unless interrupted, the export; the run's result."""
     seconds = time.time() - run.started
     eval_after, report = evaluate(run)
@@ -631,7 +633,8 @@ def finish(run: Run, stopped: str, eval_before: dict[str, float]) -> TrainResult
     memory = peak_memory_mb(run.device)
     run.log.write("end", run.state.step, stopped=stopped, seconds=seconds, peak_memory_mb=memory)
     return TrainResult(steps=run.state.step, stopped=stopped, eval_before=eval_before, eval_after=eval_after,
-                       report=report, seconds=seconds, peak_memory_mb=memory, out_dir=run.out_dir, losses=run.losses)
+                       report=report, seconds=seconds, peak_memory_mb=memory, out_dir=run.out_dir, losses=run.losses,
+                       report_before=report_before)
 
 
 # ----------------------------------------------------------------------------
@@ -645,7 +648,7 @@ def train(config: TrainConfig) -> TrainResult:
     run = start(config)
     resume(run)
     with closing(open_log(run)):
-        eval_before, _ = evaluate(run)
+        eval_before, report_before = evaluate(run)
         _say(f"held-out before: {_format(eval_before)}")
         stopped = "max_steps" if run.state.step >= config.max_steps else None  # None: still running
         run.model.train()
@@ -671,7 +674,7 @@ def train(config: TrainConfig) -> TrainResult:
                     stopped = "max_steps"
                 if (stopped or run.state.step % config.save_every == 0) and run.saved_step != run.state.step:
                     save(run)
-        return finish(run, stopped, eval_before)
+        return finish(run, stopped, eval_before, report_before)
 
 
 # ----------------------------------------------------------------------------
@@ -679,7 +682,7 @@ def train(config: TrainConfig) -> TrainResult:
 # ----------------------------------------------------------------------------
 
 
-def evaluate_checkpoint(config: TrainConfig) -> tuple[dict, ClassificationReport | None]:
+def evaluate_checkpoint(config: TrainConfig) -> tuple[dict, ClassificationReport | EntityReport | None]:
     """Held-out metrics of the latest checkpoint in ``config.out_dir``, the model prepared as for training."""
     folder, _ = latest(Path(config.out_dir))  # damaged ones skipped with a warning, left as they are
     device = resolve_device(config.device)

