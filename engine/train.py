@@ -19,6 +19,7 @@ Only rank 0 prints, shows progress, logs and exports.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -610,27 +611,39 @@ def save(run: Run) -> None:
                                 run.config.keep_last)
     else:
         if run.processes.main:
-            write_adapter = (lambda folder: save_adapter(run.module, folder / "adapter")) if run.config.lora_r \
-                else None
+            write_adapter = (lambda folder: _save_run_adapter(run.module, run.config, folder / "adapter",
+                                                              run.precision)) if run.config.lora_r else None
             save_checkpoint(run.out_dir, run.state.step, run.trainable, state, run.config.to_dict(),
                             run.config.keep_last, write_extra=write_adapter)
         distributed.barrier()
     run.saved_step = run.state.step
 
 
-def _export(model, tokenizer, config: TrainConfig, folder: Path, state_dict: dict | None = None) -> None:
-    """LoRA: the adapter in PEFT's format (and a trained classification head); full fine-tune: a model folder.
+def _save_run_adapter(model, config: TrainConfig, folder: Path, precision: Precision | None = None) -> None:
+    """The run's adapter, complete for PEFT: the task's type, a trained classification head saved whole (PEFT's
+    modules_to_save), the base folder, and for QLoRA how the base was quantized and the dtype it computed in."""
+    head = [head_name(model)] if config.task != "causal-lm" else []
+    compute_dtype = None if precision is None else precision.autocast_dtype or precision.param_dtype
+    save_adapter(model, folder, task_type=TASKS[config.task].peft_task_type, modules_to_save=head,
+                 compute_dtype=compute_dtype)
+
+
+def _export(model, tokenizer, config: TrainConfig, folder: Path, state_dict: dict | None = None,
+            precision: Precision | None = None) -> None:
+    """LoRA: the adapter in PEFT's format, and for classification the fine-tuned model's config (its labels);
+    full fine-tune: a model folder.
 
     Written to ``folder`` by ``write_atomically``: a kill mid-export leaves the previous export, never half."""
-    from safetensors.torch import save_file
-
     folder.mkdir()
     if config.lora_r:
-        save_adapter(model, folder / "adapter")
+        _save_run_adapter(model, config, folder / "adapter", precision)
     if config.lora_r and config.task != "causal-lm":
-        head = head_name(model)
-        save_file({f"{head}.{name}": p.detach().cpu().contiguous() for name, p in getattr(model, head).named_parameters()},
-                  str(folder / "head.safetensors"))
+        # PEFT's adapter config has no place for labels: the base is built with these (num_labels, id2label,
+        # label2id), as AutoConfig.from_pretrained(final) gives them. Not in the adapter folder: a config.json
+        # there makes transformers take that folder for a whole model.
+        exported = copy.deepcopy(model.config)
+        exported.architectures = [type(model).__name__]
+        exported.to_json_file(folder / "config.json")
     if not config.lora_r:
         model.save_pretrained(folder / "model", state_dict=state_dict)
     tokenizer.save_pretrained(folder / "tokenizer")
@@ -655,7 +668,7 @@ def finish(run: Run, stopped: str, eval_before: dict[str, float]) -> TrainResult
                     - {name for name, _ in run.module.named_parameters()})
             full = {name: tensor for name, tensor in full.items() if name not in tied}
         if run.processes.main:
-            export = functools.partial(_export, run.module, run.task.tokenizer, run.config)
+            export = functools.partial(_export, run.module, run.task.tokenizer, run.config, precision=run.precision)
             if full is not None:
                 export = functools.partial(export, state_dict=full)
             write_atomically(run.out_dir / "final", export)

@@ -58,7 +58,10 @@ def test_learns_and_exports(tiny_bert, sentiment_csv, tmp_path, lora_r, lr, embe
     assert sum(c.support for c in result.report.classes) == 100
     final = result.out_dir / "final"
     if lora_r:
-        assert (final / "adapter" / "adapter_config.json").is_file() and (final / "head.safetensors").is_file()
+        # the head travels in the adapter (PEFT's modules_to_save); the labels in the exported config
+        assert json.loads((final / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+        assert json.loads((final / "config.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+        assert not (final / "head.safetensors").exists()
     else:
         assert (final / "model" / "config.json").is_file()
     log = [json.loads(line) for line in (result.out_dir / "log.jsonl").read_text().splitlines()]
