@@ -171,8 +171,8 @@ def _head_model(lora_models, task_type, folder, quantize_base=None):
         config = transformers.BertConfig(**lora_models.SIZES, max_position_embeddings=32, num_labels=3,
                                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         model_class(config).save_pretrained(folder)
-    model = apply_lora(model_class.from_pretrained(folder).eval(),
-                       LoRAConfig(r=4, alpha=8, target_modules=lora_models.targets("bert"), quantize_base=quantize_base))
+    lora = LoRAConfig(r=4, alpha=8, target_modules=lora_models.targets("bert"), quantize_base=quantize_base)
+    model = apply_lora(model_class.from_pretrained(folder).eval(), lora)
     lora_models.randomize_adapters(model)
     with torch.no_grad():
         for p in model.classifier.parameters():
@@ -277,18 +277,27 @@ def test_save_adapter_checks_modules_to_save_and_task_type(lora_models, tmp_path
 
 @pytest.mark.usefixtures("torch_kernels")
 def test_an_nf4_adapter_records_how_its_base_was_quantized(lora_models, tmp_path):
-    """base_quantization.json holds BitsAndBytesConfig's arguments: NF4, double quantization, compute dtype, and
-    the Linears left dense (the head)."""
+    """base_quantization.json holds BitsAndBytesConfig's arguments; with them bitsandbytes quantizes the base as
+    ember did (the same layers, the head left dense), and PEFT over that base gives ember's QLoRA logits."""
     model = _head_model(lora_models, "SEQ_CLS", tmp_path / "base", quantize_base="nf4")
-    save_adapter(model, tmp_path / "adapter", task_type="SEQ_CLS", modules_to_save=["classifier"],
-                 compute_dtype=torch.bfloat16)
+    save_adapter(model, tmp_path / "adapter", task_type="SEQ_CLS", modules_to_save=["classifier"])
     recorded = json.loads((tmp_path / "adapter" / "base_quantization.json").read_text())
-    assert recorded["blocksize"] == 64
-    bnb = transformers.BitsAndBytesConfig(**recorded)
-    assert (bnb.load_in_4bit, bnb.bnb_4bit_quant_type, bnb.bnb_4bit_use_double_quant, bnb.bnb_4bit_compute_dtype,
-            bnb.llm_int8_skip_modules) == (True, "nf4", True, torch.bfloat16, ["classifier"])
-    assert (bnb.bnb_4bit_quant_storage, bnb.load_in_8bit) == (torch.uint8, False)
-    # The adapter itself loads in PEFT over a dense base as ever; re-saving a dense model drops the stale record.
-    assert "base_model.model.classifier.weight" in load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert recorded == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                        "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8",
+                        "llm_int8_skip_modules": ["classifier"], "blocksize": 64}
+
+    base = transformers.BertForSequenceClassification.from_pretrained(
+        tmp_path / "base", quantization_config=transformers.BitsAndBytesConfig(**recorded), device_map="cpu")
+    assert sorted(name for name, m in base.named_modules() if type(m).__name__ == "Linear4bit") == \
+        sorted(lora_models.ember_layers(model))
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+    # The run's compute dtype is recorded as given; re-saving a dense model drops the stale record.
+    save_adapter(model, tmp_path / "adapter", compute_dtype=torch.bfloat16)
+    bnb = transformers.BitsAndBytesConfig(**json.loads((tmp_path / "adapter" / "base_quantization.json").read_text()))
+    assert bnb.bnb_4bit_compute_dtype == torch.bfloat16
     save_adapter(_head_model(lora_models, "SEQ_CLS", tmp_path / "base"), tmp_path / "adapter")
     assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]

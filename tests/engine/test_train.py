@@ -285,6 +285,10 @@ def test_qlora_run(tiny_bert, sentiment_csv, tmp_path, capsys):
     assert result.eval_after["loss"] < result.eval_before["loss"]
     log = (result.out_dir / "log.jsonl").read_text()
     assert '"qlora": true' in log
+    # The export records how the base was quantized (BitsAndBytesConfig's arguments); the head stayed dense.
+    recorded = json.loads((result.out_dir / "final" / "adapter" / "base_quantization.json").read_text())
+    assert (recorded["bnb_4bit_quant_type"], recorded["bnb_4bit_use_double_quant"], recorded["bnb_4bit_compute_dtype"],
+            recorded["llm_int8_skip_modules"], recorded["blocksize"]) == ("nf4", True, "float32", ["classifier"], 64)
     report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model:"))
     # NF4: half a byte per weight, plus absmax and, per tiny matrix here, bnb's 1 KiB code table; dense: 4.
     assert float(report.rsplit("(", 1)[1].split()[0]) < 1.5
