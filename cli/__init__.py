@@ -1,8 +1,8 @@
 """The `ember` command line. It only puts library pieces together, and nothing imports it.
 
-    ember train [CONFIG.toml] [--key=value | --key value ...]   fine-tune (no arguments: the default job)
+    ember train [CONFIG.toml|.yaml] [--key=value | --key value ...]   fine-tune (no arguments: the default job)
     torchrun --nproc_per_node=N $(which ember) train ...       the same on N processes (DDP or FSDP2)
-    ember eval  [CONFIG.toml] [--key=value | --key value ...]   held-out metrics of the latest checkpoint
+    ember eval  [CONFIG.toml|.yaml] [--key=value | --key value ...]   held-out metrics of the latest checkpoint
     ember bench [run] [SUITE ...] [--quick] [--providers P,Q] [--out DIR] [--device cpu|cuda]
                                                   benchmarks against stock PyTorch and peers (JSON)
     ember bench report RUN.json [BASELINE.json] [--out DIR]   markdown tables and PNG plots of a run
@@ -20,7 +20,9 @@ status 1; Ctrl-C saves a checkpoint and exits with 130.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from ember.bench import harness, report
 from ember.bench.demo import DTYPES, run_demo
 from ember.bench.suites import SUITES
 from ember.engine import distributed
-from ember.engine.config import load_command_line
+from ember.engine.config import describe_keys, load_command_line
 from ember.engine.device import resolve_device
 from ember.engine.errors import ConfigError, TrainingError
 from ember.engine.train import evaluate_checkpoint, train
@@ -91,12 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ember", description="Triton kernels and a lean fine-tuning engine.")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    width = max(60, shutil.get_terminal_size().columns - 2)  # as argparse wraps its own help
     for name, handler, text in (("train", _train, "fine-tune a model (no arguments: the default job)"),
                                 ("eval", _eval, "evaluate the latest checkpoint of a run")):
         # The config file and the keys (--key=value, --key value) are read by ember.engine.config: argparse
-        # would take the value of '--lr 3e-4' for the config file.
-        command = commands.add_parser(name, help=text, usage=f"ember {name} [CONFIG.toml] [--key=value ...]",
-                                      description=text + ". Keys: see ember.engine.config.TrainConfig.")
+        # would take the value of '--lr 3e-4' for the config file. The keys' help comes from the config dataclass.
+        command = commands.add_parser(
+            name, help=text, usage=f"ember {name} [CONFIG.toml|.yaml] [--key=value | --key value ...]",
+            description=textwrap.fill(text + ". Every key can be set in the config file (TOML or YAML), as "
+                                      "--key=value or as --key value; later sources win: defaults, preset, file, "
+                                      "command line. Hugging Face TrainingArguments names are taken for the keys "
+                                      "that list them.", width),
+            epilog="config keys:\n" + describe_keys(width),
+            formatter_class=argparse.RawDescriptionHelpFormatter)
         command.set_defaults(handler=handler, takes_overrides=True)
 
     bench = commands.add_parser("bench", help="benchmarks against stock PyTorch and peers; 'report' prints tables",

@@ -20,6 +20,8 @@ Modules, in the order a run uses them:
   order; what each task trains on and how it is evaluated (``metrics``);
 - ``patch``, ``hf_attention``, ``layers``: Hugging Face models through ember's kernels (attention, losses,
   norms, rotary embeddings, the recomputing MLP);
+- ``trainers``: ``EmberSFTTrainer``, TRL's SFTTrainer training on the patched model's own loss (imports trl,
+  so it is never imported from here);
 - ``lora``, ``peft_format``: LoRA/QLoRA layers over the fused kernel, and
   PEFT's adapter files and models;
 - ``optim``, ``schedule``: 8-bit AdamW and its peers; the learning-rate schedule;

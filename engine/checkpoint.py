@@ -64,8 +64,8 @@ REQUIRED = {"whole": ("trainable.safetensors", "state.pt", "config.json"),
 MAY_CHANGE_ON_RESUME = frozenset({
     "max_steps", "lr", "weight_decay", "betas", "warmup_steps", "schedule", "min_lr_ratio", "grad_clip",
     "eval_every", "early_stopping_metric", "early_stopping_patience", "save_every", "keep_last", "max_bad_steps",
-    "out_dir", "log_every", "tensorboard", "progress", "device", "ember_kernels", "gradient_checkpointing",
-    "offload_activations", "resume", "resume_allow_changes",
+    "out_dir", "log_every", "tensorboard", "report_to", "progress", "device", "ember_kernels",
+    "gradient_checkpointing", "offload_activations", "resume", "resume_allow_changes",
 })
 
 

@@ -4,9 +4,11 @@
 
 Sources, later ones winning: the dataclass defaults (which are the default
 job), a preset (``preset = "smollm2-lora"`` in the file or ``--preset=...``),
-a TOML file, ``--key=value`` overrides. Every key is checked against the
-field's type; an unknown key or a wrong type is a ``ConfigError`` with a one-line
-message naming it.
+a TOML or YAML file, ``--key=value`` (or ``--key value``) overrides. Hugging
+Face ``TrainingArguments`` names are taken as aliases of ember's keys
+(``learning_rate`` for ``lr``: see config_aliases). Every key is checked
+against the field's type; an unknown key or a wrong type is a ``ConfigError``
+with a one-line message naming it.
 """
 
 from __future__ import annotations
@@ -20,68 +22,78 @@ from typing import Any
 
 from ember.kernels.lora import MAX_RANK
 
+from .config_aliases import ALIASES, REFUSED, aliases_of
 from .device import DEVICES
 from .distributed import MODES
 from .distributed import check as check_distributed
 from .errors import ConfigError, TrainingError  # noqa: F401  (raised by loading and running a config)
 from .optim import OPTIMIZERS
 from .precision import POLICIES
+from .reporting import TRACKERS
 from .schedule import SCHEDULES
 from .tasks import TASKS
+
+
+def key(default: Any, meaning: str) -> Any:
+    """A TrainConfig field and its one line of meaning, which ``ember train --help`` prints beside its type and
+    default: the meaning sits next to the field, so the help cannot drift from the dataclass."""
+    return dataclasses.field(default=default, metadata={"help": meaning})
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # -- what to train on
-    task: str = "sequence-classification"  # or "causal-lm", "token-classification"
-    model: str = "asset:all-minilm-l6-v2"  # a Hugging Face folder, or asset:<name> (see engine.data)
-    data: str = "asset:rotten-tomatoes"  # a .csv/.jsonl/.txt file, or asset:<name>
-    text_column: str = "text"
-    label_column: str = "label"
-    prompt_column: str = ""  # causal-lm prompt/response pairs: the prompt is masked from the loss
-    max_length: int = 64
-    eval_size: int = 1000  # examples (classification) or sequences (causal-lm) held out
-    train_size: int = 0  # 0: all that is not held out
-    pack: bool = False  # causal-lm: documents packed into rows, varlen attention keeps them apart
+    task: str = key("sequence-classification", "what the model learns (sets the head, loss and metrics)")
+    model: str = key("asset:all-minilm-l6-v2", "a Hugging Face model folder, or asset:<name> (see engine.data)")
+    data: str = key("asset:rotten-tomatoes", "a .csv/.jsonl/.txt file, or asset:<name>")
+    text_column: str = key("text", "the column (or JSON field) holding the text")
+    label_column: str = key("label", "the column holding the label (classification) or tags (token-classification)")
+    prompt_column: str = key("", "causal-lm prompt/response pairs: the prompt column, masked from the loss")
+    max_length: int = key(64, "tokens per example (longer ones are cut)")
+    eval_size: int = key(1000, "examples (classification) or sequences (causal-lm) held out for evaluation")
+    train_size: int = key(0, "examples to train on; 0: all that are not held out")
+    pack: bool = key(False, "causal-lm: documents packed into rows, varlen attention keeps them apart")
 
     # -- how
-    precision: str = "auto"  # auto, bf16, fp16, bf16-pure, fp32
-    optimizer: str = "adamw8bit"  # adamw, adamw8bit, bnb_adamw8bit, bnb_paged_adamw8bit
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    batch_size: int = 32
-    grad_accum: int = 1
-    max_steps: int = 150
-    warmup_steps: int = 10
-    schedule: str = "cosine"  # cosine, linear, constant
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # 0: no clipping
-    gradient_checkpointing: bool = False
-    offload_activations: bool = False  # with checkpointing: saved layer inputs go to CPU memory
-    lora_r: int = 16  # 0: full fine-tune
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: str = "all-linear"
-    qlora: bool = False  # base weights in NF4
-    ember_kernels: bool = True  # patch attention and loss with ember's kernels
-    distributed: str = "auto"  # under torchrun: ddp, fsdp (FSDP2), auto (fsdp for full fine-tunes, else ddp)
+    precision: str = key("auto", "auto: bf16 where the hardware has it, else fp32")
+    optimizer: str = key("adamw8bit", "adamw8bit is ember's fused 8-bit AdamW; bnb_* are bitsandbytes'")
+    lr: float = key(2e-3, "the peak learning rate, reached after warmup_steps")
+    weight_decay: float = key(0.01, "AdamW's decoupled weight decay")
+    betas: tuple[float, float] = key((0.9, 0.999), "AdamW's beta1,beta2")
+    batch_size: int = key(32, "examples per micro-batch on each process")
+    grad_accum: int = key(1, "micro-batches accumulated into one optimizer step")
+    max_steps: int = key(150, "optimizer steps of the whole run")
+    warmup_steps: int = key(10, "steps of linear warm-up from 0 to lr")
+    schedule: str = key("cosine", "the decay after warm-up, down to min_lr_ratio x lr at max_steps")
+    min_lr_ratio: float = key(0.1, "the learning rate at max_steps, as a fraction of lr")
+    grad_clip: float = key(1.0, "the gradient norm is clipped to this; 0: no clipping")
+    gradient_checkpointing: bool = key(False, "recompute activations in the backward pass to save memory")
+    offload_activations: bool = key(False, "with gradient_checkpointing: saved layer inputs go to CPU memory")
+    lora_r: int = key(16, "LoRA rank; 0: full fine-tune")
+    lora_alpha: float = key(32.0, "LoRA scale numerator (the update is scaled by lora_alpha / lora_r)")
+    lora_dropout: float = key(0.05, "dropout on the LoRA branch's input")
+    lora_targets: str = key("all-linear", "the layers LoRA adapts: all-linear, or comma-separated module names")
+    qlora: bool = key(False, "base weights in NF4 (QLoRA); needs lora_r > 0")
+    ember_kernels: bool = key(True, "patch attention and loss with ember's kernels")
+    distributed: str = key("auto", "under torchrun; auto: fsdp (FSDP2) for full fine-tunes, else ddp")
 
     # -- evaluation, checkpoints, logs
-    eval_every: int = 50
-    early_stopping_metric: str = ""  # e.g. "accuracy", "loss"; empty: no early stopping
-    early_stopping_patience: int = 3
-    save_every: int = 50
-    keep_last: int = 2
-    out_dir: str = "runs/ember"
-    resume: bool = False
-    resume_allow_changes: bool = False  # resume even where the saved config differs (e.g. a deliberate new seed)
-    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
-    log_every: int = 10
-    tensorboard: bool = False
-    progress: bool = True
-    seed: int = 0
-    device: str = "auto"  # auto, cpu, cuda
+    eval_every: int = key(50, "steps between held-out evaluations")
+    early_stopping_metric: str = key("", "stop when this metric (e.g. accuracy, loss) stops improving; empty: never")
+    early_stopping_patience: int = key(3, "evaluations without improvement before early stopping")
+    save_every: int = key(50, "steps between checkpoints")
+    keep_last: int = key(2, "checkpoints kept on disk (older ones are deleted)")
+    out_dir: str = key("runs/ember", "folder for checkpoints, the final export and log.jsonl")
+    resume: bool = key(False, "continue from the latest checkpoint in out_dir")
+    resume_allow_changes: bool = key(False, "resume even where the saved config differs (e.g. a deliberate new seed)")
+    max_bad_steps: int = key(5, "consecutive non-finite losses before the run stops")
+    log_every: int = key(10, "steps between training records in the log")
+    report_to: tuple[str, ...] = key((), "where metrics go besides out_dir/log.jsonl: tensorboard, wandb, mlflow, "
+                                         "all (those installed) or none")
+    tensorboard: bool = key(False, "the same as tensorboard in report_to (event files in out_dir/tensorboard)")
+    progress: bool = key(True, "show a progress bar")
+    seed: int = key(0, "seeds the data order, the split, dropout and new weights")
+    device: str = key("auto", "auto: cuda if available, else cpu")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,12 +110,62 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
+# The keys that take one of a few words, checked by ``check`` and listed by ``describe_keys``.
+CHOICES: dict[str, tuple[str, ...]] = {"task": tuple(TASKS), "precision": ("auto", *POLICIES), "optimizer": OPTIMIZERS,
+                                       "schedule": SCHEDULES, "device": DEVICES, "distributed": MODES}
+_MIXED_PRECISION = ("bf16", "fp16")  # TrainingArguments' two booleans for ember's precision
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _metavar(name: str) -> str:
+    """What key ``name`` takes, as ``--help`` shows it: {a,b,c} for a choice (as argparse shows one), else
+    INT, FLOAT, BOOL, TEXT, or FLOAT,FLOAT for a pair."""
+    if name in CHOICES:
+        return "{" + ",".join(CHOICES[name]) + "}"
+    expected = typing.get_type_hints(TrainConfig)[name]
+    names = {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}
+    if typing.get_args(expected)[1:] == (Ellipsis,):
+        return "NAME[,NAME...]"
+    if typing.get_origin(expected) is tuple:
+        return ",".join(names[item] for item in typing.get_args(expected))
+    return names[expected]
+
+
+def _value_text(value: Any) -> str:
+    """A value as one types it after --key: true, 0.002, 0.9,0.999; an empty text shows as '', no names as none."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(_value_text(item) for item in value) or "none"
+    return str(value) if value != "" else "''"
+
+
+def describe_keys(width: int = 100, column: int = 32) -> str:
+    """Every config key with what it takes, its meaning, its default and its TrainingArguments names, in the
+    dataclass's order, laid out as argparse lays out options: this is ``ember train --help``'s list of keys."""
+    import textwrap
+
+    lines = []
+    for field in dataclasses.fields(TrainConfig):
+        invocation = f"  --{field.name} {_metavar(field.name)}"
+        aliases = aliases_of(field.name)
+        also = f"; TrainingArguments: {', '.join(aliases)}" if aliases else ""
+        meaning = f"{field.metadata['help']} (default: {_value_text(field.default)}{also})"
+        if len(invocation) + 2 > column:  # too long to share its line with the meaning, as in argparse
+            lines.append(invocation)
+            invocation = ""
+        lines.append(textwrap.fill(meaning, width, initial_indent=invocation.ljust(column),
+                                   subsequent_indent=" " * column, break_on_hyphens=False, break_long_words=False))
+    return "\n".join(lines)
 
 
 def _coerce(name: str, value: Any, from_text: bool) -> Any:
     """``value`` as field ``name``'s type, or a ConfigError naming both."""
-    expected = typing.get_type_hints(TrainConfig)[name]
+    return _typed(typing.get_type_hints(TrainConfig)[name], name, value, from_text)
+
+
+def _typed(expected: Any, name: str, value: Any, from_text: bool) -> Any:
+    """``value`` as type ``expected`` (parsed when it is command-line text), or a ConfigError naming ``name``."""
     if expected is bool:
         if isinstance(value, bool):
             return value
@@ -128,6 +190,11 @@ def _coerce(name: str, value: Any, from_text: bool) -> Any:
     elif expected is str:
         if isinstance(value, str):
             return value
+    elif typing.get_args(expected)[1:] == (Ellipsis,):  # names (report_to): one, a list, or comma-separated
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(item, str) for item in items):
+            names = tuple(item.strip() for item in items if item.strip())
+            return () if names == ("none",) else names
     elif typing.get_origin(expected) is tuple:
         items = value.split(",") if from_text and isinstance(value, str) else value
         if isinstance(items, (list, tuple)) and len(items) == len(typing.get_args(expected)):
@@ -136,18 +203,49 @@ def _coerce(name: str, value: Any, from_text: bool) -> Any:
             except (TypeError, ValueError):
                 pass
     type_name = getattr(expected, "__name__", str(expected))
-    if typing.get_origin(expected) is tuple:
+    if typing.get_args(expected)[1:] == (Ellipsis,):
+        type_name = "a name or a list of names"
+    elif typing.get_origin(expected) is tuple:
         type_name = f"{len(typing.get_args(expected))} comma-separated numbers"
     raise ConfigError(f"{name}: expected {type_name}, got {value!r}")
 
 
 def _apply(values: dict[str, Any], updates: dict[str, Any], source: str, from_text: bool) -> None:
-    for key, value in updates.items():
-        if key == "preset":
+    for name, value in _without_aliases(updates, source, from_text).items():
+        if name == "preset":
             continue
-        if key not in _FIELDS:
-            raise ConfigError(f"unknown key {key!r} in {source}")
-        values[key] = _coerce(key, value, from_text)
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown key {name!r} in {source}")
+        values[name] = _coerce(name, value, from_text)
+
+
+def _without_aliases(updates: dict[str, Any], source: str, from_text: bool) -> dict[str, Any]:
+    """``updates`` (one source: a preset, a file or the command line) with each TrainingArguments name replaced
+    by the ember keys it sets (see config_aliases). An alias beside its own key is refused: which one is meant?"""
+    own = {name: value for name, value in updates.items() if name not in ALIASES}
+    refused = next((name for name in own if name in REFUSED), None)
+    if refused:
+        raise ConfigError(f"{refused} in {source} is a TrainingArguments name ember does not take: {REFUSED[refused]}")
+    implied: dict[str, Any] = {}
+    for name in (name for name in updates if name in ALIASES):
+        alias = ALIASES[name]
+        if alias.key in own:
+            raise ConfigError(f"{name} and {alias.key} in {source} are one key ({name} is TrainingArguments' name "
+                              f"for {alias.key}): give one of them")
+        value = _typed(alias.type, name, updates[name], from_text)
+        if name in _MIXED_PRECISION:
+            continue  # the pair is read together below
+        if alias.values is not None and value not in alias.values:
+            raise ConfigError(f"{name}: expected one of {', '.join(map(_value_text, alias.values))}, got {value!r}")
+        sets = {alias.key: value} if alias.values is None else alias.values[value]
+        # Keys a value implies beyond the alias's own (min_lr_ratio, for a schedule) give way to the same keys written.
+        implied.update({key: setting for key, setting in sets.items() if key not in own})
+    mixed = {name: _typed(bool, name, updates[name], from_text) for name in _MIXED_PRECISION if name in updates}
+    if mixed.get("bf16") and mixed.get("fp16"):
+        raise ConfigError(f"bf16 and fp16 in {source}: at most one can be true")
+    if mixed:  # as the Trainer reads them: the one that is true, and fp32 when neither is
+        implied["precision"] = "bf16" if mixed.get("bf16") else "fp16" if mixed.get("fp16") else "fp32"
+    return {**implied, **own}
 
 
 def _scan(arguments: list[str]) -> tuple[list[int], dict[str, str]]:
@@ -160,21 +258,27 @@ def _scan(arguments: list[str]) -> tuple[list[int], dict[str, str]]:
         if not item.startswith("--"):
             positional.append(i - 1)
             continue
-        key, has_value, value = item[2:].partition("=")
-        key = key.replace("-", "_")
+        name, has_value, value = item[2:].partition("=")
+        name = name.replace("-", "_")
         if not has_value:
             following = arguments[i] if i < len(arguments) else None
             takes_next = following is not None and not following.startswith("--") and (
-                _FIELDS.get(key) is None or typing.get_type_hints(TrainConfig)[key] is not bool
-                or following.lower() in _BOOL_WORDS)
+                _type_of(name) is not bool or following.lower() in _BOOL_WORDS)
             if takes_next:
                 value, i = following, i + 1
-            elif key in _FIELDS and typing.get_type_hints(TrainConfig)[key] is not bool:
-                raise ConfigError(f"{key}: expected a value: --{key}=VALUE or --{key} VALUE")
+            elif _type_of(name) not in (bool, None):
+                raise ConfigError(f"{name}: expected a value: --{name}=VALUE or --{name} VALUE")
             else:
                 value = "true"
-        options[key] = value
+        options[name] = value
     return positional, options
+
+
+def _type_of(name: str) -> Any:
+    """The type key or alias ``name`` takes; None for a name ember does not know (refused later, by name)."""
+    if name in _FIELDS:
+        return typing.get_type_hints(TrainConfig)[name]
+    return ALIASES[name].type if name in ALIASES else None
 
 
 def _parse_overrides(overrides: list[str]) -> dict[str, str]:
@@ -185,7 +289,7 @@ def _parse_overrides(overrides: list[str]) -> dict[str, str]:
 
 
 def load_command_line(arguments: list[str]) -> TrainConfig:
-    """``[CONFIG.toml] [--key=value | --key value | --flag ...]``, in any order, as ``ember train`` takes it."""
+    """``[CONFIG.toml|.yaml] [--key=value | --key value | --flag ...]``, in any order, as ``ember train`` takes it."""
     positional, _ = _scan(arguments)
     if len(positional) > 1:
         raise ConfigError(f"expected one config file and --key=value options, got {arguments[positional[1]]!r} "
@@ -195,20 +299,51 @@ def load_command_line(arguments: list[str]) -> TrainConfig:
     return load_config(arguments[positional[0]], arguments[: positional[0]] + arguments[positional[0] + 1 :])
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the preset, then the TOML file at ``path``, then ``--key=value`` overrides."""
-    from_file: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+def _yaml_loader():
+    """PyYAML's safe loader, reading ``3e-4`` as a number as YAML 1.2 (and TOML, and JSON) do: YAML 1.1 wants a
+    dot (``3.0e-4``) and would hand ``learning_rate: 3e-4`` over as text."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    exponent = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789"))
+    return Loader
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """The keys of the config file at ``path``: YAML for .yaml/.yml, else TOML."""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
         try:
-            from_file = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+            keys = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader())
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            reason = " ".join(str(error).split())  # PyYAML's message spans lines; errors here are one line
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {reason}") from None
+        if keys is None:  # an empty file, or comments only
+            return {}
+        if not isinstance(keys, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping of keys to values, "
+                              f"got {type(keys).__name__}")
+        return keys
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the preset, then the TOML or YAML file at ``path``, then ``--key=value`` overrides."""
+    from_file = _read_file(Path(path)) if path is not None else {}
     from_command_line = _parse_overrides(overrides or [])
     preset = from_command_line.get("preset", from_file.get("preset", "minilm-sentiment"))
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
 
     values: dict[str, Any] = {}
@@ -244,9 +379,7 @@ def _in_range(value: float, low: float, high: float, low_in: bool, high_in: bool
 
 def check(config: TrainConfig) -> None:
     """Values that are well typed but make no sense, named with what was expected."""
-    choices = {"task": tuple(TASKS), "precision": ("auto", *POLICIES), "optimizer": OPTIMIZERS,
-               "schedule": SCHEDULES, "device": DEVICES, "distributed": MODES}
-    for name, allowed in choices.items():
+    for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(config, name)!r}")
     for name in ("batch_size", "grad_accum", "max_steps", "max_length", "eval_every", "save_every", "keep_last",
@@ -263,6 +396,7 @@ def check(config: TrainConfig) -> None:
             raise ConfigError(f"{name}: expected {_range_text(*limits)}, got {getattr(config, name)}")
     if not all(_in_range(beta, 0.0, 1.0, True, False) for beta in config.betas):
         raise ConfigError(f"betas: expected two numbers in [0, 1), got {config.betas}")
+    _check_report_to(config.report_to)
     metrics = TASKS[config.task].metric_names
     if config.early_stopping_metric and config.early_stopping_metric not in metrics:
         raise ConfigError(f"early_stopping_metric: expected one of {', '.join(metrics)} (task {config.task}), "
@@ -274,3 +408,15 @@ def check(config: TrainConfig) -> None:
     if config.distributed == "fsdp":  # asked for by name: refused even before a launch with several processes
         check_distributed("fsdp", lora_r=config.lora_r, qlora=config.qlora, optimizer=config.optimizer,
                           precision=config.precision)
+
+
+def _check_report_to(report_to: Any) -> None:
+    """Names of trackers, or all, or none, as TrainingArguments takes them. Whether each tracker's package is
+    installed is checked when a run starts (``ember eval`` of the same config reports nowhere)."""
+    if isinstance(report_to, str) or not all(isinstance(name, str) for name in report_to):
+        raise ConfigError(f"report_to: expected a tuple of names, got {report_to!r}")
+    for name in report_to:
+        if name not in (*TRACKERS, "all", "none"):
+            raise ConfigError(f"report_to: expected names among {', '.join(TRACKERS)}, or all, or none; got {name!r}")
+    if len(report_to) > 1 and {"all", "none"} & set(report_to):
+        raise ConfigError(f"report_to: all and none stand alone, got {', '.join(report_to)}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
 import math
 import os
 import random
@@ -53,6 +52,7 @@ from .optim import build
 from .patch import patch
 from .peft_format import save_adapter
 from .precision import Precision, decide
+from .reporting import NoLog, RunLog, trackers_of
 from .schedule import lr_factor
 from .tasks import TASKS
 
@@ -222,72 +222,10 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # peak resident set, KiB on Linux
 
 
-class RunLog:
-    """JSON lines in out_dir/log.jsonl, and TensorBoard events when asked for.
-
-    The log describes the run in out_dir once: a fresh run starts it anew, a
-    run resumed at step N keeps the records up to step N (those of the steps
-    it redoes go, so no step is logged twice) and appends its own, starting
-    with a "config" record at step N. Each run segment ends with one "end"
-    record.
-    """
-
-    def __init__(self, out_dir: Path, tensorboard: bool, resumed_step: int | None):
-        if tensorboard:  # checked before anything is written
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as error:
-                raise ConfigError(f"tensorboard = true needs the tensorboard package ({error})") from None
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "log.jsonl"
-        kept = _records_through(path, resumed_step) if resumed_step is not None else []
-        write_atomically(path, lambda temporary: temporary.write_text("".join(kept), encoding="utf-8"))
-        self.file = open(path, "a", encoding="utf-8")
-        self.writer = SummaryWriter(str(out_dir / "tensorboard")) if tensorboard else None
-
-    def write(self, kind: str, step: int, **values) -> None:
-        self.file.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{kind}/{key}", value, step)
-
-    def close(self) -> None:  # contextlib.closing(log) closes it however the run ends
-        self.file.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-class _NoLog:
-    """What ranks other than 0 log: nothing."""
-
-    def write(self, kind: str, step: int, **values) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _say(*args, **kwargs) -> None:
     """print, on rank 0 only (every rank runs the same loop)."""
     if distributed.current().main:
         print(*args, **kwargs)
-
-
-def _records_through(path: Path, step: int) -> list[str]:
-    """The lines of the log at ``path`` whose step is at most ``step``; a line torn by a kill is dropped."""
-    if not path.is_file():
-        return []
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record_step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        if isinstance(record_step, int) and record_step <= step:
-            kept.append(line + "\n")
-    return kept
 
 
 def _rng_states() -> dict:
@@ -326,7 +264,7 @@ class Run:
     processes: Processes = Processes()  # this rank among the run's processes (one process alone by default)
     mode: str | None = None  # "ddp" or "fsdp" with several processes
     module: nn.Module | None = None  # the Hugging Face model (``model`` may be its DDP wrapper)
-    log: RunLog | _NoLog | None = None  # opened by open_log once the run has started and resumed
+    log: RunLog | NoLog | None = None  # opened by open_log once the run has started and resumed
     state: LoopState = dataclasses.field(default_factory=LoopState)
     losses: list[float] = dataclasses.field(default_factory=list)  # one per optimizer step of this process
     tokens_seen: int = 0
@@ -358,6 +296,7 @@ def start(config: TrainConfig) -> Run:
                           precision=precision.policy)
     out_dir = Path(config.out_dir)
     _check_out_dir(out_dir)
+    trackers_of(config)  # a tracker's missing package, refused before the model loads
     _say(f"precision: {precision}")
 
     task, model = _task_and_model(config, precision, device)
@@ -493,13 +432,14 @@ def _restore_states(run: Run, saved: dict) -> None:
                      betas=config.betas, weight_decay=config.weight_decay)
 
 
-def open_log(run: Run) -> RunLog | _NoLog:
+def open_log(run: Run) -> RunLog | NoLog:
     """The run's log, opened once it has started and resumed; its first record is the config of this segment.
     Ranks other than 0 log nothing."""
     if not run.processes.main:
-        run.log = _NoLog()
+        run.log = NoLog()
         return run.log
-    run.log = RunLog(run.out_dir, run.config.tensorboard, resumed_step=run.saved_step)
+    run.log = RunLog(run.out_dir, run.config, resumed_step=run.saved_step)
+    _say(f"logs: {run.log.describe()}")
     remove_stale_temporaries(run.out_dir)  # a final/ export or log rewrite killed mid-write
     run.log.write("config", run.state.step, config=run.config.to_dict(), precision=str(run.precision))
     return run.log

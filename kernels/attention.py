@@ -45,12 +45,15 @@ registers, so they cost as much as 128.
 Tiles: each kernel's configs hold sm_80-sized tiles (warps along rows, so the
 softmax row statistics stay within a warp) and Hopper ones, where each dot's
 leading dimension gives every warpgroup 64 rows of its own, as a wgmma needs
-(e.g. 128 queries on 8 warps, 64 on 4); the autotuner picks per GPU. Where a
-wgmma tile does not fit the registers, sm_80-style tiles run on Hopper too:
-head dim 256's dk/dv accumulators (64 rows x 256 x 2 in fp32 per warpgroup),
-the backward with dropout (Philox's state on top of dk and dv), and the
-one-pass backward, whose dk, dv and dq products leave no room for 64 keys and
-64 queries at once (see the compile gate).
+(e.g. 128 queries on 8 warps, 64 on 4); the autotuner picks per GPU. Some
+Hopper tiles spill as sm_80's mma: those are for sm_90 only
+(``KernelSpec.hopper_only``). The backward's Hopper tiles take 64 keys per
+warpgroup and 16 queries, which leaves room for dk and dv (64 rows in fp32
+each) and Philox's state; the one-pass backward computes dq transposed,
+dq^T = K^T dS^T, so that its rows (the head dim) are 64 per warpgroup too.
+Where no wgmma tile fits the registers, sm_80-style tiles run on Hopper:
+head dim 256's dk/dv accumulators (64 rows x 256 x 2 in fp32 per warpgroup,
+256 registers a thread) and the fp32 one-pass backward (see the compile gate).
 
 The kernels carry one constexpr per mask or score option (varlen, band, key
 padding, softcap, dropout). Each is a few lines at a fixed place in the same
@@ -449,7 +452,7 @@ def _attn_bwd_dkdv_kernel(
     softmax_scale, softcap, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ_TRANSPOSED: tl.constexpr,
 ):
     # One program: dk and dv for BLOCK_N keys of one (sequence, kv head),
     # summed over the query heads of its group and every query that sees them.
@@ -497,21 +500,30 @@ def _attn_bwd_dkdv_kernel(
             allowed_t = _allowed(offs_m[None, :], offs_n[:, None], q_len, k_len, window_left, window_right,
                                  kpm_row_ptr, HAS_BAND, HAS_KPM)
             probs_t = tl.exp2(tl.where(allowed_t, scores_t, float("-inf")) - lse[None, :])
-            dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
+            # dv's product before dP's, and the softcap's derivative folded into the
+            # probabilities before dP's too: the dropped probabilities and tanh's tile are
+            # dead before dP's tile is live (a Hopper tile keeps 64 rows of dk and dv in registers).
             if HAS_DROPOUT:
                 keep_t = _dropout_keep(seed, b * num_heads + h, offs_m[None, :], offs_n[:, None], seqlen_k,
                                        dropout_p)
                 dropped_t = tl.where(keep_t, probs_t * (1.0 / (1.0 - dropout_p)), 0.0)
                 dv += tl.dot(dropped_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
-                dprobs_t = tl.where(keep_t, dprobs_t * (1.0 / (1.0 - dropout_p)), 0.0)
             else:
                 dv += tl.dot(probs_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
-            dscores_t = probs_t * (dprobs_t - delta[None, :])
             if HAS_SOFTCAP:
-                dscores_t = dscores_t * (1.0 - capped_t * capped_t)
-            dscores_t = dscores_t.to(q.dtype)
+                probs_t = probs_t * (1.0 - capped_t * capped_t)
+            dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                dprobs_t = tl.where(keep_t, dprobs_t * (1.0 / (1.0 - dropout_p)), 0.0)
+            dscores_t = (probs_t * (dprobs_t - delta[None, :])).to(q.dtype)
             dk += tl.dot(dscores_t, q, input_precision=DOT_PRECISION)
-            if ATOMIC_DQ:
+            if ATOMIC_DQ and DQ_TRANSPOSED:
+                # dq^T = K^T dS^T: its rows are the head dim, 64 per warpgroup whatever
+                # BLOCK_M is, so on sm_90 it is a wgmma (K^T a view of k in shared memory).
+                dq_t = tl.dot(tl.trans(k), dscores_t, input_precision=DOT_PRECISION) * softmax_scale  # (D, M)
+                tl.atomic_add(dq_base + offs_m[None, :] * stride_dqm + cols[:, None], dq_t,
+                              mask=(offs_m[None, :] < q_len) & (cols[:, None] < HEAD_DIM), sem="relaxed")
+            elif ATOMIC_DQ:
                 dq = tl.dot(tl.trans(dscores_t), k, input_precision=DOT_PRECISION) * softmax_scale  # (M, D)
                 tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + cols[None, :], dq,
                               mask=(offs_m[:, None] < q_len) & (cols[None, :] < HEAD_DIM), sem="relaxed")
@@ -571,8 +583,15 @@ def _cases(kernel: str, variant: str) -> list[CompileCase]:
     }[variant]
 
 
-def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n), num_warps=warps, num_stages=stages)
+def _config(block_m: int, block_n: int, warps: int, stages: int, **knobs) -> triton.Config:
+    return triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, **knobs), num_warps=warps, num_stages=stages)
+
+
+def _bwd_config(block_m: int, block_n: int, warps: int, stages: int, dq_transposed: bool = False) -> triton.Config:
+    # The dk/dv kernel's configs also choose the orientation of the one-pass backward's dq
+    # product: (D, BLOCK_M) on Hopper tiles, where its rows must be 64 per warpgroup; (BLOCK_M, D)
+    # on sm_80 ones, where the transposed product spills and repeats work.
+    return _config(block_m, block_n, warps, stages, DQ_TRANSPOSED=dq_transposed)
 
 
 _CONFIGS = {
@@ -586,32 +605,51 @@ _CONFIGS = {
     ("dq", "d256"): [_config(64, 16, 4, 1), _config(32, 64, 8, 1)],
     ("dq", "d256_dropout"): [_config(32, 64, 8, 1)],
     ("dq", "fp32"): [_config(64, 16, 4, 1)],
-    ("dkdv", "d128"): [_config(16, 128, 8, 2), _config(64, 32, 8, 2)],
-    ("dkdv", "d128_dropout"): [_config(32, 32, 8, 2)],
-    ("dkdv", "d256"): [_config(32, 32, 8, 1)],
-    ("dkdv", "d256_dropout"): [_config(16, 32, 8, 1)],
-    ("dkdv", "fp32"): [_config(16, 16, 4, 1)],
-    ("bwd", "d128"): [_config(32, 32, 8, 2), _config(16, 32, 8, 2)],
-    ("bwd", "d128_dropout"): [_config(16, 32, 8, 2), _config(16, 32, 4, 2), _config(16, 16, 4, 2)],
-    ("bwd", "d256"): [_config(16, 32, 8, 1)],
-    ("bwd", "d256_dropout"): [_config(16, 32, 8, 1), _config(16, 16, 8, 1)],
-    ("bwd", "fp32"): [_config(16, 16, 4, 1)],
+    ("dkdv", "d128"): [_bwd_config(16, 128, 8, 2), _bwd_config(64, 32, 8, 2)],
+    ("dkdv", "d128_dropout"): [_bwd_config(32, 32, 8, 2)],
+    ("dkdv", "d256"): [_bwd_config(32, 32, 8, 1)],
+    ("dkdv", "d256_dropout"): [_bwd_config(16, 32, 8, 1)],
+    ("dkdv", "fp32"): [_bwd_config(16, 16, 4, 1)],
+    ("bwd", "d128"): [_bwd_config(32, 32, 8, 2), _bwd_config(16, 32, 8, 2)],
+    ("bwd", "d128_dropout"): [_bwd_config(16, 32, 8, 2), _bwd_config(16, 32, 4, 2), _bwd_config(16, 16, 4, 2)],
+    ("bwd", "d256"): [_bwd_config(16, 32, 8, 1)],
+    ("bwd", "d256_dropout"): [_bwd_config(16, 32, 8, 1), _bwd_config(16, 16, 8, 1)],
+    ("bwd", "fp32"): [_bwd_config(16, 16, 4, 1)],
+}
+# Hopper tiles, each its spec's hopper_config, for sm_90 only (KernelSpec.hopper_only): every
+# product but the two-pass dq's and, where noted, the one-pass dq's is a 64-row-per-warpgroup wgmma,
+# in the transposed orientation the dk/dv kernel computes in (S^T = K Q^T, dP^T = V dO^T: BLOCK_N
+# keys, 64 per warpgroup; dV += P^T dO, dK += dS^T Q with P^T, dS^T from registers). As sm_80's
+# mma they spill (see the compile gate), so sm_80 keeps the tiles above. Their 16-query tiles
+# are what leaves room for 64 rows of dk and dv (fp32) per warpgroup and Philox's state.
+_HOPPER_CONFIGS: dict[tuple[str, str], triton.Config] = {
+    ("dq", "d256_dropout"): _config(128, 16, 8, 1),
+    ("dkdv", "d128_dropout"): _bwd_config(16, 64, 4, 1),
+    ("dkdv", "fp32"): _bwd_config(16, 64, 4, 1),
+    ("bwd", "d128"): _bwd_config(16, 128, 8, 1, dq_transposed=True),
+    # dq's product stays (BLOCK_M, D), sm_80-style HMMA: transposed, it spills with Philox's state.
+    ("bwd", "d128_dropout"): _bwd_config(16, 128, 8, 1),
 }
 # Not keyed on sequence lengths: packed batches change their maximum length every step.
 _AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "HAS_BAND", "HAS_KPM", "HAS_SOFTCAP", "HAS_DROPOUT"]
 
-_SPECS = {
-    (kernel, variant): register(KernelSpec(
+
+def _register(kernel: str, variant: str) -> KernelSpec:
+    configs, hopper = _CONFIGS[kernel, variant], _HOPPER_CONFIGS.get((kernel, variant))
+    return register(KernelSpec(
         name=f"attention_{kernel}_{variant}",
         kernel=_KERNELS[kernel],
-        configs=configs,
+        configs=configs + [hopper] if hopper else configs,
         key=_AUTOTUNE_KEY,
         compile_cases=_cases(kernel, variant),
         # The one-pass backward adds dq into a buffer: autotuning trials must each start from zeros.
         reset_to_zero=("dq_ptr",) if kernel == "bwd" else (),
+        hopper_config=len(configs) if hopper else None,
+        hopper_only=(len(configs),) if hopper else (),
     ))
-    for (kernel, variant), configs in _CONFIGS.items()
-}
+
+
+_SPECS = {(kernel, variant): _register(kernel, variant) for kernel, variant in _CONFIGS}
 
 
 # delta = rowsum(dO * O) before the one-pass backward: elementwise, no tensor cores.

@@ -36,7 +36,8 @@ accumulation needs only relaxed ones.
 ``--subset`` compiles what CI compiles (``subset_jobs``): for every spec its
 first case, at its first config on sm_80 and at its ``hopper_config`` on
 sm_90. The full gate compiles every case at every config on both archs, in
-parallel (one process per core).
+parallel (one process per core), except a spec's ``hopper_only`` configs,
+which it compiles for sm_90 only, as the autotuner runs them there only.
 
 The interpreter cannot show any of this (no registers, no shared memory), which
 is why this gate exists beside the interpreter tests.
@@ -405,6 +406,7 @@ def run(archs=(80, 90), kernels=None, workers: int | None = None, subset: bool =
             for case_index in range(len(spec.compile_cases))
             for config_index in range(len(spec.configs))
             for arch in archs
+            if spec.runs_on(config_index, arch)  # a hopper_only config: sm_90 only
         ]
     # Each compile is single-threaded Python + ptxas: one process per core.
     workers = workers or os.cpu_count() or 1

@@ -15,6 +15,10 @@ consumers read that one declaration:
   ``KernelSpec.hopper_config`` naming it for CI's subset). It compiles from
   representative launch arguments (``launch_arguments``: a case's ``values``,
   else ``representative_value``), through Triton's own launch-time binder.
+
+A config may be for sm_90 and newer only (``KernelSpec.hopper_only``): a wgmma
+tile that spills as sm_80's mma. The autotuner and the gate leave it out on
+older architectures (``KernelSpec.configs_for``).
 """
 
 from __future__ import annotations
@@ -67,6 +71,11 @@ class KernelSpec:
     # warpgroup tiles). The gate's CI subset compiles configs[0] and this one;
     # None when configs[0] is that config (or the spec has no matmul).
     hopper_config: int | None = None
+    # Indices in ``configs`` of tiles for sm_90 and newer only: wgmma tiles (64 rows
+    # per warpgroup) that spill registers as sm_80's mma, or repeat its work. The
+    # autotuner of an older GPU never sees them and the gate compiles them for
+    # sm_90 only. configs[0], which the interpreter runs, is for every architecture.
+    hopper_only: Sequence[int] = ()
 
     def __post_init__(self) -> None:
         if not self.configs:
@@ -74,6 +83,16 @@ class KernelSpec:
         if self.hopper_config is not None and not 0 <= self.hopper_config < len(self.configs):
             raise ValueError(f"kernel {self.name}: hopper_config {self.hopper_config} is not an index "
                              f"of its {len(self.configs)} configs")
+        if any(not 0 < i < len(self.configs) for i in self.hopper_only):
+            raise ValueError(f"kernel {self.name}: hopper_only {tuple(self.hopper_only)} must be indices of its "
+                             f"{len(self.configs)} configs other than 0 (configs[0] runs on every architecture)")
+
+    def runs_on(self, config_index: int, arch: int) -> bool:
+        """Whether configs[config_index] is compiled and autotuned for sm_<arch> (e.g. 80, 90)."""
+        return arch >= 90 or config_index not in self.hopper_only
+
+    def configs_for(self, arch: int) -> list[triton.Config]:
+        return [config for i, config in enumerate(self.configs) if self.runs_on(i, arch)]
 
 
 # Triton's type names for the dtypes ember's kernels take, for compile-case signatures.
@@ -216,7 +235,7 @@ def _arguments(kernel: Any) -> dict[str, bool]:
 
 
 REGISTRY: dict[str, KernelSpec] = {}
-_autotuned: dict[str, Callable] = {}
+_autotuned: dict[tuple[str, int], Callable] = {}  # per (kernel, architecture): configs_for differs
 
 
 def register(spec: KernelSpec) -> KernelSpec:
@@ -238,10 +257,12 @@ def launch(spec: KernelSpec, grid: Callable[[dict], tuple], *args: Any, **kwargs
             config.pre_hook({**named, **config.all_kwargs()})
         spec.kernel[lambda meta: grid({**meta, **config.kwargs})](*args, **kwargs, **config.kwargs)
         return
-    tuned = _autotuned.get(spec.name)
+    major, minor = torch.cuda.get_device_capability()  # the device Triton launches on; cached by torch, no sync
+    arch = 10 * major + minor
+    tuned = _autotuned.get((spec.name, arch))
     if tuned is None:
         tuned = triton.autotune(
-            configs=list(spec.configs), key=list(spec.key), reset_to_zero=list(spec.reset_to_zero) or None
+            configs=spec.configs_for(arch), key=list(spec.key), reset_to_zero=list(spec.reset_to_zero) or None
         )(spec.kernel)
-        _autotuned[spec.name] = tuned
+        _autotuned[spec.name, arch] = tuned
     tuned[grid](*args, **kwargs)

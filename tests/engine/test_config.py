@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,23 @@ def test_sources_in_order(tmp_path):
     assert (config.lr, config.batch_size, config.pack, config.betas, config.model) == (0.5, 8, True, (0.7, 0.95),
                                                                                        "my/model")
     assert config.max_steps == TrainConfig().max_steps  # untouched keys keep their defaults
+
+
+def test_yaml_files_as_toml_files(tmp_path):
+    """The same keys and types as TOML (.yaml and .yml); a YAML number needs no dot (3e-4, as YAML 1.2 reads)."""
+    for name in ("job.yaml", "job.yml"):
+        path = tmp_path / name
+        path.write_text("lr: 3e-4\nbatch_size: 4\nbetas: [0.8, 0.9]\nmodel: my/model\npack: true\n"
+                        "report_to: [tensorboard]\n# a comment\n")
+        config = load_config(path, ["--batch_size", "8"])
+        assert (config.lr, config.batch_size, config.betas, config.model, config.pack, config.report_to) == (
+            3e-4, 8, (0.8, 0.9), "my/model", True, ("tensorboard",))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set\n")
+    assert load_config(empty) == TrainConfig()
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("preset: smollm2-lora\nmax_steps: 3\n")
+    assert (load_config(preset).task, load_config(preset).max_steps) == ("causal-lm", 3)
 
 
 def test_presets(tmp_path):
@@ -82,6 +100,21 @@ def test_keys_as_argparse_users_type_them(tmp_path):
         load_command_line(["a.toml", "b.toml"])
 
 
+def test_a_value_after_a_space_is_a_value_not_the_config_file(tmp_path, capsys, monkeypatch):
+    """The issue's 'ember train --lr 3e-4' (config file '3e-4' does not exist): a negative number, a value that
+    looks like a path or like a config file, all belong to the key before them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "job.toml").write_text("max_steps = 7\n")
+    config = load_command_line(["--lr", "3e-4", "--data", "/data/train.csv", "--out_dir", "runs/x.toml", "job.toml",
+                                "--warmup_steps", "0"])
+    assert (config.lr, config.data, config.out_dir, config.max_steps, config.warmup_steps) == (
+        3e-4, "/data/train.csv", "runs/x.toml", 7, 0)
+    with pytest.raises(ConfigError, match=r"weight_decay: expected a finite number >= 0, got -1.0"):
+        load_command_line(["--weight_decay", "-1"])
+    assert main(["train", "--lr", "3e-4", "--max_steps", "-5"]) == 2  # through the command: the key's own error
+    assert capsys.readouterr().err.strip() == "ember: error: max_steps: expected a positive integer, got -5"
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
@@ -97,6 +130,25 @@ def test_bad_files(tmp_path):
     typed.write_text('max_steps = "ten"')
     with pytest.raises(ConfigError, match="max_steps: expected int, got 'ten'"):
         load_config(typed)
+
+
+@pytest.mark.parametrize(("contents", "message"), [
+    ("lr: [1, 2", "is not valid YAML: while parsing a flow sequence"),
+    ("- lr\n- 0.1\n", "expected a mapping of keys to values, got list"),
+    ("max_steps: ten\n", "max_steps: expected int, got 'ten'"),  # the same checks and words as TOML
+    ("betas: 0.9\n", "betas: expected 2 comma-separated numbers, got 0.9"),
+    ("nonsense: 1\n", "unknown key 'nonsense' in"),
+    ("preset: [1]\n", "unknown preset [1]"),
+    ("model: caf\xe9\n".encode("latin-1"), "is not valid YAML"),
+])
+def test_bad_yaml_files(contents, message, tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
+    assert main(["train", str(path), f"--out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ember: error: ") and message in err[0], err
 
 
 @pytest.mark.parametrize(("arguments", "message"), [

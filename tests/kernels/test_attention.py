@@ -7,11 +7,14 @@ against stock PyTorch (the same reference computed in the inputs' dtype).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from ember.bench.memory import TensorSizeTracker
 from ember.kernels import attention as attention_module
+from ember.kernels import launch as launch_module
 from ember.kernels import flash_attention, flash_attention_varlen
 from ember.kernels.attention import attention_ref
 from ember.kernels.backend import backend_for
@@ -449,4 +452,40 @@ def test_varlen_offsets_may_be_strided_int64_with_empty_sequences(device, assert
         lambda *t: flash_attention_varlen(*t, cu.to(device), cu.to(device), 4, 4, causal=True),
         per_sequence_reference, *(t.to(device) for t in packed), dout.to(device), torch.float32,
         assert_within_tolerance,
+    )
+
+
+# The Hopper tiles: a spec's hopper_only config runs on sm_90 only, and the
+# interpreter runs configs[0], so without this these tiles (and the transposed
+# dq product of the one-pass backward) would be proven only to compile. Each
+# runs here as its spec's only config: in the interpreter, and on any GPU (on
+# sm_80 it spills, slowly but correctly) instead of whatever the autotuner picks.
+HOPPER_TILES = [key for key, spec in attention_module._SPECS.items() if spec.hopper_only]
+
+
+@pytest.mark.parametrize("kernel,variant", HOPPER_TILES, ids=["_".join(key) for key in HOPPER_TILES])
+def test_hopper_tiles_match_reference(kernel, variant, device, monkeypatch, assert_within_tolerance):
+    if backend_for(torch.empty(0, device=device)) != "triton":
+        pytest.skip("the PyTorch path has no tiles")
+    spec = attention_module._SPECS[kernel, variant]
+    hopper = spec.configs[spec.hopper_config]
+    monkeypatch.setitem(attention_module._SPECS, (kernel, variant),
+                        dataclasses.replace(spec, configs=[hopper], hopper_config=None, hopper_only=()))
+    monkeypatch.setattr(launch_module, "_autotuned", {})  # no autotuner cached over the spec's full list
+    dtype = torch.float32 if variant == "fp32" else torch.float16
+    head_dim = {"fp32": 64, "d128": 128, "d256": 256}[variant.removesuffix("_dropout")]
+    # Lengths past one tile of either side, and a partial last tile; "bwd" is the one-pass backward.
+    shape, dropout_p = (1, 2, 150, head_dim), (0.3 if variant.endswith("_dropout") else 0.0)
+    options = dict(causal=True, dropout_p=dropout_p, deterministic=kernel != "bwd")
+    keep = None
+    if dropout_p:  # the mask read off the forward: the sequence must fit in the head dim, and a
+        # small scale keeps every probability above fp16's underflow (the bits do not depend on it)
+        shape = (1, 2, min(150, head_dim), head_dim)
+        keep = _dropout_mask(device, dtype, shape, dropout_p, seed=21, causal=True, softmax_scale=1e-3).cpu()
+    q, k, v, dout = _make_case(*shape[:2], 1, shape[2], shape[2], head_dim, dtype, device, seed=22)  # GQA
+    torch.manual_seed(21)
+    _check_against_reference(
+        lambda *t: flash_attention(*t, **options),
+        lambda *t: attention_ref(*t, causal=True, dropout_p=dropout_p, dropout_mask=keep),
+        q, k, v, dout, dtype, assert_within_tolerance,
     )

@@ -26,20 +26,28 @@ from ember.kernels import (
     NF4Weight,
     adamw8bit_init_state,
     adamw8bit_step,
+    apply_rotary,
     cross_entropy,
     dequantize_nf4,
     flash_attention,
     flash_attention_varlen,
+    geglu,
+    layer_norm,
     linear_cross_entropy,
     lora_linear,
     quantize_nf4,
+    rms_norm,
+    swiglu,
 )
 from ember.kernels.adamw8bit import adamw8bit_step_ref
 from ember.kernels.attention import attention_ref
 from ember.kernels.cross_entropy import cross_entropy_ref
 from ember.kernels.dynamic_map import dynamic_map
+from ember.kernels.gated import geglu_ref, swiglu_ref
 from ember.kernels.lora import lora_linear_ref
 from ember.kernels.nf4 import NF4_CODE
+from ember.kernels.norms import layer_norm_ref, rms_norm_ref
+from ember.kernels.rotary import apply_rotary_ref
 
 
 def fuzz(examples: int):
@@ -404,6 +412,147 @@ def test_nf4_quantize_and_dequantize(data, assert_within_tolerance):
 
 
 # ----------------------------------------------------------------------------
+# The layer kernels: RMSNorm, LayerNorm, RoPE, SwiGLU/GeGLU
+# ----------------------------------------------------------------------------
+
+
+def assert_outputs_and_grads(names, actual, results, dtype, assert_within_tolerance):
+    """``actual``: outputs then gradients, in ``names``' order; ``results`` as reference_and_stock returns them.
+
+    One scale for all: a norm's gradient for x sums to 0 along a row and can cancel to exactly 0
+    (one column, or a constant row) where its terms do not."""
+    (outputs64, grads64), (stock, stock_grads) = results
+    outputs64, stock = (list(o) if isinstance(o, tuple) else [o] for o in (outputs64, stock))
+    reference, stock_all = [*outputs64, *grads64], [*stock, *stock_grads]
+    scale = max((r.abs().max().item() for r in reference if r.numel()), default=0.0)
+    for name, a, r, s in zip(names, actual, reference, stock_all, strict=True):
+        assert a.dtype == s.dtype, f"{name}: dtype {a.dtype}, stock PyTorch's {s.dtype}"
+        assert_within_tolerance(name, a, r, s, dtype, scale=scale)
+
+
+def outputs_and_cotangents(result, generator, draw):
+    """(outputs, a cotangent for each in a drawn layout): a norm with a residual returns (out, s)."""
+    outputs = list(result) if isinstance(result, tuple) else [result]
+    return outputs, [laid_out(random(o.shape, o.dtype, o.device, generator), draw(LAYOUTS)) for o in outputs]
+
+
+@fuzz(60)
+@given(data=st.data())
+def test_norms(device, data, assert_within_tolerance):
+    draw = data.draw
+    dtype = draw(DTYPES)
+    kind = draw(st.sampled_from(["rms", "layer"]))
+    row_shape = draw(st.sampled_from([(1,), (9,), (2, 7)]))
+    hidden = draw(st.sampled_from([1, 5, 77, 130]))
+    eps = draw(st.sampled_from([1e-6, 1e-2]))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 1 << 16)))
+    x = laid_out(random((*row_shape, hidden), dtype, device, generator, scale=2.0), draw(LAYOUTS))
+    residual = (laid_out(random(x.shape, dtype, device, generator), draw(LAYOUTS)) if draw(st.booleans())
+                else None)
+    if kind == "rms":
+        # Llama keeps an fp32 weight under a 16-bit activation in some checkpoints: the output promotes.
+        weight_dtype = draw(st.sampled_from([dtype, torch.float32]))
+        offset = draw(st.sampled_from([0.0, 1.0]))
+        cast = draw(st.sampled_from([None, "llama", "gemma"]))
+        weight = laid_out(random((hidden,), weight_dtype, device, generator, scale=0.5) + (1 - offset),
+                          draw(LAYOUTS))
+        bias = None
+        options = dict(eps=eps, offset=offset, residual=residual, cast=cast)
+        kernel = lambda x, weight, bias, **options: rms_norm(x, weight, **options)  # noqa: E731
+        reference_fn = lambda x, weight, bias, **options: rms_norm_ref(x, weight, **options)  # noqa: E731
+    else:
+        weight = laid_out(random((hidden,), dtype, device, generator, scale=0.5) + 1, draw(LAYOUTS))
+        bias = laid_out(random((hidden,), dtype, device, generator), draw(LAYOUTS)) if draw(st.booleans()) else None
+        options = dict(eps=eps, residual=residual)
+        kernel, reference_fn = layer_norm, layer_norm_ref
+    event(f"{kind} norm{' + residual' if residual is not None else ''}")
+    inputs = [t.requires_grad_() for t in (x, weight, bias, residual) if t is not None]
+
+    outputs, cotangents = outputs_and_cotangents(kernel(x, weight, bias, **options), generator, draw)
+    grads = grads_of(outputs, inputs, cotangents)
+
+    def reference(x, weight, *rest):
+        bias_, residual_ = (rest[0], rest[1:]) if bias is not None else (None, rest)
+        return reference_fn(x, weight, bias_, **{**options, "residual": residual_[0] if residual_ else None})
+
+    results = []
+    for reference_dtype in (torch.float64, None):  # reference_and_stock, with one cotangent per output
+        leaves = [t.detach().cpu().to(reference_dtype or t.dtype).requires_grad_() for t in inputs]
+        result = reference(*leaves)
+        result_list = list(result) if isinstance(result, tuple) else [result]
+        cotangents_here = [c.cpu().to(reference_dtype or c.dtype) for c in cotangents]
+        results.append((result, grads_of(result_list, leaves, cotangents_here)))
+    names = (["out", "s"][:len(outputs)] + ["dx", "dweight"] + (["dbias"] if bias is not None else [])
+             + (["dresidual"] if residual is not None else []))
+    assert_outputs_and_grads(names, [*outputs, *grads], results, dtype, assert_within_tolerance)
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_apply_rotary(device, data, assert_within_tolerance):
+    draw = data.draw
+    dtype = draw(DTYPES)
+    cos_dtype = draw(st.sampled_from([dtype, torch.float32]))
+    batch, seq = draw(st.integers(1, 2)), draw(st.sampled_from([1, 5, 17]))
+    kv_heads, group = draw(st.integers(1, 2)), draw(st.sampled_from([1, 3]))
+    head_dim = draw(st.sampled_from([8, 16, 80]))
+    rotary_dim = draw(st.sampled_from([d for d in (2, 8, 16, 32, 80) if d <= head_dim]))
+    heads_first = draw(st.booleans())  # (B, H, S, D) with unsqueeze_dim=1, or (B, S, H, D) with 2
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 1 << 16)))
+
+    def heads(count):
+        shape = (batch, count, seq, head_dim) if heads_first else (batch, seq, count, head_dim)
+        return laid_out(random(shape, dtype, device, generator), draw(LAYOUTS))
+
+    q, k = heads(kv_heads * group), heads(kv_heads)
+    # Angles as a rotary embedding makes them: the two halves repeat (cat(freqs, freqs)); positions may
+    # restart inside a row (packed sequences), so any angle per (row, position).
+    half = random((batch, seq, rotary_dim // 2), torch.float32, "cpu", generator, scale=3.0)
+    angles = torch.cat([half, half], dim=-1)
+    cos, sin = (laid_out(f(angles).to(device=device, dtype=cos_dtype), draw(LAYOUTS)) for f in (torch.cos, torch.sin))
+    options = dict(unsqueeze_dim=1 if heads_first else 2)
+    inputs = [t.requires_grad_() for t in (q, k)]
+
+    outputs, cotangents = outputs_and_cotangents(apply_rotary(q, k, cos, sin, **options), generator, draw)
+    grads = grads_of(outputs, inputs, cotangents)
+
+    results = []
+    for reference_dtype in (torch.float64, None):
+        leaves = [t.detach().cpu().to(reference_dtype or t.dtype).requires_grad_() for t in inputs]
+        angles_here = [t.cpu().to(reference_dtype or t.dtype) for t in (cos, sin)]
+        result = apply_rotary_ref(*leaves, *angles_here, **options)
+        results.append((result, grads_of(list(result), leaves,
+                                         [c.cpu().to(reference_dtype or c.dtype) for c in cotangents])))
+    assert_outputs_and_grads(["q_out", "k_out", "dq", "dk"], [*outputs, *grads], results, dtype,
+                             assert_within_tolerance)
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_gated_activations(device, data, assert_within_tolerance):
+    draw = data.draw
+    dtype = draw(DTYPES)
+    activation = draw(st.sampled_from(["swiglu", "geglu-tanh", "geglu-none"]))
+    shape = draw(st.sampled_from([(0, 5), (1,), (9, 77), (2, 3, 130)]))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 1 << 16)))
+    gate, up = (laid_out(random(shape, dtype, device, generator, scale=3.0), draw(LAYOUTS)) for _ in range(2))
+    inputs = [t.requires_grad_() for t in (gate, up)]
+    if activation == "swiglu":
+        kernel, reference_fn = swiglu, swiglu_ref
+    else:
+        approximate = activation.removeprefix("geglu-")
+        kernel = lambda g, u: geglu(g, u, approximate)  # noqa: E731
+        reference_fn = lambda g, u: geglu_ref(g, u, approximate)  # noqa: E731
+    event(activation)
+
+    out = kernel(gate, up)
+    cotangent = laid_out(random(shape, dtype, device, generator), draw(LAYOUTS))
+    results = reference_and_stock(reference_fn, inputs, cotangent)
+    assert_outputs_and_grads(["out", "dgate", "dup"], [out, *grads_of(out, inputs, cotangent)], results, dtype,
+                             assert_within_tolerance)
+
+
+# ----------------------------------------------------------------------------
 # 8-bit AdamW
 # ----------------------------------------------------------------------------
 
@@ -475,6 +624,7 @@ _cu = torch.tensor([0, 3, 7])
 _hidden, _weight, _target = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([0, 3, 9, 1])
 _x, _base, _a, _b = torch.randn(3, 16), torch.randn(8, 16), torch.randn(2, 16), torch.randn(8, 2)
 _param = torch.randn(300)
+_angles = torch.randn(1, 5, 8)
 
 # option -> (call with that option set, the values it refuses, the name the error gives)
 BAD_OPTIONS = {
@@ -529,6 +679,18 @@ BAD_OPTIONS = {
                                                                  lr=1e-3, weight_decay=value), [INF, -0.1],
                                     "weight_decay"),
     "quantize_nf4.blocksize": (lambda value: quantize_nf4(_base, blocksize=value), [48, 64.0, 0], "blocksize"),
+    "rms_norm.eps": (lambda value: rms_norm(_hidden, _hidden[0], eps=value), [-1e-6, NAN, INF, "1e-6", None], "eps"),
+    "rms_norm.offset": (lambda value: rms_norm(_hidden, _hidden[0], offset=value), [NAN, INF, "1"], "offset"),
+    "rms_norm.cast": (lambda value: rms_norm(_hidden, _hidden[0], cast=value), ["Llama", "fp32", 1], "cast"),
+    "rms_norm.weight": (lambda value: rms_norm(_hidden, value), [_hidden[0, :7], _hidden, _target], "weight"),
+    "rms_norm.residual": (lambda value: rms_norm(_hidden, _hidden[0], residual=value),
+                          [_hidden[:3], _hidden.half(), _hidden.long()], "residual"),
+    "layer_norm.eps": (lambda value: layer_norm(_hidden, _hidden[0], None, eps=value), [-1.0, NAN, INF], "eps"),
+    "layer_norm.bias": (lambda value: layer_norm(_hidden, _hidden[0], value), [_hidden[0, :3], _hidden], "bias"),
+    "apply_rotary.unsqueeze_dim": (lambda value: apply_rotary(_q, _kv[..., :5, :], _angles, _angles,
+                                                              unsqueeze_dim=value), [1.0, "1", 7], "unsqueeze_dim"),
+    "geglu.approximate": (lambda value: geglu(_hidden, _hidden, value), ["erf", None, True], "approximate"),
+    "swiglu.up": (lambda value: swiglu(_hidden, value), [_hidden[:3], _hidden.half(), _hidden.T], "up"),
 }
 
 

@@ -166,3 +166,50 @@ def test_a_configs_pre_hook_sees_every_argument_by_name_in_the_gate_and_under_th
     launch(spec, lambda meta: (triton.cdiv(37, meta["BLOCK"]),), x, out, 37, 2.0, b=0.5)
     assert seen[-1]["x_ptr"] is x and seen[-1]["n"] == 37 and seen[-1]["b"] == 0.5 and seen[-1]["BLOCK"] == 16
     torch.testing.assert_close(out, x * 2.0 + 0.5)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_hopper_only_configs_are_left_out_before_sm_90_by_the_autotuner_and_the_gate(monkeypatch, arch):
+    from ember.kernels import compile_check, launch as launch_module
+    from ember.kernels.launch import REGISTRY, KernelSpec
+
+    configs = [triton.Config({"BLOCK": block}) for block in (32, 64, 128)]
+    case = compile_case(_axpb_kernel, "fp32", dtype=torch.float32, types=dict(a="fp32", b="fp32"),
+                        constexprs={}, tensor_cores=False)
+    spec = KernelSpec("axpb_hopper_only", _axpb_kernel, configs, ["n"], [case], hopper_config=2, hopper_only=(2,))
+    expected = configs if arch >= 90 else configs[:2]
+    assert spec.configs_for(arch) == expected
+    assert [spec.runs_on(i, arch) for i in range(3)] == [True, True, arch >= 90]
+
+    # The autotuner on a GPU of that architecture is built over configs_for(arch).
+    autotuned = []
+
+    class Tuned:  # tuned[grid](*args): a launch that does nothing
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    def fake_autotune(configs, key, reset_to_zero):
+        autotuned.append(configs)
+        return lambda kernel: Tuned()
+
+    monkeypatch.setattr(launch_module, "interpreting", lambda: False)
+    monkeypatch.setattr(launch_module, "_autotuned", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *device: divmod(arch, 10))
+    monkeypatch.setattr(triton, "autotune", fake_autotune)
+    launch_module.launch(spec, lambda meta: (1,), None, None, 1, 1.0, 0.0)
+    assert autotuned == [expected]
+
+    # The full gate compiles configs_for(arch) on each architecture.
+    monkeypatch.setitem(REGISTRY, spec.name, spec)
+    monkeypatch.setattr(compile_check, "_check_job", lambda job: job)
+    jobs = compile_check.run((arch,), [spec.name], workers=1)
+    assert [config for _, _, config, _ in jobs] == [i for i in range(3) if spec.runs_on(i, arch)]
+
+
+@pytest.mark.parametrize("hopper_only", [(0,), (3,)])
+def test_hopper_only_must_name_configs_other_than_the_first(hopper_only):
+    from ember.kernels.launch import KernelSpec
+
+    configs = [triton.Config({"BLOCK": block}) for block in (32, 64, 128)]
+    with pytest.raises(ValueError, match="hopper_only"):
+        KernelSpec("axpb", _axpb_kernel, configs, ["n"], [], hopper_only=hopper_only)
