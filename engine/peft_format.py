@@ -95,8 +95,9 @@ def _check_modules_to_save(model: nn.Module, modules_to_save: Iterable[str]) -> 
         if any(isinstance(m, LoRALinear) for m in modules[name].modules()):
             raise ValueError(f"modules_to_save: {name!r} holds LoRA layers; a module is adapted or saved whole, "
                              "not both")
-        # PEFT selects modules_to_save by name suffix: "classifier" would also take "encoder.x.classifier".
-        also = sorted(other for other in modules if other.endswith("." + name))
+        # PEFT selects modules_to_save by plain name suffix (str.endswith): "classifier" would also take
+        # "encoder.x.classifier" or "token_classifier".
+        also = sorted(other for other in modules if other != name and other.endswith(name))
         if also:
             raise ValueError(f"modules_to_save: PEFT would select {also[:4]} as well as {name!r} (it matches "
                              "names by suffix)")
@@ -240,15 +241,15 @@ def _check_supported(peft_config, where: str) -> None:
 def _saved_whole(model: nn.Module, modules_to_save, saved: dict[str, torch.Tensor]) -> dict[str, str]:
     """model key -> saved key for the tensors of the modules PEFT saved whole.
 
-    PEFT selects a module of ``modules_to_save`` by its name or a suffix of it, and
-    lists names a model may not have (its SEQ_CLS config names "classifier" and
+    PEFT selects a module of ``modules_to_save`` by the end of its name (str.endswith),
+    and lists names a model may not have (its SEQ_CLS config names "classifier" and
     "score" both): a listed name that selects nothing and has nothing saved is
     skipped, as PEFT skips it.
     """
     keys = {}
     for wanted in modules_to_save or ():
         for name, module in model.named_modules():
-            if name == wanted or name.endswith("." + wanted):
+            if name.endswith(wanted):
                 keys.update({f"{name}.{key}": f"{_PEFT_PREFIX}{name}.{key}" for key in module.state_dict()})
     return keys
 
