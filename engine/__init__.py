@@ -7,6 +7,9 @@
     ...                                                                 # your loop, Trainer, TRL
     save_adapter(model, "out/adapter")                                  # PEFT's format
 
+    model = from_pretrained("org/name", lora=LoRAConfig(r=16, target_modules="all-linear"), load_in_4bit=True)
+                                                                        # the same in one line, NF4 while loading
+
     from ember.engine import load_config, run_training
     result = run_training(load_config("job.toml", ["--max_steps=200"]))  # ember's own loop: `ember train`
 
@@ -18,6 +21,8 @@ Modules, in the order a run uses them:
   each decided once;
 - ``data``, ``tasks``: offline assets, files, splits, batches in a resumable
   order; what each task trains on and how it is evaluated (``metrics``);
+- ``loading``: ``from_pretrained``, a model in its dtype on its device(s), NF4 bases quantized while the
+  checkpoint streams in, hub ids from the local cache;
 - ``patch``, ``hf_attention``, ``layers``: Hugging Face models through ember's kernels (attention, losses,
   norms, rotary embeddings, the recomputing MLP);
 - ``trainers``: ``EmberSFTTrainer``, TRL's SFTTrainer training on the patched model's own loss (imports trl,
@@ -38,6 +43,7 @@ ember.engine.train as train_module`` must give the module.
 from .config import TrainConfig, load_config
 from .errors import ConfigError, TrainingError
 from .hf_attention import register_attention
+from .loading import from_pretrained
 from .lora import LoRAConfig, LoRALinear, apply_lora, lora_report
 from .optim import AdamW8bit
 from .optim import build as build_optimizer
@@ -60,6 +66,7 @@ __all__ = [
     "decide_precision",
     "evaluate_checkpoint",
     "from_peft",
+    "from_pretrained",
     "load_adapter",
     "load_config",
     "lora_report",

@@ -228,9 +228,13 @@ def remove_damaged(out_dir: Path, damaged: list[Path]) -> None:
     remove_stale_temporaries(Path(out_dir) / "checkpoints")
 
 
-def check_config(folder: Path, now: dict[str, Any], allow_changes: bool) -> None:
+def check_config(folder: Path, now: dict[str, Any], allow_changes: bool,
+                 defaults: dict[str, Any] | None = None) -> None:
     """Refuse to resume from ``folder`` with a config that trains something else than the saved one
-    (``MAY_CHANGE_ON_RESUME`` lists what may change); with ``allow_changes``, warn instead."""
+    (``MAY_CHANGE_ON_RESUME`` lists what may change); with ``allow_changes``, warn instead.
+
+    ``defaults``: each key's default. A key the saved config lacks (the checkpoint predates it) counts as
+    saved at its default, which is what that run did without it; a later ember can then resume it."""
     try:
         saved = json.loads((folder / "config.json").read_text())
     except (UnicodeDecodeError, ValueError):
@@ -238,6 +242,7 @@ def check_config(folder: Path, now: dict[str, Any], allow_changes: bool) -> None
     if not isinstance(saved, dict):
         raise ConfigError(f"{folder / 'config.json'}: not a JSON config")
     now = json.loads(json.dumps(now))  # tuples become lists, as in the saved file
+    saved = {**json.loads(json.dumps(defaults or {})), **saved}
     missing = object()
     changed = sorted(key for key in saved.keys() | now.keys()
                      if key not in MAY_CHANGE_ON_RESUME and saved.get(key, missing) != now.get(key, missing))

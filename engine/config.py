@@ -28,6 +28,8 @@ from .distributed import MODES
 from .distributed import check as check_distributed
 from .errors import ConfigError, TrainingError  # noqa: F401  (raised by loading and running a config)
 from .optim import OPTIMIZERS
+from .peft_methods import PEFT_METHODS
+from .peft_methods import check as check_peft_method
 from .precision import POLICIES
 from .reporting import TRACKERS
 from .schedule import SCHEDULES
@@ -44,7 +46,7 @@ def key(default: Any, meaning: str) -> Any:
 class TrainConfig:
     # -- what to train on
     task: str = key("sequence-classification", "what the model learns (sets the head, loss and metrics)")
-    model: str = key("asset:all-minilm-l6-v2", "a Hugging Face model folder, or asset:<name> (see engine.data)")
+    model: str = key("asset:all-minilm-l6-v2", "a Hugging Face model folder, asset:<name>, or a hub id in the HF cache")
     data: str = key("asset:rotten-tomatoes", "a .csv/.jsonl/.txt file, or asset:<name>")
     text_column: str = key("text", "the column (or JSON field) holding the text")
     label_column: str = key("label", "the column holding the label (classification) or tags (token-classification)")
@@ -74,6 +76,8 @@ class TrainConfig:
     lora_dropout: float = key(0.05, "dropout on the LoRA branch's input")
     lora_targets: str = key("all-linear", "the layers LoRA adapts: all-linear, or comma-separated module names")
     qlora: bool = key(False, "base weights in NF4 (QLoRA); needs lora_r > 0")
+    peft_method: str = key("lora", "lora is ember's fused LoRA; the others run PEFT's own (see engine.peft_methods)")
+    num_virtual_tokens: int = key(20, "peft_method prefix: virtual tokens in front of every layer's keys and values")
     ember_kernels: bool = key(True, "patch attention and loss with ember's kernels")
     distributed: str = key("auto", "under torchrun; auto: fsdp (FSDP2) for full fine-tunes, else ddp")
 
@@ -112,7 +116,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 _FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
 # The keys that take one of a few words, checked by ``check`` and listed by ``describe_keys``.
 CHOICES: dict[str, tuple[str, ...]] = {"task": tuple(TASKS), "precision": ("auto", *POLICIES), "optimizer": OPTIMIZERS,
-                                       "schedule": SCHEDULES, "device": DEVICES, "distributed": MODES}
+                                       "schedule": SCHEDULES, "device": DEVICES, "distributed": MODES,
+                                       "peft_method": PEFT_METHODS}
 _MIXED_PRECISION = ("bf16", "fp16")  # TrainingArguments' two booleans for ember's precision
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -403,6 +408,7 @@ def check(config: TrainConfig) -> None:
                           f"got {config.early_stopping_metric!r}")
     if config.qlora and config.lora_r == 0:
         raise ConfigError("qlora: needs lora_r > 0 (QLoRA trains adapters over a frozen NF4 base)")
+    check_peft_method(config)
     if config.offload_activations and not config.gradient_checkpointing:
         raise ConfigError("offload_activations: needs gradient_checkpointing = true")
     if config.distributed == "fsdp":  # asked for by name: refused even before a launch with several processes

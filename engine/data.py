@@ -211,8 +211,14 @@ def cache_dir() -> Path:
 
 
 def model_folder(spec: str) -> Path:
-    """A Hugging Face model folder for ``spec``: a folder as given, or a plain copy of a GGUF file's model."""
-    path = resolve(spec, "model folder")
+    """A Hugging Face model folder for ``spec``: a folder as given, a hub id (``org/name``) from the local Hugging
+    Face cache, or a plain copy of a GGUF file's model."""
+    from .loading import hub_snapshot, looks_like_hub_id
+
+    if looks_like_hub_id(spec) and not Path(spec).expanduser().exists():
+        path = hub_snapshot(spec)
+    else:
+        path = resolve(spec, "model folder")
     if path.suffix == ".gguf":
         return _plain_copy_of_gguf(path)
     if not (path / "config.json").is_file():

@@ -51,9 +51,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ember.kernels.lora import MAX_RANK, lora_linear
-from ember.kernels.nf4 import NF4Weight, quantize_nf4
+from ember.kernels.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
-__all__ = ["LoRAConfig", "LoRALinear", "LoRAReport", "apply_lora", "lora_report"]
+__all__ = ["LoRAConfig", "LoRALinear", "LoRAReport", "NF4Linear", "apply_lora", "lora_report"]
 
 ALL_LINEAR = "all-linear"
 
@@ -144,7 +144,58 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
 # ----------------------------------------------------------------------------
 
 
-class LoRALinear(nn.Module):
+class NF4Storage(nn.Module):
+    """A layer whose frozen base weight is either a dense ``weight`` or an ``NF4Weight`` kept in buffers.
+
+    Every tensor field of the NF4Weight becomes a buffer "weight_<field>", the
+    rest (shape, dtype, block sizes) plain attributes; the NF4Weight is rebuilt
+    per call, which costs a dataclass construction, no tensor work. Shared by
+    ``LoRALinear`` and ``NF4Linear`` (a base quantized while loading), so one
+    hands its storage to the other without a copy.
+    """
+
+    _nf4_fields: dict | None = None  # None: a dense base
+
+    def _set_nf4(self, weight: NF4Weight) -> None:
+        self._nf4_fields = {}
+        for field in dataclasses.fields(NF4Weight):
+            value = getattr(weight, field.name)
+            if isinstance(value, torch.Tensor) or (value is None and field.name != "dtype"):
+                self.register_buffer(f"weight_{field.name}", value)
+                self._nf4_fields[field.name] = None
+            else:
+                self._nf4_fields[field.name] = value
+
+    @property
+    def quantized(self) -> bool:
+        return self._nf4_fields is not None
+
+    @property
+    def base_weight(self) -> torch.Tensor | NF4Weight:
+        """The frozen base: the dense Parameter, or the NF4Weight over this layer's buffers."""
+        if not self.quantized:
+            return self.weight
+        fields = {name: getattr(self, f"weight_{name}") if value is None else value
+                  for name, value in self._nf4_fields.items()}
+        return NF4Weight(**fields)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) would cast every floating buffer, and rounding the
+        # fp32 NF4 scales to bf16 corrupts every block. So the NF4 buffers only move
+        # device, and a cast is read as a new dequantization dtype: an empty probe
+        # tensor in that dtype shows where fn sends tensors without touching data.
+        if not self.quantized:
+            return super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=self._nf4_fields["dtype"], device=self.weight_packed.device))
+        storage = {name: self._buffers.pop(name) for name in list(self._buffers) if name.startswith("weight_")}
+        super()._apply(fn, recurse)  # the bias and the adapters, as for any module
+        for name, buffer in storage.items():
+            self._buffers[name] = None if buffer is None else buffer.to(probe.device)
+        self._nf4_fields["dtype"] = probe.dtype
+        return self
+
+
+class LoRALinear(NF4Storage):
     """A frozen linear layer plus a trainable low-rank update, run by the fused kernel.
 
     weight: (out, in) dense tensor (kept as a frozen Parameter; an ``nn.Parameter``
@@ -219,49 +270,6 @@ class LoRALinear(nn.Module):
             raise ValueError(f"{name} must have shape {shape} for this weight and rank, got {tuple(given.shape)}")
         return given if isinstance(given, nn.Parameter) else nn.Parameter(given)
 
-    # -- NF4 storage ----------------------------------------------------------
-    # Every tensor field of the NF4Weight becomes a buffer "weight_<field>", the
-    # rest (shape, dtype, block sizes) plain attributes; the NF4Weight is rebuilt
-    # per call, which costs a dataclass construction, no tensor work.
-
-    def _set_nf4(self, weight: NF4Weight) -> None:
-        self._nf4_fields = {}
-        for field in dataclasses.fields(NF4Weight):
-            value = getattr(weight, field.name)
-            if isinstance(value, torch.Tensor) or (value is None and field.name != "dtype"):
-                self.register_buffer(f"weight_{field.name}", value)
-                self._nf4_fields[field.name] = None
-            else:
-                self._nf4_fields[field.name] = value
-
-    @property
-    def quantized(self) -> bool:
-        return self._nf4_fields is not None
-
-    @property
-    def base_weight(self) -> torch.Tensor | NF4Weight:
-        """The frozen base: the dense Parameter, or the NF4Weight over this layer's buffers."""
-        if not self.quantized:
-            return self.weight
-        fields = {name: getattr(self, f"weight_{name}") if value is None else value
-                  for name, value in self._nf4_fields.items()}
-        return NF4Weight(**fields)
-
-    def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) would cast every floating buffer, and rounding the
-        # fp32 NF4 scales to bf16 corrupts every block. So the NF4 buffers only move
-        # device, and a cast is read as a new dequantization dtype: an empty probe
-        # tensor in that dtype shows where fn sends tensors without touching data.
-        if not self.quantized:
-            return super()._apply(fn, recurse)
-        probe = fn(torch.empty(0, dtype=self._nf4_fields["dtype"], device=self.weight_packed.device))
-        storage = {name: self._buffers.pop(name) for name in list(self._buffers) if name.startswith("weight_")}
-        super()._apply(fn, recurse)  # the bias and the adapters, as for any module
-        for name, buffer in storage.items():
-            self._buffers[name] = None if buffer is None else buffer.to(probe.device)
-        self._nf4_fields["dtype"] = probe.dtype
-        return self
-
     # -- forward --------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
@@ -317,6 +325,37 @@ class LoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, base={base}, "
                 f"bias={self.bias is not None}, merged={self.merged}")
+
+
+class NF4Linear(NF4Storage, nn.Linear):
+    """A frozen Linear over an NF4 weight: what ``ember.engine.loading`` makes of a layer it quantizes while
+    loading, before (or without) LoRA. ``apply_lora`` adopts its storage without a copy.
+
+    An ``nn.Linear`` for ``isinstance`` checks (module selection, PEFT's "all-linear"), with ``weight`` None:
+    the base lives in the NF4 buffers. The forward pass dequantizes the whole weight to the compute dtype
+    (autocast's, else the one it dequantizes to) and runs one matmul, as bitsandbytes' Linear4bit does.
+    """
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None):
+        nn.Module.__init__(self)  # nn.Linear's own __init__ would allocate a dense weight
+        if not isinstance(weight, NF4Weight):
+            raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+        self.out_features, self.in_features = weight.shape
+        self.register_parameter("weight", None)
+        self._set_nf4(weight)
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},) to match weight, got {tuple(bias.shape)}")
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
+            else self._nf4_fields["dtype"]
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), dequantize_nf4(self.base_weight, dtype=dtype), bias)  # rounded once to dtype
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, base=nf4, "
+                f"bias={self.bias is not None}")
 
 
 # ----------------------------------------------------------------------------
@@ -380,6 +419,8 @@ def select_targets(model: nn.Module, target_modules: Sequence[str] | str, *, str
 def _lora_layer_for(module: nn.Linear, config: LoRAConfig, name: str) -> LoRALinear:
     linear4bit = bnb_linear4bit_class()
     options = dict(r=config.r, alpha=config.alpha, dropout=config.dropout, use_rslora=config.use_rslora)
+    if isinstance(module, NF4Linear):  # quantized while loading (ember.engine.loading): adopted, no copy
+        return LoRALinear(module.base_weight, module.bias, **options)
     if linear4bit is not None and isinstance(module, linear4bit):
         return LoRALinear(nf4_from_bnb(module, name), module.bias, **options)
     if type(module) is not nn.Linear:

@@ -46,11 +46,14 @@ from .config import ConfigError, TrainConfig, TrainingError
 from .data import DataPosition, model_folder, next_batch
 from .device import resolve_device
 from .distributed import Processes
+from .loading import load_pretrained
 from .lora import LoRAConfig, apply_lora, lora_report
 from .metrics import ClassificationReport
 from .optim import build
 from .patch import patch
 from .peft_format import save_adapter
+from .peft_methods import StepHooks, describe, step_hooks, uses_peft, write_adapter
+from .peft_methods import wrap as wrap_with_peft
 from .precision import Precision, decide
 from .reporting import NoLog, RunLog, trackers_of
 from .schedule import lr_factor
@@ -111,19 +114,17 @@ def load_tokenizer(folder: Path):
         return transformers.AutoTokenizer.from_pretrained(folder)
 
 
-def load_model(config: TrainConfig, folder: Path, class_names: list[str]) -> nn.Module:
-    """The task's model from ``folder``, with a fresh classification head where there is one."""
-    import transformers
-
+def load_model(config: TrainConfig, folder: Path, class_names: list[str], device: torch.device | None = None
+               ) -> nn.Module:
+    """The task's model from ``folder`` on ``device``, with a fresh classification head where there is one; with
+    QLoRA its LoRA targets are quantized to NF4 while loading (``ember.engine.loading``)."""
+    heads = {} if config.task == "causal-lm" else dict(
+        num_labels=len(class_names), id2label=dict(enumerate(class_names)),
+        label2id={name: i for i, name in enumerate(class_names)})
+    quantize = functools.partial(lora_targets, config=config) if config.qlora else None
     with _quiet_transformers(), _named_load_errors(folder, "model"):
-        if config.task == "causal-lm":
-            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        else:
-            model_class = {"sequence-classification": transformers.AutoModelForSequenceClassification,
-                           "token-classification": transformers.AutoModelForTokenClassification}[config.task]
-            model = model_class.from_pretrained(
-                folder, num_labels=len(class_names), id2label=dict(enumerate(class_names)),
-                label2id={name: i for i, name in enumerate(class_names)}, dtype=torch.float32)
+        model = load_pretrained(folder, task=config.task, dtype=torch.float32, device=device, quantize=quantize,
+                                **heads)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and config.max_length > limit:
         raise ConfigError(f"max_length {config.max_length} is longer than the model allows ({limit} positions)")
@@ -153,18 +154,16 @@ def head_name(model: nn.Module) -> str:
 
 
 def prepare_model(model: nn.Module, config: TrainConfig, precision) -> nn.Module:
-    """ember's kernels, LoRA or full fine-tuning, dtype and gradient checkpointing."""
+    """ember's kernels, LoRA (or another of PEFT's methods) or full fine-tuning, dtype and gradient checkpointing."""
     if config.ember_kernels:
-        patch(model)
-    if config.lora_r:
+        # ember's evaluation scores causal LMs from the loss alone: no (tokens, vocab) logits at eval either.
+        patch(model, return_logits="never")
+    if uses_peft(config):
+        model = wrap_with_peft(model, config, head=None if config.task == "causal-lm" else head_name(model))
+    elif config.lora_r:
         head = head_name(model)
-        # LoRA on every Linear of the body. A fresh classification head is trained
-        # whole (PEFT's modules_to_save); a causal LM's head stays frozen.
-        targets = [name for name, module in model.named_modules()
-                   if isinstance(module, nn.Linear) and name != head and not name.startswith(head + ".")]
         lora = LoRAConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                          target_modules=targets if config.lora_targets == "all-linear" else config.lora_targets,
-                          quantize_base="nf4" if config.qlora else None)
+                          target_modules=lora_targets(model, config), quantize_base="nf4" if config.qlora else None)
         try:
             model = apply_lora(model, lora)
         except ValueError as error:  # apply_lora names what matched nothing and what there is
@@ -179,6 +178,16 @@ def prepare_model(model: nn.Module, config: TrainConfig, precision) -> nn.Module
     return model
 
 
+def lora_targets(model: nn.Module, config: TrainConfig) -> list[str] | str:
+    """LoRA on every Linear of the body. A fresh classification head is trained whole (PEFT's modules_to_save);
+    a causal LM's head stays frozen. Other lora_targets: as given (a regex or a name)."""
+    if config.lora_targets != "all-linear":
+        return config.lora_targets
+    head = head_name(model)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name != head and not name.startswith(head + ".")]
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -187,7 +196,7 @@ def _task_and_model(config: TrainConfig, precision: Precision, device: torch.dev
     """The tokenizer comes first (the task tokenizes its data), the data before the model (the head's classes)."""
     folder = model_folder(config.model)
     task = TASKS[config.task](config, load_tokenizer(folder), device)
-    model = load_model(config, folder, task.class_names)
+    model = load_model(config, folder, task.class_names, device)
     return task, prepare_model(model, config, precision).to(device)
 
 
@@ -270,6 +279,7 @@ class Run:
     tokens_seen: int = 0
     started: float = 0.0  # when the loop started (time.time())
     saved_step: int | None = None  # the step of the latest checkpoint on disk
+    hooks: StepHooks = dataclasses.field(default_factory=StepHooks)  # a PEFT method's (AdaLoRA's rank allocation)
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -294,13 +304,17 @@ def start(config: TrainConfig) -> Run:
     if mode is not None:
         distributed.check(mode, lora_r=config.lora_r, qlora=config.qlora, optimizer=config.optimizer,
                           precision=precision.policy)
+    if mode is not None and uses_peft(config):
+        raise ConfigError(f"peft_method {config.peft_method!r} runs in one process (its PEFT model under DDP is not "
+                          f"tested here); launch one process, or use peft_method = 'lora'")
     out_dir = Path(config.out_dir)
     _check_out_dir(out_dir)
     trackers_of(config)  # a tracker's missing package, refused before the model loads
     _say(f"precision: {precision}")
 
     task, model = _task_and_model(config, precision, device)
-    _say(f"model: {config.model}, {lora_report(model) if config.lora_r else 'full fine-tune'}")
+    adapters = describe(model, config) if uses_peft(config) else lora_report(model)
+    _say(f"model: {config.model}, {adapters if config.lora_r else 'full fine-tune'}")
     _say(f"data: {task.describe()}")
     module = model
     if mode is not None:
@@ -322,7 +336,8 @@ def start(config: TrainConfig) -> Run:
                       weight_decay=config.weight_decay, stochastic_rounding=precision.stochastic_rounding)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     return Run(config, device, precision, out_dir, task, model, trainable, optimizer, schedule,
-               scaler=precision.grad_scaler(), processes=processes, mode=mode, module=module)
+               scaler=precision.grad_scaler(), processes=processes, mode=mode, module=module,
+               hooks=step_hooks(module, config))
 
 
 def resume(run: Run) -> None:
@@ -338,7 +353,8 @@ def resume(run: Run) -> None:
         raise ConfigError(f"{run.out_dir} already holds checkpoints: pass --resume=true to continue, "
                           f"or choose another out_dir")
     folder, damaged = _latest_on_main(run)
-    check_config(folder, run.config.to_dict(), allow_changes=run.config.resume_allow_changes)
+    check_config(folder, run.config.to_dict(), allow_changes=run.config.resume_allow_changes,
+                 defaults=TrainConfig().to_dict())
     if is_sharded(folder) and run.mode != "fsdp":
         raise ConfigError(f"checkpoint {folder} holds an FSDP2 run's shards: resume it with several processes "
                           f"and distributed = 'fsdp' ('ember eval' reads it in one process)")
@@ -419,6 +435,7 @@ def _restore_states(run: Run, saved: dict) -> None:
     run.schedule.load_state_dict(saved["schedule"])
     run.scaler.load_state_dict(saved["scaler"])
     run.state = LoopState.from_dict(saved["loop"])
+    run.hooks.load_state_dict(saved.get("peft_method", {}))
     run.saved_step = run.state.step
     per_rank = saved.get("rng_ranks")
     _set_rng_states(per_rank[run.processes.rank] if per_rank and len(per_rank) == run.processes.world_size
@@ -483,6 +500,7 @@ def optimizer_step(run: Run, loss: float) -> None:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.schedule.step()
+    run.hooks.after_optimizer_step(run.state.step)  # AdaLoRA reads the gradients: before they are dropped
     run.optimizer.zero_grad(set_to_none=True)
     run.state.bad_steps = 0
     run.state.step += 1
@@ -541,7 +559,8 @@ def save(run: Run) -> None:
     shards through torch.distributed.checkpoint; otherwise rank 0 writes the checkpoint as one process does."""
     optimizer = run.optimizer.state_dict()
     state = {"optimizer": optimizer, "schedule": run.schedule.state_dict(),
-             "scaler": run.scaler.state_dict(), "loop": dataclasses.asdict(run.state), "rng": _rng_states()}
+             "scaler": run.scaler.state_dict(), "loop": dataclasses.asdict(run.state), "rng": _rng_states(),
+             "peft_method": run.hooks.state_dict()}
     if run.processes.several:
         state.update(rng_ranks=distributed.gather(_rng_states()), world_size=run.processes.world_size)
     if run.mode == "fsdp":
@@ -551,17 +570,21 @@ def save(run: Run) -> None:
                                 run.config.keep_last)
     else:
         if run.processes.main:
-            write_adapter = (lambda folder: _save_run_adapter(run.module, run.config, folder / "adapter",
-                                                              run.precision)) if run.config.lora_r else None
+            write_extra = (lambda folder: _write_adapter(run.module, run.config, folder / "adapter",
+                                                         run.precision)) if run.config.lora_r else None
             save_checkpoint(run.out_dir, run.state.step, run.trainable, state, run.config.to_dict(),
-                            run.config.keep_last, write_extra=write_adapter)
+                            run.config.keep_last, write_extra=write_extra)
         distributed.barrier()
     run.saved_step = run.state.step
 
 
-def _save_run_adapter(model, config: TrainConfig, folder: Path, precision: Precision | None = None) -> None:
-    """The run's adapter, complete for PEFT: the task's type, a trained classification head saved whole (PEFT's
-    modules_to_save), the base folder, and for QLoRA how the base was quantized and the dtype it computed in."""
+def _write_adapter(model, config: TrainConfig, folder: Path, precision: Precision | None = None) -> None:
+    """ember's LoRA in PEFT's format, complete for PEFT: the task's type, a trained classification head saved whole
+    (PEFT's modules_to_save), the base folder, and for QLoRA how the base was quantized and the dtype it computed
+    in. PEFT's other methods are saved by PEFT (their trained head included)."""
+    if uses_peft(config):
+        write_adapter(model, folder)
+        return
     head = [head_name(model)] if config.task != "causal-lm" else []
     compute_dtype = None if precision is None else precision.autocast_dtype or precision.param_dtype
     save_adapter(model, folder, task_type=TASKS[config.task].peft_task_type, modules_to_save=head,
@@ -570,19 +593,20 @@ def _save_run_adapter(model, config: TrainConfig, folder: Path, precision: Preci
 
 def _export(model, tokenizer, config: TrainConfig, folder: Path, state_dict: dict | None = None,
             precision: Precision | None = None) -> None:
-    """LoRA: the adapter in PEFT's format, and for classification the fine-tuned model's config (its labels);
-    full fine-tune: a model folder.
+    """LoRA and PEFT's methods: the adapter in PEFT's format, trained head inside, and for classification the
+    fine-tuned model's config (its labels); full fine-tune: a model folder.
 
     Written to ``folder`` by ``write_atomically``: a kill mid-export leaves the previous export, never half."""
     folder.mkdir()
     if config.lora_r:
-        _save_run_adapter(model, config, folder / "adapter", precision)
+        _write_adapter(model, config, folder / "adapter", precision)
     if config.lora_r and config.task != "causal-lm":
         # PEFT's adapter config has no place for labels: the base is built with these (num_labels, id2label,
         # label2id), as AutoConfig.from_pretrained(final) gives them. Not in the adapter folder: a config.json
         # there makes transformers take that folder for a whole model.
-        exported = copy.deepcopy(model.config)
-        exported.architectures = [type(model).__name__]
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT's methods: the model
+        exported = copy.deepcopy(base.config)
+        exported.architectures = [type(base).__name__]
         exported.to_json_file(folder / "config.json")
     if not config.lora_r:
         model.save_pretrained(folder / "model", state_dict=state_dict)

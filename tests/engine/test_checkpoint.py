@@ -158,6 +158,30 @@ def test_a_config_that_trains_something_else_is_refused_on_one_line(tmp_path):
         check_config(folder, now, allow_changes=True)
 
 
+def test_a_checkpoint_older_than_a_key_resumes_at_that_keys_default(tmp_path):
+    """A key added to ember after the checkpoint was written (absent from its config.json) counts as saved at its
+    default, which is what that run did: a run that keeps the default resumes, one that changes it is refused."""
+    _save(tmp_path, 1, config=SAVED)
+    folder = list_checkpoints(tmp_path)[-1]
+    defaults = {**SAVED, "peft_method": "lora", "betas": (0.9, 0.999)}
+    check_config(folder, {**SAVED, "peft_method": "lora"}, allow_changes=False, defaults=defaults)
+    with pytest.raises(ConfigError, match='peft_method "lora" -> "dora"'):
+        check_config(folder, {**SAVED, "peft_method": "dora"}, allow_changes=False, defaults=defaults)
+    with pytest.raises(ConfigError, match=r"peft_method \(absent\) -> \"lora\""):  # without defaults, as before
+        check_config(folder, {**SAVED, "peft_method": "lora"}, allow_changes=False)
+
+
+def test_every_train_config_key_resumes_a_checkpoint_that_predates_it(tmp_path):
+    """train() passes TrainConfig's defaults: an old checkpoint missing any one key resumes."""
+    from ember.engine.config import TrainConfig
+
+    full = TrainConfig().to_dict()
+    for key in full:
+        out_dir = tmp_path / key
+        _save(out_dir, 1, config={k: v for k, v in full.items() if k != key})
+        check_config(list_checkpoints(out_dir)[-1], full, allow_changes=False, defaults=TrainConfig().to_dict())
+
+
 def test_tensors_of_another_model_are_named(tmp_path):
     parameters = {"a": torch.nn.Parameter(torch.zeros(2, 3)), "b": torch.nn.Parameter(torch.zeros(4))}
     with pytest.raises(ConfigError, match=r"a is \(3, 2\) there, \(2, 3\) here"):

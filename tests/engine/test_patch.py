@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import pytest
@@ -40,10 +41,13 @@ def _loss_and_grads(model, batch, dtype, device):
 
 
 def _compare(model, batch, device, assert_within_tolerance):
-    """ember's patched model in fp32 against the stock model in float64 (reference) and fp32 (stock)."""
+    """ember's patched model in fp32 against the stock model in float64 (reference) and fp32 (stock).
+
+    The models are in eval mode (no dropout); return_logits="never" keeps the fused loss that training runs.
+    """
     reference = _loss_and_grads(model, batch, torch.float64, "cpu")
     stock = _loss_and_grads(model, batch, torch.float32, "cpu")
-    ours = _loss_and_grads(patch(copy.deepcopy(model)), batch, torch.float32, device)
+    ours = _loss_and_grads(patch(copy.deepcopy(model), return_logits="never"), batch, torch.float32, device)
     assert_within_tolerance("loss", ours[0].reshape(1), reference[0].reshape(1), stock[0].reshape(1), torch.float32)
     for name, grad in reference[1].items():
         assert_within_tolerance(name, ours[1][name], grad, stock[1][name], torch.float32,
@@ -94,7 +98,7 @@ def test_causal_lm_never_builds_the_logits():
     On the PyTorch path, which works through 1024-row tiles of logits (the
     interpreter copies whole tensors into flat storages of its own).
     """
-    model = patch(_llama())
+    model = patch(_llama().train())
     input_ids = torch.randint(0, VOCAB, (12, 256))
     with forced_backend("torch"), _ShapesCreated() as created:
         out = model(input_ids=input_ids, labels=input_ids)
@@ -138,11 +142,19 @@ def test_works_in_hugging_face_trainer(tmp_path):
     assert seen and all(isinstance(n, (int, torch.Tensor)) for n in seen)
 
 
-def test_refuses_what_it_cannot_patch():
+def test_refuses_what_it_cannot_patch(caplog):
+    """A loss ember has no kernel for: refused when asked for (loss=True), left stock with one warning by default."""
     regression = _bert(transformers.BertForSequenceClassification)
     regression.config.problem_type = "regression"
     with pytest.raises(ValueError, match="no ember loss for BertForSequenceClassification"):
+        patch(regression, loss=True)
+    stock_forward = regression.forward
+    with caplog.at_level(logging.INFO, logger="ember.patch"):
         patch(regression)
+    assert regression.forward == stock_forward
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ember.patch" and r.levelno == logging.WARNING]
+    assert warnings == ["patch: BertForSequenceClassification: loss left stock: no ember loss for "
+                        "BertForSequenceClassification (problem_type 'regression')"]
     patch(regression, loss=False)  # attention alone is fine
     assert regression.config._attn_implementation == "ember"
 
