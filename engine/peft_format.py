@@ -6,13 +6,24 @@
 
 The config file is written by PEFT's own ``LoraConfig`` and read back through
 it, so the two always agree on its fields. Features PEFT has and ember does
-not (DoRA, LoRA bias, rank/alpha patterns, modules_to_save, ...) are refused
-with an error naming the field, never silently dropped. peft is imported
-only where it is needed: importing it costs seconds.
+not (DoRA, LoRA bias, rank/alpha patterns, ...) are refused with an error
+naming the field, never silently dropped. peft is imported only where it is
+needed: importing it costs seconds.
+
+A complete artifact for a task with a trained head (a fine-tune's classifier):
+
+    save_adapter(model, "out/adapter", task_type="SEQ_CLS", modules_to_save=["classifier"])
+
+writes the head whole in PEFT's ``modules_to_save`` layout, so
+``PeftModel.from_pretrained`` and ``AutoPeftModelForSequenceClassification``
+load the trained head with the adapters. An adapter over an NF4 base also
+records how the base was quantized (``base_quantization.json``: the keyword
+arguments of transformers' ``BitsAndBytesConfig``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -38,10 +49,14 @@ from .lora import (
     select_targets,
 )
 
-__all__ = ["from_peft", "load_adapter", "save_adapter"]
+__all__ = ["base_quantization", "from_peft", "load_adapter", "save_adapter"]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# How the frozen base was quantized: BitsAndBytesConfig's keyword arguments (PEFT's config has no field for it).
+BASE_QUANTIZATION_NAME = "base_quantization.json"
+# What an ember export before modules_to_save wrote beside its adapter folder: the trained head, keys as in the model.
+_LEGACY_HEAD_NAME = "head.safetensors"
 # PEFT's key for one adapter matrix, written without the adapter name ("default")
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 _PEFT_PREFIX = "base_model.model."
@@ -68,7 +83,73 @@ def _minimal_targets(model: nn.Module, adapted: Iterable[str]) -> list[str]:
     return sorted(candidates) if selected == adapted else sorted(adapted)
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+def _check_modules_to_save(model: nn.Module, modules_to_save: Iterable[str]) -> dict[str, nn.Module]:
+    """The modules saved whole, by name; each must exist, hold no LoRA layer and be the only one its name selects."""
+    if isinstance(modules_to_save, str):
+        raise TypeError(f"modules_to_save must be a list of module names, got the string {modules_to_save!r}")
+    modules = dict(model.named_modules())
+    chosen = {}
+    for name in modules_to_save:
+        if not name or name not in modules:
+            raise ValueError(f"modules_to_save: {name!r} is not a module of {type(model).__name__}")
+        if any(isinstance(m, LoRALinear) for m in modules[name].modules()):
+            raise ValueError(f"modules_to_save: {name!r} holds LoRA layers; a module is adapted or saved whole, "
+                             "not both")
+        # PEFT selects modules_to_save by plain name suffix (str.endswith): "classifier" would also take
+        # "encoder.x.classifier" or "token_classifier".
+        also = sorted(other for other in modules if other != name and other.endswith(name))
+        if also:
+            raise ValueError(f"modules_to_save: PEFT would select {also[:4]} as well as {name!r} (it matches "
+                             "names by suffix)")
+        chosen[name] = modules[name]
+    return chosen
+
+
+def _check_task_type(task_type: str | None) -> None:
+    import peft
+
+    known = sorted(t.value for t in peft.TaskType)
+    if task_type is not None and task_type not in known:
+        raise ValueError(f"task_type must be None or one of PEFT's task types {known}, got {task_type!r}")
+
+
+def base_quantization(model: nn.Module, compute_dtype: torch.dtype | None = None) -> dict | None:
+    """How the LoRA layers' frozen bases are quantized, as transformers' ``BitsAndBytesConfig`` keyword arguments;
+    None when no base is quantized.
+
+    ``BitsAndBytesConfig(**record)`` loads a base quantized the same way: NF4,
+    double quantization or not, the compute dtype (``compute_dtype``, else the
+    dtype the NF4 weights dequantize to), and every other Linear layer kept dense
+    (``llm_int8_skip_modules``: the head, and the Linears LoRA did not target).
+    ``blocksize`` is recorded too, though BitsAndBytesConfig ignores it: bitsandbytes
+    loads 4-bit weights in blocks of 64 always, as ember quantizes them.
+    """
+    layers = lora_layers(model)
+    weights = [layer.base_weight for layer in layers.values() if layer.quantized]
+    if not weights:
+        return None
+    # (NF4Weight allows only bitsandbytes' nested blocksize, 256, for double quantization.)
+    formats = {(w.blocksize, w.nested_absmax is not None, w.dtype) for w in weights}
+    if len(formats) != 1:
+        raise ValueError(f"model: its NF4 bases differ in (blocksize, double quantization, dtype) "
+                         f"{sorted(formats, key=str)}; one BitsAndBytesConfig cannot describe them")
+    blocksize, double_quant, dequantized_dtype = formats.pop()
+    dense = sorted(name for name, m in model.named_modules()
+                   if (isinstance(m, nn.Linear) or (isinstance(m, LoRALinear) and not m.quantized)) and name)
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_compute_dtype": str(compute_dtype or dequantized_dtype).removeprefix("torch."),
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": dense or None,
+        "blocksize": blocksize,
+    }
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | None = None,
+                 modules_to_save: Iterable[str] = (), base_model_name_or_path: str | None = None,
+                 compute_dtype: torch.dtype | None = None) -> None:
     """Write the adapters of ``model`` in PEFT's format: ``peft.PeftModel.from_pretrained`` loads them.
 
     ``adapter_config.json`` is written by ``peft.LoraConfig`` itself;
@@ -76,6 +157,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     ".lora_B.weight" as PEFT names them. Each file is written to a temporary
     name in ``path`` and renamed over the old one, so a crash never leaves a
     half-written adapter under the real name.
+
+    ``modules_to_save``: modules trained whole (a fresh classification head),
+    saved as PEFT saves its ``modules_to_save``: "base_model.model.<module>.<tensor>"
+    (PEFT drops its "modules_to_save.default." infix on saving). ``task_type``:
+    PEFT's ("SEQ_CLS", "TOKEN_CLS", "CAUSAL_LM", ...), which picks the
+    ``PeftModelFor...`` class and the ``AutoPeftModelFor...`` that loads it.
+    ``base_model_name_or_path``: where PEFT's auto classes load the base from;
+    by default the model's ``config.name_or_path``, made absolute when it is a
+    local folder. An NF4 base adds ``base_quantization.json`` (see
+    ``base_quantization``; ``compute_dtype`` is recorded there).
     """
     import peft
     from safetensors.torch import save_file
@@ -85,19 +176,29 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         raise ValueError("model: has no LoRA layers to save (call apply_lora first)")
     r, alpha = _uniform(layers, "r"), _uniform(layers, "alpha")
     dropout, use_rslora = _uniform(layers, "dropout"), _uniform(layers, "use_rslora")
+    whole = _check_modules_to_save(model, modules_to_save)
+    _check_task_type(task_type)
+    quantization = base_quantization(model, compute_dtype)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+        if base_model_name_or_path is not None and os.path.isdir(base_model_name_or_path):
+            base_model_name_or_path = os.path.abspath(base_model_name_or_path)
     os.makedirs(path, exist_ok=True)
 
     tensors = {}
     for name, layer in layers.items():
         tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous()
         tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous()
+    for name, module in whole.items():
+        for key, tensor in module.state_dict().items():  # PEFT saves the wrapped module's state_dict
+            tensors[f"{_PEFT_PREFIX}{name}.{key}"] = tensor.detach().contiguous()
     write_atomically(Path(path) / ADAPTER_WEIGHTS_NAME,
                      lambda file: save_file(tensors, str(file), metadata={"format": "pt"}))
 
     config = peft.LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora, bias="none",
-        target_modules=_minimal_targets(model, layers),
-        base_model_name_or_path=getattr(getattr(model, "config", None), "name_or_path", None) or None,
+        target_modules=_minimal_targets(model, layers), task_type=task_type,
+        modules_to_save=list(whole) or None, base_model_name_or_path=base_model_name_or_path,
     )
 
     def write_config(file: Path) -> None:
@@ -107,6 +208,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
             shutil.move(os.path.join(scratch, ADAPTER_CONFIG_NAME), file)
 
     write_atomically(Path(path) / ADAPTER_CONFIG_NAME, write_config)
+    record = Path(path) / BASE_QUANTIZATION_NAME
+    if quantization is not None:
+        write_atomically(record, lambda file: file.write_text(json.dumps(quantization, indent=2) + "\n",
+                                                              encoding="utf-8"))
+    elif record.exists():  # an earlier save into this folder had an NF4 base; this one does not
+        record.unlink()
 
 
 # ----------------------------------------------------------------------------
@@ -116,7 +223,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 # PEFT config fields ember does not implement, with the value that means "unused".
 _UNSUPPORTED_PEFT_FIELDS = {
     "use_dora": False, "lora_bias": False, "bias": "none", "fan_in_fan_out": False, "rank_pattern": {},
-    "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+    "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
     "exclude_modules": None, "target_parameters": None, "trainable_token_indices": None,
     "layer_replication": None, "use_qalora": False, "use_bdlora": None, "alora_invocation_tokens": None,
 }
@@ -131,13 +238,32 @@ def _check_supported(peft_config, where: str) -> None:
             raise ValueError(f"{where}: {field}={value!r} is a PEFT feature ember's LoRA does not implement")
 
 
+def _saved_whole(model: nn.Module, modules_to_save, saved: dict[str, torch.Tensor]) -> dict[str, str]:
+    """model key -> saved key for the tensors of the modules PEFT saved whole.
+
+    PEFT selects a module of ``modules_to_save`` by the end of its name (str.endswith),
+    and lists names a model may not have (its SEQ_CLS config names "classifier" and
+    "score" both): a listed name that selects nothing and has nothing saved is
+    skipped, as PEFT skips it.
+    """
+    keys = {}
+    for wanted in modules_to_save or ():
+        for name, module in model.named_modules():
+            if name.endswith(wanted):
+                keys.update({f"{name}.{key}": f"{_PEFT_PREFIX}{name}.{key}" for key in module.state_dict()})
+    return keys
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, quantize_base: str | None = None) -> nn.Module:
     """Apply the adapter PEFT saved in ``path`` (``save_pretrained``) to ``model``; returns ``model``.
 
     The layers to wrap are the ones the weights file names; they must be exactly
     the ones the config's ``target_modules`` select, else the error lists the
-    missing and unexpected keys. ``quantize_base="nf4"`` quantizes those bases
-    (PEFT's config does not record how the base was quantized).
+    missing and unexpected keys. The modules of ``modules_to_save`` (a trained
+    head) are loaded whole. An ember export written before heads went into the
+    adapter (``head.safetensors`` beside the adapter folder) has its head read
+    from there. ``quantize_base="nf4"`` quantizes the adapted bases (the adapter's
+    ``base_quantization.json`` says whether training did).
     """
     import peft
     from safetensors.torch import load_file
@@ -149,25 +275,42 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, quantize_base: st
     peft_config = peft.LoraConfig.from_pretrained(path)
     _check_supported(peft_config, f"adapter in {path!r}")
     weights = load_file(os.path.join(path, ADAPTER_WEIGHTS_NAME))
+    whole = _saved_whole(model, peft_config.modules_to_save, weights)
+    legacy_head = os.path.join(os.path.dirname(os.path.abspath(path)), _LEGACY_HEAD_NAME)
+    if not peft_config.modules_to_save and os.path.isfile(legacy_head):
+        head = load_file(legacy_head)
+        unknown = sorted(set(head) - set(model.state_dict()))
+        if unknown:
+            raise ValueError(f"{legacy_head!r} does not fit {type(model).__name__}: unexpected keys {unknown[:8]}")
+        weights.update({f"{_PEFT_PREFIX}{key}": tensor for key, tensor in head.items()})
+        whole = {key: f"{_PEFT_PREFIX}{key}" for key in head}
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     unexpected = []
+    saved_whole = set(whole.values())
     for key, tensor in weights.items():
         match = _PEFT_KEY.match(key)
-        if match is None:
-            unexpected.append(key)
-        else:
+        if match is not None:
             pairs.setdefault(match["module"], {})[match["which"]] = tensor
+        elif key not in saved_whole:
+            unexpected.append(key)
     targets = peft_config.target_modules
     expected = set(select_targets(model, targets if isinstance(targets, str) else sorted(targets), strict=False))
     for module in sorted(set(pairs) - expected):
         unexpected += [f"{_PEFT_PREFIX}{module}.lora_{w}.weight" for w in sorted(pairs[module])]
     missing = [f"{_PEFT_PREFIX}{m}.lora_{w}.weight" for m in sorted(expected)
                for w in "AB" if w not in pairs.get(m, {})]
+    missing += sorted(saved for saved in saved_whole if saved not in weights)
     if missing or unexpected:
         raise ValueError(f"adapter in {path!r} does not fit {type(model).__name__}: "
                          f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
                          f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    # shapes of the whole modules first: a refused adapter leaves the model as it was
+    state = model.state_dict()
+    for key, saved in whole.items():
+        if tuple(weights[saved].shape) != tuple(state[key].shape):
+            raise ValueError(f"adapter in {path!r}: {saved} has shape {tuple(weights[saved].shape)}, the model's "
+                             f"{key} has {tuple(state[key].shape)} (a head built for another number of labels?)")
 
     config = LoRAConfig(r=peft_config.r, alpha=peft_config.lora_alpha, dropout=peft_config.lora_dropout,
                         target_modules=tuple(sorted(expected)), use_rslora=peft_config.use_rslora,
@@ -182,6 +325,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, quantize_base: st
                     raise ValueError(f"adapter in {path!r}: {_PEFT_PREFIX}{name}.lora_{which}.weight has shape "
                                      f"{tuple(pair[which].shape)}, the model's layer needs {tuple(param.shape)}")
                 param.copy_(pair[which])
+        state = model.state_dict(keep_vars=True)
+        for key, saved in whole.items():
+            state[key].copy_(weights[saved])
     return model
 
 

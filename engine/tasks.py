@@ -61,6 +61,7 @@ def held_out_batches(task, model):
 
 class ClassificationTask:
     kind = "sequence-classification"
+    peft_task_type = "SEQ_CLS"  # what an exported adapter records: PEFT's class for the task
     metric_names = ("loss", "accuracy", "macro_f1")  # what evaluate reports
     eval_batch_size = 64
 
@@ -119,6 +120,7 @@ TAG_METRICS = ("loss", "accuracy", "macro_f1")  # any other tag set
 class TokenClassificationTask(ClassificationTask):
     kind = "token-classification"
     metric_names = tuple(dict.fromkeys(ENTITY_METRICS + TAG_METRICS))  # what evaluate may report
+    peft_task_type = "TOKEN_CLS"  # what an exported adapter records: PEFT's class for the task
 
     def __init__(self, config: TrainConfig, tokenizer, device: torch.device):
         self.config, self.tokenizer, self.device = config, tokenizer, device
@@ -242,6 +244,7 @@ def _documents(config: TrainConfig) -> list[tuple[str, str]]:
 
 class CausalLMTask:
     kind = "causal-lm"
+    peft_task_type = "CAUSAL_LM"  # what an exported adapter records: PEFT's class for the task
     metric_names = ("loss", "perplexity")  # what evaluate reports
     eval_batch_size = 8  # whole documents of up to max_length tokens each
     class_names: list[str] = []

@@ -19,6 +19,7 @@ Only rank 0 prints, shows progress, logs and exports.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -570,36 +571,44 @@ def save(run: Run) -> None:
                                 run.config.keep_last)
     else:
         if run.processes.main:
-            write_extra = (lambda folder: _write_adapter(run.module, run.config, folder / "adapter")) \
-                if run.config.lora_r else None
+            write_extra = (lambda folder: _write_adapter(run.module, run.config, folder / "adapter",
+                                                         run.precision)) if run.config.lora_r else None
             save_checkpoint(run.out_dir, run.state.step, run.trainable, state, run.config.to_dict(),
                             run.config.keep_last, write_extra=write_extra)
         distributed.barrier()
     run.saved_step = run.state.step
 
 
-def _write_adapter(model, config: TrainConfig, folder: Path) -> None:
-    """ember's LoRA in PEFT's format, or PEFT's other methods saved by PEFT (their trained head included)."""
+def _write_adapter(model, config: TrainConfig, folder: Path, precision: Precision | None = None) -> None:
+    """ember's LoRA in PEFT's format, complete for PEFT: the task's type, a trained classification head saved whole
+    (PEFT's modules_to_save), the base folder, and for QLoRA how the base was quantized and the dtype it computed
+    in. PEFT's other methods are saved by PEFT (their trained head included)."""
     if uses_peft(config):
         write_adapter(model, folder)
-    else:
-        save_adapter(model, folder)
+        return
+    head = [head_name(model)] if config.task != "causal-lm" else []
+    compute_dtype = None if precision is None else precision.autocast_dtype or precision.param_dtype
+    save_adapter(model, folder, task_type=TASKS[config.task].peft_task_type, modules_to_save=head,
+                 compute_dtype=compute_dtype)
 
 
-def _export(model, tokenizer, config: TrainConfig, folder: Path, state_dict: dict | None = None) -> None:
-    """LoRA: the adapter in PEFT's format (and a trained classification head; PEFT's other methods save it inside
-    their adapter); full fine-tune: a model folder.
+def _export(model, tokenizer, config: TrainConfig, folder: Path, state_dict: dict | None = None,
+            precision: Precision | None = None) -> None:
+    """LoRA and PEFT's methods: the adapter in PEFT's format, trained head inside, and for classification the
+    fine-tuned model's config (its labels); full fine-tune: a model folder.
 
     Written to ``folder`` by ``write_atomically``: a kill mid-export leaves the previous export, never half."""
-    from safetensors.torch import save_file
-
     folder.mkdir()
     if config.lora_r:
-        _write_adapter(model, config, folder / "adapter")
-    if config.lora_r and config.task != "causal-lm" and not uses_peft(config):  # PEFT's adapter holds the head
-        head = head_name(model)
-        save_file({f"{head}.{name}": p.detach().cpu().contiguous() for name, p in getattr(model, head).named_parameters()},
-                  str(folder / "head.safetensors"))
+        _write_adapter(model, config, folder / "adapter", precision)
+    if config.lora_r and config.task != "causal-lm":
+        # PEFT's adapter config has no place for labels: the base is built with these (num_labels, id2label,
+        # label2id), as AutoConfig.from_pretrained(final) gives them. Not in the adapter folder: a config.json
+        # there makes transformers take that folder for a whole model.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT's methods: the model
+        exported = copy.deepcopy(base.config)
+        exported.architectures = [type(base).__name__]
+        exported.to_json_file(folder / "config.json")
     if not config.lora_r:
         model.save_pretrained(folder / "model", state_dict=state_dict)
     tokenizer.save_pretrained(folder / "tokenizer")
@@ -625,7 +634,7 @@ def finish(run: Run, stopped: str, eval_before: dict[str, float],
                     - {name for name, _ in run.module.named_parameters()})
             full = {name: tensor for name, tensor in full.items() if name not in tied}
         if run.processes.main:
-            export = functools.partial(_export, run.module, run.task.tokenizer, run.config)
+            export = functools.partial(_export, run.module, run.task.tokenizer, run.config, precision=run.precision)
             if full is not None:
                 export = functools.partial(export, state_dict=full)
             write_atomically(run.out_dir / "final", export)

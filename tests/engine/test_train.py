@@ -58,7 +58,10 @@ def test_learns_and_exports(tiny_bert, sentiment_csv, tmp_path, lora_r, lr, embe
     assert sum(c.support for c in result.report.classes) == 100
     final = result.out_dir / "final"
     if lora_r:
-        assert (final / "adapter" / "adapter_config.json").is_file() and (final / "head.safetensors").is_file()
+        # the head travels in the adapter (PEFT's modules_to_save); the labels in the exported config
+        assert json.loads((final / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+        assert json.loads((final / "config.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+        assert not (final / "head.safetensors").exists()
     else:
         assert (final / "model" / "config.json").is_file()
     log = [json.loads(line) for line in (result.out_dir / "log.jsonl").read_text().splitlines()]
@@ -282,6 +285,10 @@ def test_qlora_run(tiny_bert, sentiment_csv, tmp_path, capsys):
     assert result.eval_after["loss"] < result.eval_before["loss"]
     log = (result.out_dir / "log.jsonl").read_text()
     assert '"qlora": true' in log
+    # The export records how the base was quantized (BitsAndBytesConfig's arguments); the head stayed dense.
+    recorded = json.loads((result.out_dir / "final" / "adapter" / "base_quantization.json").read_text())
+    assert (recorded["bnb_4bit_quant_type"], recorded["bnb_4bit_use_double_quant"], recorded["bnb_4bit_compute_dtype"],
+            recorded["llm_int8_skip_modules"], recorded["blocksize"]) == ("nf4", True, "float32", ["classifier"], 64)
     report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model:"))
     # NF4: half a byte per weight, plus absmax and, per tiny matrix here, bnb's 1 KiB code table; dense: 4.
     assert float(report.rsplit("(", 1)[1].split()[0]) < 1.5
