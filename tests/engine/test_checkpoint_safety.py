@@ -252,7 +252,7 @@ def test_a_failed_export_leaves_the_previous_final_folder(runs, tmp_path, monkey
     out_dir = _copy_of_first(runs, tmp_path)
     before = _snapshot(out_dir / "final")
 
-    def export_that_dies(model, tokenizer, config, folder):
+    def export_that_dies(model, tokenizer, config, folder, **options):
         folder.mkdir()
         (folder / "adapter").mkdir()
         raise KeyboardInterrupt  # killed half way

@@ -149,4 +149,5 @@ def test_peft_alone_reproduces_a_token_classification_runs_accuracy(tiny_bert, v
     peft_alone = _peft_alone(final, config, auto_alone=False, tmp_path=tmp_path)
     assert peft_alone["PeftModel"]["accuracy"] == pytest.approx(ours, abs=0.005)
     assert peft_alone["AutoPeft"]["accuracy"] == pytest.approx(ours, abs=0.005)
-    assert peft_alone["AutoPeft"]["id2label"] == {"0": "NEG", "1": "O", "2": "POS"}
+    # The task's tag order (tag_names: "O" first), carried through final/config.json.
+    assert peft_alone["AutoPeft"]["id2label"] == {"0": "O", "1": "NEG", "2": "POS"}
