@@ -74,7 +74,8 @@ class TrainConfig:
     lora_r: int = key(16, "LoRA rank; 0: full fine-tune")
     lora_alpha: float = key(32.0, "LoRA scale numerator (the update is scaled by lora_alpha / lora_r)")
     lora_dropout: float = key(0.05, "dropout on the LoRA branch's input")
-    lora_targets: str = key("all-linear", "the layers LoRA adapts: all-linear, or comma-separated module names")
+    lora_targets: str = key("all-linear", "the layers LoRA adapts: all-linear, or a regular expression that must "
+                                          "match a Linear's whole module name (as PEFT reads a string)")
     qlora: bool = key(False, "base weights in NF4 (QLoRA); needs lora_r > 0")
     peft_method: str = key("lora", "lora is ember's fused LoRA; the others run PEFT's own (see engine.peft_methods)")
     num_virtual_tokens: int = key(20, "peft_method prefix: virtual tokens in front of every layer's keys and values")
