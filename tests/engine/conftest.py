@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import random
 
 import peft
@@ -55,6 +56,19 @@ def sentiment_csv(tmp_path_factory):
                                                                               k=rng.randint(1, 2))
             rng.shuffle(words)
             writer.writerow([" ".join(words), label])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tagging_jsonl(tmp_path_factory):
+    """400 generated sentences of 3..10 words, each word tagged POS, NEG or O by its kind (JSON lines: tokens, tags)."""
+    path = tmp_path_factory.mktemp("data") / "tags.jsonl"
+    rng = random.Random(2)
+    with open(path, "w") as f:
+        for _ in range(400):
+            words = rng.choices(POSITIVE + NEGATIVE + NEUTRAL, k=rng.randint(3, 10))
+            tags = ["POS" if w in POSITIVE else "NEG" if w in NEGATIVE else "O" for w in words]
+            f.write(json.dumps({"tokens": words, "tags": tags}) + "\n")
     return path
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -121,21 +120,10 @@ def test_peft_alone_reproduces_the_default_jobs_accuracy(tmp_path):
     assert peft_alone["PeftModel"]["id2label"] == {"0": "fresh", "1": "rotten"}
 
 
-def _tagging_jsonl(path, vocabulary, n=400):
-    positive, negative, neutral = vocabulary
-    rng = random.Random(2)
-    with open(path, "w") as f:
-        for _ in range(n):
-            words = rng.choices(positive + negative + neutral, k=rng.randint(3, 10))
-            tags = ["POS" if w in positive else "NEG" if w in negative else "O" for w in words]
-            f.write(json.dumps({"tokens": words, "tags": tags}) + "\n")
-    return path
-
-
-def test_peft_alone_reproduces_a_token_classification_runs_accuracy(tiny_bert, vocabulary, tmp_path):
+def test_peft_alone_reproduces_a_token_classification_runs_accuracy(tiny_bert, tagging_jsonl, tmp_path):
     """Three tags on a tiny BERT: PEFT builds the base with final/config.json's labels, then loads the adapter."""
     config = TrainConfig(task="token-classification", model=str(tiny_bert),
-                         data=str(_tagging_jsonl(tmp_path / "tags.jsonl", vocabulary)), text_column="tokens",
+                         data=str(tagging_jsonl), text_column="tokens",
                          label_column="tags", max_length=16, eval_size=50, batch_size=16, max_steps=60,
                          warmup_steps=4, lr=1e-2, eval_every=1000, save_every=1000, lora_r=4, lora_alpha=8.0,
                          lora_dropout=0.0, precision="fp32", progress=False, out_dir=str(tmp_path / "run"))

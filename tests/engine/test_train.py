@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -259,20 +258,8 @@ def test_eval_command_reads_the_latest_checkpoint(tiny_bert, sentiment_csv, tmp_
 # ----------------------------------------------------------------------------
 
 
-def _tagging_jsonl(path, vocabulary, n=400):
-    positive, negative, neutral = vocabulary
-    rng = random.Random(2)
-    with open(path, "w") as f:
-        for _ in range(n):
-            words = rng.choices(positive + negative + neutral, k=rng.randint(3, 10))
-            tags = ["POS" if w in positive else "NEG" if w in negative else "O" for w in words]
-            f.write(json.dumps({"tokens": words, "tags": tags}) + "\n")
-    return path
-
-
-def test_token_classification_learns(tiny_bert, tmp_path, vocabulary):
-    data = _tagging_jsonl(tmp_path / "tags.jsonl", vocabulary)
-    result = _train(_config(tiny_bert, data, tmp_path, task="token-classification", text_column="tokens",
+def test_token_classification_learns(tiny_bert, tmp_path, tagging_jsonl):
+    result = _train(_config(tiny_bert, tagging_jsonl, tmp_path, task="token-classification", text_column="tokens",
                             label_column="tags", eval_size=50, max_steps=100, lr=1e-2))
     assert [c.name for c in result.report.classes] == ["O", "NEG", "POS"]  # conll.tag_names: O first
     assert result.eval_after["macro_f1"] >= 0.9 > result.eval_before["macro_f1"]
