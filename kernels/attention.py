@@ -35,8 +35,14 @@ Extra memory is O(B * H * S): the log-sum-exp and delta, fp32; the fast
 backward also holds dq in fp32 (B * Hq * Sq * D) while it adds up.
 
 Cost and where it stops being fast: forward plus fast backward spend 7
-GEMM-equivalents, the minimum (the deterministic backward: 9). The key-side
-masks are applied on every tile rather than only on the diagonal ones. fp32
+GEMM-equivalents, the minimum (the deterministic backward: 9). The forward
+applies the position masks (band, sequence ends) on every tile. The backward
+tests positions only on the tiles that straddle the band's edge or a
+sequence's end: the dq pass's key blocks and the dk/dv pass's query blocks
+that the band covers whole, inside the sequence, skip the mask by a branch
+uniform over the program (the key padding mask is data: every tile applies
+it). Configs already at the register limit keep masking every tile
+(``SPLIT_MASKS`` off): there the branch spills. fp32
 inputs take three TF32 tensor-core passes per dot (tf32x3, close to fp32
 accuracy) with small tiles: correct, slow; train in 16-bit.
 Head dims that are not powers of two (80, 96) are padded to the next one in
@@ -301,6 +307,21 @@ def _key_range(start_m, q_len, k_len, window_left, window_right, BLOCK_M: tl.con
 
 
 @triton.jit
+def _unmasked_blocks(lo, hi, first_full, last_end, BLOCK: tl.constexpr):
+    # [full_lo, full_hi): the blocks of a loop lo, lo + BLOCK, ... below hi (lo a multiple of
+    # BLOCK) that start at or after first_full and end by last_end; the others take the position mask.
+    full_lo = lo + tl.cdiv(tl.maximum(first_full - lo, 0), BLOCK) * BLOCK
+    full_hi = lo + (tl.minimum(last_end, hi) - lo) // BLOCK * BLOCK
+    return full_lo, tl.maximum(full_hi, full_lo)
+
+
+@triton.jit
+def _key_kept(kpm_row_ptr, k_pos, k_len):
+    # The key padding mask: it is data, so every tile applies it, masked or not.
+    return tl.load(kpm_row_ptr + k_pos, mask=k_pos < k_len, other=0) != 0
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kpm_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km, stride_vb, stride_vh, stride_vm,
@@ -362,6 +383,38 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _attn_bwd_dq_tile(
+    dq, q, dout, delta, lse, k_base, v_base, kpm_row_ptr, offs_m, start_n, masked, q_len, k_len, stride_km,
+    stride_vm, bh, seqlen_k, softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # dq plus the share of keys start_n..: (BLOCK_M, BLOCK_D), unscaled. masked (a runtime
+    # flag, uniform over the program, or the constant True): the tile straddles the band's
+    # edge or k_len, so its positions are tested; the key padding mask (data) applies to every tile.
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+    v = _load_rows(v_base, k_len, stride_vm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+    scores, capped = _scores(qk, softmax_scale, softcap, HAS_SOFTCAP)
+    if HAS_KPM:
+        scores = tl.where(_key_kept(kpm_row_ptr, offs_n[None, :], k_len), scores, float("-inf"))
+    if masked:
+        allowed = _allowed(offs_m[:, None], offs_n[None, :], q_len, k_len, window_left, window_right, kpm_row_ptr,
+                           HAS_BAND, False)
+        scores = tl.where(allowed, scores, float("-inf"))
+    probs = tl.exp2(scores - lse[:, None])
+    dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p)
+        dprobs = tl.where(keep, dprobs * (1.0 / (1.0 - dropout_p)), 0.0)
+    dscores = probs * (dprobs - delta[:, None])
+    if HAS_SOFTCAP:
+        dscores = dscores * (1.0 - capped * capped)
+    return dq + tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, kpm_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km, stride_vb, stride_vh, stride_vm,
@@ -371,7 +424,7 @@ def _attn_bwd_dq_kernel(
     softmax_scale, softcap, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_MASKS: tl.constexpr,
 ):
     # One program: dq for BLOCK_M queries of one (sequence, query head), and
     # their delta = rowsum(dO * O), which the dk/dv pass reads.
@@ -396,23 +449,23 @@ def _attn_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _key_range(start_m, q_len, k_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_BAND)
+    # Key blocks the band covers for every query of the block, and below k_len, need no position
+    # mask; the blocks on the band's edges and the one across k_len do. (Rows past q_len need
+    # none: their q and dO are zeros, so their share is 0 and they are never stored.)
+    first_full = 0
+    last_end = k_len
+    if HAS_BAND:
+        first_full = start_m + BLOCK_M - 1 + (k_len - q_len) - window_left
+        last_end = start_m + (k_len - q_len) + window_right + 1
+    full_lo, full_hi = _unmasked_blocks(lo, hi, first_full, last_end, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
-        v = _load_rows(v_base, k_len, stride_vm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        scores, capped = _scores(qk, softmax_scale, softcap, HAS_SOFTCAP)
-        allowed = _allowed(offs_m[:, None], offs_n[None, :], q_len, k_len, window_left, window_right, kpm_row_ptr,
-                           HAS_BAND, HAS_KPM)
-        probs = tl.exp2(tl.where(allowed, scores, float("-inf")) - lse[:, None])
-        dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p)
-            dprobs = tl.where(keep, dprobs * (1.0 / (1.0 - dropout_p)), 0.0)
-        dscores = probs * (dprobs - delta[:, None])
-        if HAS_SOFTCAP:
-            dscores = dscores * (1.0 - capped * capped)
-        dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
+        masked = True  # a constant: every tile tests positions, no branch
+        if SPLIT_MASKS:
+            masked = (start_n < full_lo) | (start_n >= full_hi)
+        dq = _attn_bwd_dq_tile(
+            dq, q, dout, delta, lse, k_base, v_base, kpm_row_ptr, offs_m, start_n, masked, q_len, k_len, stride_km,
+            stride_vm, bh, seqlen_k, softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+            HEAD_DIM, HAS_BAND, HAS_KPM, HAS_SOFTCAP, HAS_DROPOUT, DOT_PRECISION, BLOCK_D, BLOCK_N)
     dq = dq * softmax_scale
     dq_base = _head_base(dq_ptr, b, h, q_start, stride_dqb, stride_dqh, stride_dqm)
     _store_rows(dq_base, dq, q_len, stride_dqm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
@@ -442,6 +495,62 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
+def _attn_bwd_dkdv_tile(
+    dk, dv, k, v, q_base, dout_base, lse_row_ptr, delta_row_ptr, dq_base, kpm_row_ptr, offs_n, start_m, masked,
+    q_len, k_len, stride_qm, stride_dom, stride_dqm, bh, seqlen_k, softmax_scale, softcap, window_left, window_right,
+    dropout_p, seed,
+    HEAD_DIM: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, DQ_TRANSPOSED: tl.constexpr,
+):
+    # dk and dv plus the share of queries start_m.. of one query head (tiles transposed,
+    # (BLOCK_N, BLOCK_M)), both unscaled, and with ATOMIC_DQ that tile's dq added to dq_base.
+    # masked, as in _attn_bwd_dq_tile: the tile straddles the band's edge, q_len or k_len.
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_base, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+    dout = _load_rows(dout_base, q_len, stride_dom, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+    lse = _lse_log2(tl.load(lse_row_ptr + offs_m, mask=offs_m < q_len, other=0.0))
+    delta = tl.load(delta_row_ptr + offs_m, mask=offs_m < q_len, other=0.0)
+    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+    scores_t, capped_t = _scores(qk_t, softmax_scale, softcap, HAS_SOFTCAP)
+    if HAS_KPM:
+        scores_t = tl.where(_key_kept(kpm_row_ptr, offs_n[:, None], k_len), scores_t, float("-inf"))
+    if masked:
+        allowed_t = _allowed(offs_m[None, :], offs_n[:, None], q_len, k_len, window_left, window_right,
+                             kpm_row_ptr, HAS_BAND, False)
+        scores_t = tl.where(allowed_t, scores_t, float("-inf"))
+    probs_t = tl.exp2(scores_t - lse[None, :])
+    # dv's product before dP's, and the softcap's derivative folded into the
+    # probabilities before dP's too: the dropped probabilities and tanh's tile are
+    # dead before dP's tile is live (a Hopper tile keeps 64 rows of dk and dv in registers).
+    if HAS_DROPOUT:
+        keep_t = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], seqlen_k, dropout_p)
+        dropped_t = tl.where(keep_t, probs_t * (1.0 / (1.0 - dropout_p)), 0.0)
+        dv += tl.dot(dropped_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
+    else:
+        dv += tl.dot(probs_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
+    if HAS_SOFTCAP:
+        probs_t = probs_t * (1.0 - capped_t * capped_t)
+    dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        dprobs_t = tl.where(keep_t, dprobs_t * (1.0 / (1.0 - dropout_p)), 0.0)
+    dscores_t = (probs_t * (dprobs_t - delta[None, :])).to(q.dtype)
+    dk += tl.dot(dscores_t, q, input_precision=DOT_PRECISION)
+    if ATOMIC_DQ and DQ_TRANSPOSED:
+        # dq^T = K^T dS^T: its rows are the head dim, 64 per warpgroup whatever
+        # BLOCK_M is, so on sm_90 it is a wgmma (K^T a view of k in shared memory).
+        dq_t = tl.dot(tl.trans(k), dscores_t, input_precision=DOT_PRECISION) * softmax_scale  # (D, M)
+        tl.atomic_add(dq_base + offs_m[None, :] * stride_dqm + cols[:, None], dq_t,
+                      mask=(offs_m[None, :] < q_len) & (cols[:, None] < HEAD_DIM), sem="relaxed")
+    elif ATOMIC_DQ:
+        dq = tl.dot(tl.trans(dscores_t), k, input_precision=DOT_PRECISION) * softmax_scale  # (M, D)
+        tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + cols[None, :], dq,
+                      mask=(offs_m[:, None] < q_len) & (cols[None, :] < HEAD_DIM), sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, kpm_ptr, cu_seqlens_q_ptr,
     cu_seqlens_k_ptr,
@@ -453,6 +562,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ_TRANSPOSED: tl.constexpr,
+    SPLIT_MASKS: tl.constexpr,
 ):
     # One program: dk and dv for BLOCK_N keys of one (sequence, kv head),
     # summed over the query heads of its group and every query that sees them.
@@ -474,15 +584,23 @@ def _attn_bwd_dkdv_kernel(
     v = _load_rows(_head_base(v_ptr, b, kv_head, k_start, stride_vb, stride_vh, stride_vm), k_len, stride_vm,
                    start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
     kpm_row_ptr = kpm_ptr + tl.cast(b, tl.int64) * stride_kpm_b
-    cols = tl.arange(0, BLOCK_D)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # [lo, hi): the queries whose band reaches these keys. Of their blocks, those whose band
+    # covers every key here (queries first_full.. up to last_end) and below q_len need no
+    # position mask, unless the key block itself crosses k_len: then every tile needs the key boundary.
     lo = 0
     hi = q_len
-    if HAS_BAND:  # only the query blocks whose band reaches these keys
+    first_full = 0
+    last_end = q_len
+    if HAS_BAND:
         lo = tl.maximum(start_n - (k_len - q_len) - window_right, 0) // BLOCK_M * BLOCK_M
         hi = tl.minimum(start_n + BLOCK_N - (k_len - q_len) + window_left, q_len)
+        first_full = start_n + BLOCK_N - 1 - (k_len - q_len) - window_right
+        last_end = tl.minimum(start_n - (k_len - q_len) + window_left + 1, q_len)
+    last_end = tl.where(start_n + BLOCK_N <= k_len, last_end, 0)
+    full_lo, full_hi = _unmasked_blocks(lo, hi, first_full, last_end, BLOCK_M)
     for g in range(group_size):
         h = kv_head * group_size + g
         q_base = _head_base(q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm)
@@ -490,43 +608,15 @@ def _attn_bwd_dkdv_kernel(
         row_offset = tl.cast(b, tl.int64) * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start
         dq_base = _head_base(dq_ptr, b, h, q_start, stride_dqb, stride_dqh, stride_dqm)
         for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _load_rows(q_base, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
-            dout = _load_rows(dout_base, q_len, stride_dom, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
-            lse = _lse_log2(tl.load(lse_ptr + row_offset + offs_m, mask=offs_m < q_len, other=0.0))
-            delta = tl.load(delta_ptr + row_offset + offs_m, mask=offs_m < q_len, other=0.0)
-            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-            scores_t, capped_t = _scores(qk_t, softmax_scale, softcap, HAS_SOFTCAP)
-            allowed_t = _allowed(offs_m[None, :], offs_n[:, None], q_len, k_len, window_left, window_right,
-                                 kpm_row_ptr, HAS_BAND, HAS_KPM)
-            probs_t = tl.exp2(tl.where(allowed_t, scores_t, float("-inf")) - lse[None, :])
-            # dv's product before dP's, and the softcap's derivative folded into the
-            # probabilities before dP's too: the dropped probabilities and tanh's tile are
-            # dead before dP's tile is live (a Hopper tile keeps 64 rows of dk and dv in registers).
-            if HAS_DROPOUT:
-                keep_t = _dropout_keep(seed, b * num_heads + h, offs_m[None, :], offs_n[:, None], seqlen_k,
-                                       dropout_p)
-                dropped_t = tl.where(keep_t, probs_t * (1.0 / (1.0 - dropout_p)), 0.0)
-                dv += tl.dot(dropped_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
-            else:
-                dv += tl.dot(probs_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
-            if HAS_SOFTCAP:
-                probs_t = probs_t * (1.0 - capped_t * capped_t)
-            dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
-            if HAS_DROPOUT:
-                dprobs_t = tl.where(keep_t, dprobs_t * (1.0 / (1.0 - dropout_p)), 0.0)
-            dscores_t = (probs_t * (dprobs_t - delta[None, :])).to(q.dtype)
-            dk += tl.dot(dscores_t, q, input_precision=DOT_PRECISION)
-            if ATOMIC_DQ and DQ_TRANSPOSED:
-                # dq^T = K^T dS^T: its rows are the head dim, 64 per warpgroup whatever
-                # BLOCK_M is, so on sm_90 it is a wgmma (K^T a view of k in shared memory).
-                dq_t = tl.dot(tl.trans(k), dscores_t, input_precision=DOT_PRECISION) * softmax_scale  # (D, M)
-                tl.atomic_add(dq_base + offs_m[None, :] * stride_dqm + cols[:, None], dq_t,
-                              mask=(offs_m[None, :] < q_len) & (cols[:, None] < HEAD_DIM), sem="relaxed")
-            elif ATOMIC_DQ:
-                dq = tl.dot(tl.trans(dscores_t), k, input_precision=DOT_PRECISION) * softmax_scale  # (M, D)
-                tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + cols[None, :], dq,
-                              mask=(offs_m[:, None] < q_len) & (cols[None, :] < HEAD_DIM), sem="relaxed")
+            masked = True
+            if SPLIT_MASKS:
+                masked = (start_m < full_lo) | (start_m >= full_hi)
+            dk, dv = _attn_bwd_dkdv_tile(
+                dk, dv, k, v, q_base, dout_base, lse_ptr + row_offset, delta_ptr + row_offset, dq_base, kpm_row_ptr,
+                offs_n, start_m, masked, q_len, k_len, stride_qm, stride_dom, stride_dqm, b * num_heads + h,
+                seqlen_k, softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+                HEAD_DIM, HAS_BAND, HAS_KPM, HAS_SOFTCAP, HAS_DROPOUT, DOT_PRECISION, ATOMIC_DQ, BLOCK_D, BLOCK_M,
+                DQ_TRANSPOSED)
     dk = dk * softmax_scale
     _store_rows(_head_base(dk_ptr, b, kv_head, k_start, stride_dkb, stride_dkh, stride_dkm), dk, k_len, stride_dkm,
                 start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
@@ -587,11 +677,19 @@ def _config(block_m: int, block_n: int, warps: int, stages: int, **knobs) -> tri
     return triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, **knobs), num_warps=warps, num_stages=stages)
 
 
-def _bwd_config(block_m: int, block_n: int, warps: int, stages: int, dq_transposed: bool = False) -> triton.Config:
+# The backward's configs say whether its tiles inside the band skip the position mask
+# (SPLIT_MASKS, a branch per tile): not on tiles already at the register limit, where
+# the branch spills (see the compile gate); those test positions on every tile.
+def _dq_config(block_m: int, block_n: int, warps: int, stages: int, split_masks: bool = True) -> triton.Config:
+    return _config(block_m, block_n, warps, stages, SPLIT_MASKS=split_masks)
+
+
+def _bwd_config(block_m: int, block_n: int, warps: int, stages: int, dq_transposed: bool = False,
+                split_masks: bool = True) -> triton.Config:
     # The dk/dv kernel's configs also choose the orientation of the one-pass backward's dq
     # product: (D, BLOCK_M) on Hopper tiles, where its rows must be 64 per warpgroup; (BLOCK_M, D)
     # on sm_80 ones, where the transposed product spills and repeats work.
-    return _config(block_m, block_n, warps, stages, DQ_TRANSPOSED=dq_transposed)
+    return _config(block_m, block_n, warps, stages, DQ_TRANSPOSED=dq_transposed, SPLIT_MASKS=split_masks)
 
 
 _CONFIGS = {
@@ -600,12 +698,14 @@ _CONFIGS = {
     ("fwd", "d256"): [_config(64, 32, 4, 2), _config(32, 32, 4, 2)],
     ("fwd", "d256_dropout"): [_config(64, 16, 4, 2), _config(32, 32, 4, 2)],
     ("fwd", "fp32"): [_config(64, 16, 4, 1), _config(16, 16, 4, 1), _config(64, 32, 4, 1), _config(128, 32, 8, 1)],
-    ("dq", "d128"): [_config(64, 32, 4, 2), _config(32, 32, 4, 2), _config(64, 64, 4, 2), _config(128, 32, 8, 2)],
-    ("dq", "d128_dropout"): [_config(64, 32, 4, 2), _config(32, 32, 4, 2), _config(128, 32, 8, 2)],
-    ("dq", "d256"): [_config(64, 16, 4, 1), _config(32, 64, 8, 1)],
-    ("dq", "d256_dropout"): [_config(32, 64, 8, 1)],
-    ("dq", "fp32"): [_config(64, 16, 4, 1)],
-    ("dkdv", "d128"): [_bwd_config(16, 128, 8, 2), _bwd_config(64, 32, 8, 2)],
+    ("dq", "d128"): [_dq_config(64, 32, 4, 2), _dq_config(32, 32, 4, 2), _dq_config(64, 64, 4, 2),
+                     _dq_config(128, 32, 8, 2, split_masks=False)],
+    ("dq", "d128_dropout"): [_dq_config(64, 32, 4, 2), _dq_config(32, 32, 4, 2),
+                             _dq_config(128, 32, 8, 2, split_masks=False)],
+    ("dq", "d256"): [_dq_config(64, 16, 4, 1, split_masks=False), _dq_config(32, 64, 8, 1)],
+    ("dq", "d256_dropout"): [_dq_config(32, 64, 8, 1)],
+    ("dq", "fp32"): [_dq_config(64, 16, 4, 1)],
+    ("dkdv", "d128"): [_bwd_config(16, 128, 8, 2, split_masks=False), _bwd_config(64, 32, 8, 2)],
     ("dkdv", "d128_dropout"): [_bwd_config(32, 32, 8, 2)],
     ("dkdv", "d256"): [_bwd_config(32, 32, 8, 1)],
     ("dkdv", "d256_dropout"): [_bwd_config(16, 32, 8, 1)],
@@ -623,8 +723,8 @@ _CONFIGS = {
 # mma they spill (see the compile gate), so sm_80 keeps the tiles above. Their 16-query tiles
 # are what leaves room for 64 rows of dk and dv (fp32) per warpgroup and Philox's state.
 _HOPPER_CONFIGS: dict[tuple[str, str], triton.Config] = {
-    ("dq", "d256_dropout"): _config(128, 16, 8, 1),
-    ("dkdv", "d128_dropout"): _bwd_config(16, 64, 4, 1),
+    ("dq", "d256_dropout"): _dq_config(128, 16, 8, 1),
+    ("dkdv", "d128_dropout"): _bwd_config(16, 64, 4, 1, split_masks=False),
     ("dkdv", "fp32"): _bwd_config(16, 64, 4, 1),
     ("bwd", "d128"): _bwd_config(16, 128, 8, 1, dq_transposed=True),
     # dq's product stays (BLOCK_M, D), sm_80-style HMMA: transposed, it spills with Philox's state.

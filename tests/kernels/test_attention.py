@@ -455,6 +455,112 @@ def test_varlen_offsets_may_be_strided_int64_with_empty_sequences(device, assert
     )
 
 
+# ----------------------------------------------------------------------------
+# Block masks in the backward: the dq pass tests positions only on the key
+# blocks that straddle the band's edge or k_len, the dk/dv pass only on the
+# query blocks that straddle the band's edge or q_len (and on all of them when
+# its key block crosses k_len); the others take the key padding mask alone.
+# ----------------------------------------------------------------------------
+
+# (B, Hq, Hkv, Sq, Sk, D, options). The interpreter's tiles are 16 to 128 rows a side (multiples
+# of 16): these put the band's edges inside tiles, on their edges, and whole tiles away;
+# windows narrower than a tile; sequences shorter than one; rows that see no key.
+BOUNDARY_CASES = {
+    "causal-128-diagonal-on-tile-edges": (1, 2, 1, 128, 128, 32, dict(causal=True)),
+    "causal-40x100": (1, 2, 2, 40, 100, 32, dict(causal=True)),
+    "causal-130x64-rows-see-nothing": (1, 2, 1, 130, 64, 16, dict(causal=True)),
+    "window-3-5-70": (2, 2, 1, 70, 70, 32, dict(window=(3, 5))),
+    "window-16-0-softcap-96x160": (1, 4, 2, 96, 160, 32, dict(window=(16, 0), softcap=4.0)),
+    "window-causal-33-150x97-rows-see-nothing": (1, 2, 1, 150, 97, 16, dict(window=(33, 8), causal=True)),
+    "causal-5x9-shorter-than-a-tile": (2, 2, 1, 5, 9, 16, dict(causal=True)),
+    "padding-window-45": (3, 2, 1, 45, 45, 32, dict(window=(20, 20), padding=True)),
+    "full-45x130": (1, 2, 1, 45, 130, 32, {}),
+    # Windows wide enough for whole tiles inside the band, with Sk - Sq putting both of its edges
+    # exactly on tiles' edges (Sk - Sq - left = 1 and Sk - Sq + right = -1 modulo 32), or one key
+    # past them (2 and -2): a tile taken as unmasked one key too early fails here.
+    "window-130-28-128x259-edges-on-tiles": (1, 2, 1, 128, 259, 16, dict(window=(130, 28))),
+    "window-130-26-128x260-edges-one-past": (1, 2, 1, 128, 260, 16, dict(window=(130, 26))),
+}
+
+
+@pytest.mark.parametrize("backward", list(BACKWARDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(BOUNDARY_CASES))
+def test_backward_masks_only_the_boundary_tiles(case, dtype, backward, device, assert_within_tolerance):
+    if backend_for(torch.empty(0, device=device)) != "triton":
+        pytest.skip("the PyTorch path has no tiles")
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, options = BOUNDARY_CASES[case]
+    q, k, v, dout = _make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, device, seed=31)
+    if options.pop("padding", False):
+        options["key_padding_mask"] = _padding_mask(batch, seqlen_k, torch.Generator().manual_seed(32))
+    mask = options.get("key_padding_mask")
+    on_device = dict(options, key_padding_mask=mask.to(device)) if mask is not None else options
+    out, dq, dk, dv = _check_against_reference(
+        lambda *t: flash_attention(*t, **on_device, deterministic=BACKWARDS[backward]),
+        lambda *t: attention_ref(*t, **options),
+        q, k, v, dout, dtype, assert_within_tolerance,
+    )
+    band = attention_module._band(options.get("causal", False), options.get("window"))
+    sees = attention_module._allowed_ref(seqlen_q, seqlen_k, band, mask, "cpu").any(-1, keepdim=True)
+    blind = ~sees.expand(out.shape)  # rows that see no key: exactly 0, no gradient
+    assert not out.detach().cpu()[blind].any() and not dq.cpu()[blind].any()
+
+
+@pytest.mark.parametrize("backward", list(BACKWARDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_backward_keeps_keys_past_the_end_out_when_every_score_is_far_below_zero(dtype, backward, device,
+                                                                                 assert_within_tolerance):
+    # Scores near -150 give a log-sum-exp below -88: a key past k_len (zeros, score 0) let into a
+    # tile would weigh exp(150) = inf in fp32 and make dq NaN. So every tile of a key block that
+    # crosses k_len tests the key boundary, even where the band covers all of its queries.
+    if backend_for(torch.empty(0, device=device)) != "triton":
+        pytest.skip("the PyTorch path has no tiles")
+    generator = torch.Generator().manual_seed(34)
+    direction = torch.nn.functional.normalize(torch.randn(16, generator=generator), dim=0)
+    q = -12 * direction + 0.1 * torch.randn(1, 2, 64, 16, generator=generator)
+    k = 12 * direction + 0.1 * torch.randn(1, 1, 40, 16, generator=generator)
+    v, dout = torch.randn(1, 1, 40, 16, generator=generator), torch.randn(1, 2, 64, 16, generator=generator)
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    _check_against_reference(
+        lambda *t: flash_attention(*t, softmax_scale=1.0, deterministic=BACKWARDS[backward]),
+        lambda *t: attention_ref(*t, softmax_scale=1.0),
+        cast(q), cast(k), cast(v), cast(dout), dtype, assert_within_tolerance,
+    )
+
+
+@pytest.mark.parametrize("backward", list(BACKWARDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_backward_masks_only_the_boundary_tiles_varlen(dtype, backward, device, assert_within_tolerance):
+    # Each sequence has its own edges: lengths around the tiles' sizes, queries longer and shorter than keys.
+    if backend_for(torch.empty(0, device=device)) != "triton":
+        pytest.skip("the PyTorch path has no tiles")
+    lengths_q, lengths_k = [5, 64, 100, 33], [9, 64, 47, 130]
+    window = (12, 3)
+    heads, kv_heads, head_dim = 2, 1, 16
+    generator = torch.Generator().manual_seed(33)
+    q = torch.randn(sum(lengths_q), heads, head_dim, generator=generator)
+    k = torch.randn(sum(lengths_k), kv_heads, head_dim, generator=generator)
+    v = torch.randn(sum(lengths_k), kv_heads, head_dim, generator=generator)
+    dout = torch.randn_like(q)
+    cu = lambda lengths: torch.tensor([0] + lengths).cumsum(0).to(torch.int32)  # noqa: E731
+    cu_q, cu_k = cu(lengths_q), cu(lengths_k)
+
+    def per_sequence_reference(q, k, v):
+        as_batch = lambda t: t.transpose(0, 1)[None]  # noqa: E731
+        return torch.cat([
+            attention_ref(as_batch(q[cu_q[i]:cu_q[i + 1]]), as_batch(k[cu_k[i]:cu_k[i + 1]]),
+                          as_batch(v[cu_k[i]:cu_k[i + 1]]), causal=True, window=window)[0].transpose(0, 1)
+            for i in range(len(lengths_q))])
+
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    _check_against_reference(
+        lambda *t: flash_attention_varlen(*t, cu_q.to(device), cu_k.to(device), max(lengths_q), max(lengths_k),
+                                          causal=True, window=window, deterministic=BACKWARDS[backward]),
+        per_sequence_reference,
+        cast(q), cast(k), cast(v), cast(dout), dtype, assert_within_tolerance,
+    )
+
+
 # The Hopper tiles: a spec's hopper_only config runs on sm_90 only, and the
 # interpreter runs configs[0], so without this these tiles (and the transposed
 # dq product of the one-pass backward) would be proven only to compile. Each
