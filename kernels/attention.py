@@ -616,36 +616,42 @@ _CONFIGS = {
     ("bwd", "d256_dropout"): [_bwd_config(16, 32, 8, 1), _bwd_config(16, 16, 8, 1)],
     ("bwd", "fp32"): [_bwd_config(16, 16, 4, 1)],
 }
-# Hopper tiles, each its spec's hopper_config, for sm_90 only (KernelSpec.hopper_only): every
-# product but the two-pass dq's and, where noted, the one-pass dq's is a 64-row-per-warpgroup wgmma,
-# in the transposed orientation the dk/dv kernel computes in (S^T = K Q^T, dP^T = V dO^T: BLOCK_N
-# keys, 64 per warpgroup; dV += P^T dO, dK += dS^T Q with P^T, dS^T from registers). As sm_80's
-# mma they spill (see the compile gate), so sm_80 keeps the tiles above. Their 16-query tiles
-# are what leaves room for 64 rows of dk and dv (fp32) per warpgroup and Philox's state.
-_HOPPER_CONFIGS: dict[tuple[str, str], triton.Config] = {
-    ("dq", "d256_dropout"): _config(128, 16, 8, 1),
-    ("dkdv", "d128_dropout"): _bwd_config(16, 64, 4, 1),
-    ("dkdv", "fp32"): _bwd_config(16, 64, 4, 1),
-    ("bwd", "d128"): _bwd_config(16, 128, 8, 1, dq_transposed=True),
+# Hopper tiles, for sm_90 only (KernelSpec.hopper_only); the first of each list is its spec's
+# hopper_config, ready for every case. Every product but the two-pass dq's and, where noted, the
+# one-pass dq's is a 64-row-per-warpgroup wgmma, in the transposed orientation the dk/dv kernel
+# computes in (S^T = K Q^T, dP^T = V dO^T: BLOCK_N keys, 64 per warpgroup; dV += P^T dO, dK += dS^T Q
+# with P^T, dS^T from registers). As sm_80's mma they spill (see the compile gate), so sm_80 keeps
+# the tiles above. Their 16-query tiles are what leaves room for 64 rows of dk and dv (fp32) per
+# warpgroup and Philox's state. The forward's 128x128 on 8 warps is FA3's tile at head dim 128.
+# A tile at num_stages 2 or 3 loads its next blocks by cp.async while it computes (software
+# pipelining); num_stages 1 issues none. Each such variant is listed where it passes the gate on
+# every case; the others spill at num_stages 2 (dk/dv with dropout: 8 bytes; fp32 dk/dv: 64; the
+# one-pass backward with dropout: 40) and keep num_stages 1.
+_HOPPER_CONFIGS: dict[tuple[str, str], list[triton.Config]] = {
+    ("fwd", "d128"): [_config(128, 128, 8, 2), _config(128, 128, 8, 3)],
+    ("dq", "d256_dropout"): [_config(128, 16, 8, 1), _config(128, 16, 8, 2), _config(128, 16, 8, 3)],
+    ("dkdv", "d128_dropout"): [_bwd_config(16, 64, 4, 1)],
+    ("dkdv", "fp32"): [_bwd_config(16, 64, 4, 1)],
+    ("bwd", "d128"): [_bwd_config(16, 128, 8, 1, dq_transposed=True), _bwd_config(16, 128, 8, 2, dq_transposed=True)],
     # dq's product stays (BLOCK_M, D), sm_80-style HMMA: transposed, it spills with Philox's state.
-    ("bwd", "d128_dropout"): _bwd_config(16, 128, 8, 1),
+    ("bwd", "d128_dropout"): [_bwd_config(16, 128, 8, 1)],
 }
 # Not keyed on sequence lengths: packed batches change their maximum length every step.
 _AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "HAS_BAND", "HAS_KPM", "HAS_SOFTCAP", "HAS_DROPOUT"]
 
 
 def _register(kernel: str, variant: str) -> KernelSpec:
-    configs, hopper = _CONFIGS[kernel, variant], _HOPPER_CONFIGS.get((kernel, variant))
+    configs, hopper = _CONFIGS[kernel, variant], _HOPPER_CONFIGS.get((kernel, variant), [])
     return register(KernelSpec(
         name=f"attention_{kernel}_{variant}",
         kernel=_KERNELS[kernel],
-        configs=configs + [hopper] if hopper else configs,
+        configs=configs + hopper,
         key=_AUTOTUNE_KEY,
         compile_cases=_cases(kernel, variant),
         # The one-pass backward adds dq into a buffer: autotuning trials must each start from zeros.
         reset_to_zero=("dq_ptr",) if kernel == "bwd" else (),
         hopper_config=len(configs) if hopper else None,
-        hopper_only=(len(configs),) if hopper else (),
+        hopper_only=tuple(range(len(configs), len(configs) + len(hopper))),
     ))
 
 
