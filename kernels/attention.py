@@ -54,6 +54,8 @@ dq^T = K^T dS^T, so that its rows (the head dim) are 64 per warpgroup too.
 Where no wgmma tile fits the registers, sm_80-style tiles run on Hopper:
 head dim 256's dk/dv accumulators (64 rows x 256 x 2 in fp32 per warpgroup,
 256 registers a thread) and the fp32 one-pass backward (see the compile gate).
+Hopper tiles also come at num_stages 2 or 3 where they fit: their next blocks
+load by cp.async while the dots run. The forward's largest is FA3's 128x128.
 
 The kernels carry one constexpr per mask or score option (varlen, band, key
 padding, softcap, dropout). Each is a few lines at a fixed place in the same
