@@ -51,9 +51,16 @@ Hopper tiles spill as sm_80's mma: those are for sm_90 only
 warpgroup and 16 queries, which leaves room for dk and dv (64 rows in fp32
 each) and Philox's state; the one-pass backward computes dq transposed,
 dq^T = K^T dS^T, so that its rows (the head dim) are 64 per warpgroup too.
-Where no wgmma tile fits the registers, sm_80-style tiles run on Hopper:
-head dim 256's dk/dv accumulators (64 rows x 256 x 2 in fp32 per warpgroup,
-256 registers a thread) and the fp32 one-pass backward (see the compile gate).
+Head dim 256's dk and dv with the keys on the rows would take 64 keys x 256
+x 2 in fp32 per warpgroup, 256 registers a thread: its Hopper tiles turn them
+head-dim-major, as FlashAttention-3 does (dk^T and dv^T, the head dim on the
+wgmma rows, 128 per warpgroup), take 128 queries x 16 keys, read q and dO by
+TMA straight into shared memory (through registers they spill the
+accumulators), and add the one-pass dq 32 columns at a time. One kernel
+carries both orientations (the HEAD_MAJOR constexpr picks the body), so a
+spec keeps one kernel and the autotuner chooses among all its tiles.
+Where no wgmma tile fits the registers, sm_80-style tiles run on Hopper: the
+fp32 one-pass backward (see the compile gate).
 
 The kernels carry one constexpr per mask or score option (varlen, band, key
 padding, softcap, dropout). Each is a few lines at a fixed place in the same
@@ -762,8 +769,10 @@ _HOPPER_CONFIGS: dict[tuple[str, str], triton.Config] = {
     ("bwd", "d128"): _bwd_config(16, 128, 8, 1, dq_transposed=True),
     # dq's product stays (BLOCK_M, D), sm_80-style HMMA: transposed, it spills with Philox's state.
     ("bwd", "d128_dropout"): _bwd_config(16, 128, 8, 1),
-    # Head dim 256: dk^T and dv^T (see _attn_bwd_dkdv_head_major), 128 queries x 16 keys;
-    # 32 keys spill with softcap and the masks.
+    # Head dim 256, head-major instead (_attn_bwd_dkdv_head_major): S = Q K^T and dP = dO V^T with
+    # 64 queries per warpgroup, dV^T += dO^T P and dK^T += Q^T dS with 128 head-dim rows per
+    # warpgroup, dq = dS K in 32-column pieces. 32 keys spill with the masks and softcap (up to
+    # 136 bytes with dropout); 8 keys leave dq's dot a reduction shorter than a dot takes (16).
     ("dkdv", "d256"): _bwd_config(128, 16, 8, 1, head_major=True),
     ("dkdv", "d256_dropout"): _bwd_config(128, 16, 8, 1, head_major=True),
     ("bwd", "d256"): _bwd_config(128, 16, 8, 1, head_major=True),

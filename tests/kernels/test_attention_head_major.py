@@ -147,3 +147,30 @@ def test_head_major_tiles_match_reference_with_dropout(backward, device, head_ma
         lambda *t: attention_ref(*t, dropout_mask=keep, **options),
         [cast(q), cast(k), cast(v)], cast(dout), assert_within_tolerance,
     )
+
+
+def test_tma_ready_copies_only_what_a_tensor_descriptor_cannot_read():
+    aligned = torch.randn(2, 3, 5, 256, dtype=torch.float16)
+    hf_layout = torch.randn(2, 5, 3, 256, dtype=torch.float16).transpose(1, 2)  # (B, S, H, D) storage
+    for t in (aligned, hf_layout):
+        assert attention_module._tma_ready(t) is t
+    odd_start = torch.randn(2 * 3 * 5 * 256 + 1, dtype=torch.float16)[1:].view(2, 3, 5, 256)  # 2 bytes in
+    odd_rows = torch.randn(2, 3, 5, 260, dtype=torch.float16)[..., :256]  # rows 520 bytes apart
+    for t in (odd_start, odd_rows):
+        copy = attention_module._tma_ready(t)
+        assert copy.is_contiguous() and copy.data_ptr() % 16 == 0 and torch.equal(copy, t)
+
+
+@pytest.mark.parametrize("backward", list(BACKWARDS))
+def test_head_major_tiles_take_views_tma_cannot_read(backward, device, head_major_tiles, assert_within_tolerance):
+    # q and dO whose rows are 520 bytes apart: the launcher hands the kernel aligned copies.
+    generator = torch.Generator().manual_seed(36)
+    cast = lambda t: t.to(device=device, dtype=torch.float16)  # noqa: E731
+    q, dout = (cast(_randn(generator, 1, 2, 20, 260))[..., :256] for _ in range(2))
+    k, v = cast(_randn(generator, 1, 1, 24, 256)), cast(_randn(generator, 1, 1, 24, 256))
+    assert q.stride(2) == dout.stride(2) == 260
+    _grads_against_reference(
+        lambda *t: flash_attention(*t, causal=True, deterministic=BACKWARDS[backward]),
+        lambda *t: attention_ref(*t, causal=True),
+        [q, k, v], dout, assert_within_tolerance,
+    )
