@@ -100,8 +100,8 @@ def test_head_major_tiles_match_reference(case, backward, device, head_major_til
 @pytest.mark.parametrize("backward", list(BACKWARDS))
 def test_head_major_tiles_match_reference_on_packed_sequences(backward, device, head_major_tiles,
                                                                assert_within_tolerance):
-    # Lengths 1 and past one query tile; GQA; causal per sequence; head dim 192, padded to 256.
-    lengths_q, lengths_k = [1, 131, 20], [6, 140, 20]
+    # Lengths 0, 1 and past one query tile; GQA; causal per sequence; head dim 192, padded to 256.
+    lengths_q, lengths_k = [1, 131, 0, 20], [6, 140, 3, 20]
     heads, kv_heads, head_dim = 4, 2, 192
     generator = torch.Generator().manual_seed(32)
     q, dout = _randn(generator, sum(lengths_q), heads, head_dim), _randn(generator, sum(lengths_q), heads, head_dim)
