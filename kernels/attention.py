@@ -56,7 +56,9 @@ x 2 in fp32 per warpgroup, 256 registers a thread: its Hopper tiles turn them
 head-dim-major, as FlashAttention-3 does (dk^T and dv^T, the head dim on the
 wgmma rows, 128 per warpgroup), take 128 queries x 16 keys, read q and dO by
 TMA straight into shared memory (through registers they spill the
-accumulators), and add the one-pass dq 32 columns at a time. One kernel
+accumulators; the launcher lends Triton a scratch allocator for the
+descriptors and copies the rare q or dO view TMA cannot read), and add the
+one-pass dq 32 columns at a time. One kernel
 carries both orientations (the HEAD_MAJOR constexpr picks the body), so a
 spec keeps one kernel and the autotuner chooses among all its tiles.
 Where no wgmma tile fits the registers, sm_80-style tiles run on Hopper: the
