@@ -58,9 +58,9 @@ wgmma rows, 128 per warpgroup), take 128 queries x 16 keys, read q and dO by
 TMA straight into shared memory (through registers they spill the
 accumulators; the launcher lends Triton a scratch allocator for the
 descriptors and copies the rare q or dO view TMA cannot read), and add the
-one-pass dq 32 columns at a time. One kernel
-carries both orientations (the HEAD_MAJOR constexpr picks the body), so a
-spec keeps one kernel and the autotuner chooses among all its tiles.
+one-pass dq 32 columns at a time. One kernel carries both orientations (the
+HEAD_MAJOR constexpr picks the body), so a spec keeps one kernel and the
+autotuner chooses among all its tiles.
 Where no wgmma tile fits the registers, sm_80-style tiles run on Hopper: the
 fp32 one-pass backward (see the compile gate).
 
@@ -479,7 +479,7 @@ def _attn_bwd_dkdv_head_major(
     # head-dim-major accumulators, as FlashAttention-3 does at head dim 256:
     # dk^T and dv^T, (BLOCK_D, BLOCK_N) fp32, whose rows are the head dim. A
     # wgmma gives each warpgroup 64 rows of its own; with the keys on the rows,
-    # as the kernel above has them, 64 keys x 256 x 2 accumulators are 256
+    # as _attn_bwd_dkdv_kernel has them, 64 keys x 256 x 2 accumulators are 256
     # registers a thread. Here 256 head-dim rows split over two warpgroups, so
     # BLOCK_N can be small. The score tiles are query-major, (BLOCK_M, BLOCK_N),
     # BLOCK_M = 64 per warpgroup: S = Q K^T, dP = dO V^T, then dV^T += dO^T P and
@@ -532,7 +532,7 @@ def _attn_bwd_dkdv_head_major(
             probs = tl.exp2(tl.where(allowed, scores, float("-inf")) - lse[:, None])
             dout = dout_tiles.load([start_m, 0])
             delta = tl.load(delta_ptr + row_offset + offs_m, mask=offs_m < q_len, other=0.0)
-            # As in the kernel above: dv's product first, and the softcap's derivative folded into
+            # As in _attn_bwd_dkdv_kernel: dv's product first, and the softcap's derivative folded into
             # the probabilities, so the dropped probabilities and tanh's tile die before dP's is live.
             if HAS_DROPOUT:
                 dropped = tl.where(keep, probs * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -773,8 +773,8 @@ _HOPPER_CONFIGS: dict[tuple[str, str], triton.Config] = {
     ("bwd", "d128_dropout"): _bwd_config(16, 128, 8, 1),
     # Head dim 256, head-major instead (_attn_bwd_dkdv_head_major): S = Q K^T and dP = dO V^T with
     # 64 queries per warpgroup, dV^T += dO^T P and dK^T += Q^T dS with 128 head-dim rows per
-    # warpgroup, dq = dS K in 32-column pieces. 32 keys spill with the masks and softcap (up to
-    # 136 bytes with dropout); 8 keys leave dq's dot a reduction shorter than a dot takes (16).
+    # warpgroup, dq = dS K in 32-column pieces. 32 keys spill with the masks and softcap (24 bytes;
+    # 120-128 with dropout); 8 keys leave dq's dot a reduction shorter than a dot takes (16).
     ("dkdv", "d256"): _bwd_config(128, 16, 8, 1, head_major=True),
     ("dkdv", "d256_dropout"): _bwd_config(128, 16, 8, 1, head_major=True),
     ("bwd", "d256"): _bwd_config(128, 16, 8, 1, head_major=True),
