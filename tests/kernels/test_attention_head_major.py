@@ -67,10 +67,12 @@ def _randn(generator, *shape):
     return torch.randn(*shape, generator=generator)
 
 
-# (B, Hq, Hkv, Sq, Sk, D, options): padded batches.
+# (B, Hq, Hkv, Sq, Sk, D, options): padded batches, fp16 unless a dtype is given.
 CASES = {
     "gqa2-padding-softcap-130x40-d256": (2, 4, 2, 130, 40, 256, dict(padding=True, softcap=4.0)),
     "gqa3-causal-window-135x150-d160": (1, 3, 1, 135, 150, 160, dict(causal=True, window=(60, -1))),
+    # Sq > Sk: causal leaves the first queries no key at all.
+    "bf16-gqa2-causal-140x33-d256": (1, 2, 1, 140, 33, 256, dict(causal=True, dtype=torch.bfloat16)),
 }
 
 
@@ -82,12 +84,13 @@ def test_head_major_tiles_match_reference(case, backward, device, head_major_til
     q, dout = _randn(generator, batch, heads, seqlen_q, head_dim), _randn(generator, batch, heads, seqlen_q, head_dim)
     k, v = _randn(generator, batch, kv_heads, seqlen_k, head_dim), _randn(generator, batch, kv_heads, seqlen_k, head_dim)
     options = dict(options)
+    dtype = options.pop("dtype", torch.float16)
     if options.pop("padding", False):  # holes, right padding, and a fully padded sequence
         keep = torch.rand(batch, seqlen_k, generator=generator) > 0.25
         keep[0, seqlen_k * 2 // 3:] = False
         keep[-1] = False
         options["key_padding_mask"] = keep
-    cast = lambda t: t.to(device=device, dtype=torch.float16)  # noqa: E731
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     mask = options.pop("key_padding_mask", None)
     _grads_against_reference(
         lambda *t: flash_attention(*t, key_padding_mask=None if mask is None else mask.to(device),
