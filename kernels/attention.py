@@ -42,7 +42,8 @@ sequence's end: the dq pass's key blocks and the dk/dv pass's query blocks
 that the band covers whole, inside the sequence, skip the mask by a branch
 uniform over the program (the key padding mask is data: every tile applies
 it). Configs already at the register limit keep masking every tile
-(``SPLIT_MASKS`` off): there the branch spills. fp32
+(``SPLIT_MASKS`` off): there the branch spills; so do head dim 256's
+head-major tiles. fp32
 inputs take three TF32 tensor-core passes per dot (tf32x3, close to fp32
 accuracy) with small tiles: correct, slow; train in 16-bit.
 Head dims that are not powers of two (80, 96) are padded to the next one in
@@ -57,9 +58,21 @@ Hopper tiles spill as sm_80's mma: those are for sm_90 only
 warpgroup and 16 queries, which leaves room for dk and dv (64 rows in fp32
 each) and Philox's state; the one-pass backward computes dq transposed,
 dq^T = K^T dS^T, so that its rows (the head dim) are 64 per warpgroup too.
-Where no wgmma tile fits the registers, sm_80-style tiles run on Hopper:
-head dim 256's dk/dv accumulators (64 rows x 256 x 2 in fp32 per warpgroup,
-256 registers a thread) and the fp32 one-pass backward (see the compile gate).
+Head dim 256's dk and dv with the keys on the rows would take 64 keys x 256
+x 2 in fp32 per warpgroup, 256 registers a thread: its Hopper tiles turn them
+head-dim-major, as FlashAttention-3 does (dk^T and dv^T, the head dim on the
+wgmma rows, 128 per warpgroup), take 128 queries x 16 keys, read q and dO by
+TMA straight into shared memory (through registers they spill the
+accumulators; the launcher lends Triton a scratch allocator for the
+descriptors and copies the rare q or dO view TMA cannot read), and add the
+one-pass dq 32 columns at a time. One kernel carries both orientations (the
+HEAD_MAJOR constexpr picks the body), so a spec keeps one kernel and the
+autotuner chooses among all its tiles.
+Where no wgmma tile fits the registers, sm_80-style tiles run on Hopper: the
+fp32 one-pass backward (see the compile gate).
+Hopper tiles also come at num_stages 2 or 3 where they fit: their next blocks
+load by cp.async (or, for TMA, double-buffered) while the dots run. The
+forward's largest is FA3's 128x128.
 
 The kernels carry one constexpr per mask or score option (varlen, band, key
 padding, softcap, dropout). Each is a few lines at a fixed place in the same
@@ -68,6 +81,7 @@ loop; splitting them would give near-identical kernels.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import math
@@ -551,6 +565,118 @@ def _attn_bwd_dkdv_tile(
 
 
 @triton.jit
+def _add_dq_columns(dq_base, dscores, k_columns, offs_m, q_len, stride_dqm, softmax_scale, NUM_COLS: tl.constexpr,
+                    BLOCK_COLS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # NUM_COLS columns of one tile's share of dq, softmax_scale * dS K, from dq_base on, added
+    # atomically (relaxed) to the fp32 buffer; k_columns holds k's same columns, (BLOCK_N, BLOCK_COLS).
+    dq = tl.dot(dscores, k_columns, input_precision=DOT_PRECISION) * softmax_scale  # (BLOCK_M, BLOCK_COLS)
+    cols = tl.arange(0, BLOCK_COLS)
+    tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + cols[None, :], dq,
+                  mask=(offs_m[:, None] < q_len) & (cols[None, :] < NUM_COLS), sem="relaxed")
+
+
+@triton.jit
+def _attn_bwd_dkdv_head_major(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, kpm_ptr, cu_seqlens_q_ptr,
+    cu_seqlens_k_ptr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km, stride_vb, stride_vh, stride_vm,
+    stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkm, stride_dvb, stride_dvh, stride_dvm,
+    stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh, stride_kpm_b,
+    seqlen_q, seqlen_k, num_heads, group_size,
+    softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program of _attn_bwd_dkdv_kernel (same arguments, same result) with
+    # head-dim-major accumulators, as FlashAttention-3 does at head dim 256:
+    # dk^T and dv^T, (BLOCK_D, BLOCK_N) fp32, whose rows are the head dim. A
+    # wgmma gives each warpgroup 64 rows of its own; with the keys on the rows,
+    # as _attn_bwd_dkdv_kernel has them, 64 keys x 256 x 2 accumulators are 256
+    # registers a thread. Here 256 head-dim rows split over two warpgroups, so
+    # BLOCK_N can be small. The score tiles are query-major, (BLOCK_M, BLOCK_N),
+    # BLOCK_M = 64 per warpgroup: S = Q K^T, dP = dO V^T, then dV^T += dO^T P and
+    # dK^T += Q^T dS, with dO^T and Q^T views of the tiles in shared memory.
+    # ATOMIC_DQ: dq = dS K, (BLOCK_M, 256) fp32, is too big for one accumulator
+    # beside them, so it is formed and added DQ_COLS columns of the head dim at a time.
+    start_n = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1)
+    num_kv_heads = num_heads // group_size
+    b = bkv // num_kv_heads
+    kv_head = bkv % num_kv_heads
+    q_start, q_len, k_start, k_len = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, seqlen_q, seqlen_k, IS_VARLEN)
+    if start_n >= k_len:
+        return
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_base, v_base, kpm_row_ptr = _kv_bases(k_ptr, v_ptr, kpm_ptr, b, kv_head, k_start, stride_kb, stride_kh,
+                                            stride_km, stride_vb, stride_vh, stride_vm, stride_kpm_b)
+    k = _load_rows(k_base, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+    v = _load_rows(v_base, k_len, stride_vm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+    DQ_COLS: tl.constexpr = 32  # 64 compiles too, with 34 registers fewer to spare under dropout
+
+    dk_t = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    dv_t = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    lo = 0
+    hi = q_len
+    if HAS_BAND:  # only the query blocks whose band reaches these keys
+        lo = tl.maximum(start_n - (k_len - q_len) - window_right, 0) // BLOCK_M * BLOCK_M
+        hi = tl.minimum(start_n + BLOCK_N - (k_len - q_len) + window_left, q_len)
+    for g in range(group_size):
+        h = kv_head * group_size + g
+        q_base = _head_base(q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm)
+        dout_base = _head_base(dout_ptr, b, h, q_start, stride_dob, stride_doh, stride_dom)
+        row_offset = tl.cast(b, tl.int64) * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start
+        dq_base = _head_base(dq_ptr, b, h, q_start, stride_dqb, stride_dqh, stride_dqm)
+        # q's and dO's tiles come by TMA, straight into shared memory, where every product reads
+        # them: through registers (plain loads at num_stages=1) they take 64 a thread each, and the
+        # accumulators spill. Zeros past the sequence's queries and past HEAD_DIM, as _load_rows gives.
+        q_tiles = tl.make_tensor_descriptor(q_base, [q_len, HEAD_DIM], [stride_qm, 1], [BLOCK_M, BLOCK_D])
+        dout_tiles = tl.make_tensor_descriptor(dout_base, [q_len, HEAD_DIM], [stride_dom, 1], [BLOCK_M, BLOCK_D])
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            if HAS_DROPOUT:  # first: Philox's state is dead before q's and dO's tiles arrive
+                keep = _dropout_keep(seed, b * num_heads + h, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p)
+            q = q_tiles.load([start_m, 0])  # (BLOCK_M, BLOCK_D)
+            lse = _lse_log2(tl.load(lse_ptr + row_offset + offs_m, mask=offs_m < q_len, other=0.0))
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            scores, capped = _scores(qk, softmax_scale, softcap, HAS_SOFTCAP)
+            allowed = _allowed(offs_m[:, None], offs_n[None, :], q_len, k_len, window_left, window_right,
+                               kpm_row_ptr, HAS_BAND, HAS_KPM)
+            probs = tl.exp2(tl.where(allowed, scores, float("-inf")) - lse[:, None])
+            dout = dout_tiles.load([start_m, 0])
+            delta = tl.load(delta_ptr + row_offset + offs_m, mask=offs_m < q_len, other=0.0)
+            # As in _attn_bwd_dkdv_kernel: dv's product first, and the softcap's derivative folded into
+            # the probabilities, so the dropped probabilities and tanh's tile die before dP's is live.
+            if HAS_DROPOUT:
+                dropped = tl.where(keep, probs * (1.0 / (1.0 - dropout_p)), 0.0)
+                dv_t += tl.dot(tl.trans(dout), dropped.to(dout.dtype), input_precision=DOT_PRECISION)
+            else:
+                dv_t += tl.dot(tl.trans(dout), probs.to(dout.dtype), input_precision=DOT_PRECISION)
+            if HAS_SOFTCAP:
+                probs = probs * (1.0 - capped * capped)
+            dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            if HAS_DROPOUT:
+                dprobs = tl.where(keep, dprobs * (1.0 / (1.0 - dropout_p)), 0.0)
+            dscores = (probs * (dprobs - delta[:, None])).to(q.dtype)
+            dk_t += tl.dot(tl.trans(q), dscores, input_precision=DOT_PRECISION)  # (BLOCK_D, BLOCK_N)
+            if ATOMIC_DQ:
+                # dq = dS K, DQ_COLS columns at a time: (BLOCK_M, DQ_COLS) fp32 is live at once, not
+                # (BLOCK_M, 256). k's columns are reloaded per piece (BLOCK_N rows, from the cache).
+                for piece in tl.static_range(BLOCK_D // DQ_COLS):
+                    if piece * DQ_COLS < HEAD_DIM:  # padded head dims skip the pieces past HEAD_DIM
+                        k_cols = _load_rows(k_base + piece * DQ_COLS, k_len, stride_km, start_n, BLOCK_N,
+                                            HEAD_DIM - piece * DQ_COLS, DQ_COLS)  # (BLOCK_N, DQ_COLS)
+                        _add_dq_columns(dq_base + piece * DQ_COLS, dscores, k_cols, offs_m, q_len, stride_dqm,
+                                        softmax_scale, HEAD_DIM - piece * DQ_COLS, DQ_COLS, DOT_PRECISION)
+    # Stored transposed: the keys back on the rows.
+    dk = tl.trans(dk_t * softmax_scale)  # (BLOCK_N, BLOCK_D)
+    _store_rows(_head_base(dk_ptr, b, kv_head, k_start, stride_dkb, stride_dkh, stride_dkm), dk, k_len, stride_dkm,
+                start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+    _store_rows(_head_base(dv_ptr, b, kv_head, k_start, stride_dvb, stride_dvh, stride_dvm), tl.trans(dv_t), k_len,
+                stride_dvm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, kpm_ptr, cu_seqlens_q_ptr,
     cu_seqlens_k_ptr,
@@ -562,7 +688,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ_TRANSPOSED: tl.constexpr,
-    SPLIT_MASKS: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr, SPLIT_MASKS: tl.constexpr,
 ):
     # One program: dk and dv for BLOCK_N keys of one (sequence, kv head),
     # summed over the query heads of its group and every query that sees them.
@@ -570,6 +696,21 @@ def _attn_bwd_dkdv_kernel(
     # ATOMIC_DQ (the one-pass backward): also each tile's share of dq,
     # softmax_scale * dS K, added to dq_ptr, an fp32 buffer of zeros, by relaxed
     # atomics. The order of the adds varies from run to run: not bitwise repeatable.
+    # HEAD_MAJOR (head dim 256's Hopper tiles): the same result from dk^T and dv^T
+    # accumulators, see _attn_bwd_dkdv_head_major.
+    if HEAD_MAJOR:
+        _attn_bwd_dkdv_head_major(
+            q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, kpm_ptr, cu_seqlens_q_ptr,
+            cu_seqlens_k_ptr,
+            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km, stride_vb, stride_vh, stride_vm,
+            stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkm, stride_dvb, stride_dvh,
+            stride_dvm, stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh, stride_kpm_b,
+            seqlen_q, seqlen_k, num_heads, group_size,
+            softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+            HEAD_DIM, IS_VARLEN, HAS_BAND, HAS_KPM, HAS_SOFTCAP, HAS_DROPOUT, DOT_PRECISION, ATOMIC_DQ,
+            BLOCK_D, BLOCK_M, BLOCK_N,
+        )
+        return
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
     num_kv_heads = num_heads // group_size
@@ -685,11 +826,16 @@ def _dq_config(block_m: int, block_n: int, warps: int, stages: int, split_masks:
 
 
 def _bwd_config(block_m: int, block_n: int, warps: int, stages: int, dq_transposed: bool = False,
-                split_masks: bool = True) -> triton.Config:
+                head_major: bool = False, split_masks: bool = True) -> triton.Config:
     # The dk/dv kernel's configs also choose the orientation of the one-pass backward's dq
     # product: (D, BLOCK_M) on Hopper tiles, where its rows must be 64 per warpgroup; (BLOCK_M, D)
-    # on sm_80 ones, where the transposed product spills and repeats work.
-    return _config(block_m, block_n, warps, stages, DQ_TRANSPOSED=dq_transposed, SPLIT_MASKS=split_masks)
+    # on sm_80 ones, where the transposed product spills and repeats work. head_major: dk^T and
+    # dv^T accumulators (head dim 256 on Hopper, _attn_bwd_dkdv_head_major), whose dq is its own
+    # and which tests positions on every tile (split_masks does not apply to it).
+    if dq_transposed and head_major:
+        raise ValueError("a head-major dk/dv tile forms dq its own way: dq_transposed must be False")
+    return _config(block_m, block_n, warps, stages, DQ_TRANSPOSED=dq_transposed, HEAD_MAJOR=head_major,
+                   SPLIT_MASKS=split_masks and not head_major)
 
 
 _CONFIGS = {
@@ -716,36 +862,49 @@ _CONFIGS = {
     ("bwd", "d256_dropout"): [_bwd_config(16, 32, 8, 1), _bwd_config(16, 16, 8, 1)],
     ("bwd", "fp32"): [_bwd_config(16, 16, 4, 1)],
 }
-# Hopper tiles, each its spec's hopper_config, for sm_90 only (KernelSpec.hopper_only): every
-# product but the two-pass dq's and, where noted, the one-pass dq's is a 64-row-per-warpgroup wgmma,
-# in the transposed orientation the dk/dv kernel computes in (S^T = K Q^T, dP^T = V dO^T: BLOCK_N
-# keys, 64 per warpgroup; dV += P^T dO, dK += dS^T Q with P^T, dS^T from registers). As sm_80's
-# mma they spill (see the compile gate), so sm_80 keeps the tiles above. Their 16-query tiles
-# are what leaves room for 64 rows of dk and dv (fp32) per warpgroup and Philox's state.
-_HOPPER_CONFIGS: dict[tuple[str, str], triton.Config] = {
-    ("dq", "d256_dropout"): _dq_config(128, 16, 8, 1),
-    ("dkdv", "d128_dropout"): _bwd_config(16, 64, 4, 1, split_masks=False),
-    ("dkdv", "fp32"): _bwd_config(16, 64, 4, 1),
-    ("bwd", "d128"): _bwd_config(16, 128, 8, 1, dq_transposed=True),
+# Hopper tiles, for sm_90 only (KernelSpec.hopper_only); the first of each list is its spec's
+# hopper_config, ready for every case. Every product but the two-pass dq's and, where noted, the
+# one-pass dq's is a 64-row-per-warpgroup wgmma, in the transposed orientation the dk/dv kernel
+# computes in (S^T = K Q^T, dP^T = V dO^T: BLOCK_N keys, 64 per warpgroup; dV += P^T dO, dK += dS^T Q
+# with P^T, dS^T from registers). As sm_80's mma they spill (see the compile gate), so sm_80 keeps
+# the tiles above. Their 16-query tiles are what leaves room for 64 rows of dk and dv (fp32) per
+# warpgroup and Philox's state. The forward's 128x128 on 8 warps is FA3's tile at head dim 128.
+# A tile at num_stages 2 or 3 loads its next blocks by cp.async while it computes (software
+# pipelining); num_stages 1 issues none. Each such variant is listed where it passes the gate on
+# every case; the others spill at num_stages 2 (dk/dv with dropout: 8 bytes; fp32 dk/dv: 64; the
+# one-pass backward with dropout: 40) and keep num_stages 1.
+_HOPPER_CONFIGS: dict[tuple[str, str], list[triton.Config]] = {
+    ("fwd", "d128"): [_config(128, 128, 8, 2), _config(128, 128, 8, 3)],
+    ("dq", "d256_dropout"): [_dq_config(128, 16, 8, 1), _dq_config(128, 16, 8, 2), _dq_config(128, 16, 8, 3)],
+    ("dkdv", "d128_dropout"): [_bwd_config(16, 64, 4, 1, split_masks=False)],
+    ("dkdv", "fp32"): [_bwd_config(16, 64, 4, 1)],
+    ("bwd", "d128"): [_bwd_config(16, 128, 8, 1, dq_transposed=True), _bwd_config(16, 128, 8, 2, dq_transposed=True)],
     # dq's product stays (BLOCK_M, D), sm_80-style HMMA: transposed, it spills with Philox's state.
-    ("bwd", "d128_dropout"): _bwd_config(16, 128, 8, 1),
+    ("bwd", "d128_dropout"): [_bwd_config(16, 128, 8, 1)],
+    # Head dim 256, head-major instead (_attn_bwd_dkdv_head_major): S = Q K^T and dP = dO V^T with
+    # 64 queries per warpgroup, dV^T += dO^T P and dK^T += Q^T dS with 128 head-dim rows per
+    # warpgroup, dq = dS K in 32-column pieces. 32 keys spill with the masks and softcap (24 bytes;
+    # 120-128 with dropout); 8 keys leave dq's dot a reduction shorter than a dot takes (16).
+    # 64 queries on 4 warps at 2 stages double-buffers q's and dO's TMA loads.
+    **{(kernel, variant): [_bwd_config(128, 16, 8, 1, head_major=True), _bwd_config(64, 16, 4, 2, head_major=True)]
+       for kernel in ("dkdv", "bwd") for variant in ("d256", "d256_dropout")},
 }
 # Not keyed on sequence lengths: packed batches change their maximum length every step.
 _AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "HAS_BAND", "HAS_KPM", "HAS_SOFTCAP", "HAS_DROPOUT"]
 
 
 def _register(kernel: str, variant: str) -> KernelSpec:
-    configs, hopper = _CONFIGS[kernel, variant], _HOPPER_CONFIGS.get((kernel, variant))
+    configs, hopper = _CONFIGS[kernel, variant], _HOPPER_CONFIGS.get((kernel, variant), [])
     return register(KernelSpec(
         name=f"attention_{kernel}_{variant}",
         kernel=_KERNELS[kernel],
-        configs=configs + [hopper] if hopper else configs,
+        configs=configs + hopper,
         key=_AUTOTUNE_KEY,
         compile_cases=_cases(kernel, variant),
         # The one-pass backward adds dq into a buffer: autotuning trials must each start from zeros.
         reset_to_zero=("dq_ptr",) if kernel == "bwd" else (),
         hopper_config=len(configs) if hopper else None,
-        hopper_only=(len(configs),) if hopper else (),
+        hopper_only=tuple(range(len(configs), len(configs) + len(hopper))),
     ))
 
 
@@ -796,6 +955,41 @@ def _lse_shape(problem: _Problem, q: torch.Tensor) -> tuple[int, ...]:
     if problem.varlen:
         return (problem.num_heads, q.shape[0])  # (Hq, T), as flash-attn
     return (problem.batch, problem.num_heads, problem.seqlen_q)
+
+
+def _reads_by_tma(spec: KernelSpec) -> bool:
+    """Whether some config of ``spec`` runs the head-major dk/dv tiles, which read q and dO by TMA."""
+    return any(config.kwargs.get("HEAD_MAJOR") for config in spec.configs)
+
+
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy where TMA could not read it.
+
+    A tensor descriptor needs a 16-byte aligned start and strides (all but the
+    last) of a multiple of 16 bytes; PyTorch's allocations and any layout of
+    head dims that are multiples of 8 have both, a view at an odd offset may not.
+    """
+    aligned = t.data_ptr() % 16 == 0 and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
+    return t if aligned else t.clone(memory_format=torch.contiguous_format)
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # Global memory a launch asks for: where the kernel writes the TMA descriptors it builds
+    # (the caching allocator's blocks are 512-byte aligned, past any alignment asked).
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _launch_with_scratch(spec: KernelSpec, grid, *args, **kwargs) -> None:
+    """``launch`` with Triton's scratch allocator set for this launch only.
+
+    Kernels that build tensor descriptors on the device need one; Triton's is a
+    context variable, so a copy of the context leaves the caller's own setting alone.
+    """
+    def run() -> None:
+        triton.set_allocator(_scratch)
+        launch(spec, grid, *args, **kwargs)
+
+    contextvars.copy_context().run(run)
 
 
 def _shared_args(problem: _Problem, opts: _Options, seed: int, q: torch.Tensor) -> tuple[list, dict]:
@@ -849,6 +1043,9 @@ def _triton_bwd_one_pass(dout, q, k, v, out, lse, problem: _Problem, opts: _Opti
     dq = torch.zeros_like(q, dtype=torch.float32)  # the atomics' fp32 buffer, in q's layout
     delta = torch.empty_like(lse)
     scalars, flags = _shared_args(problem, opts, seed, q)
+    spec = _spec("bwd", q.dtype, flags)
+    if _reads_by_tma(spec):
+        q, dout = _tma_ready(q), _tma_ready(dout)
     lse_strides = _lse_strides(problem, lse)
     strides = {name: _bhm_strides(t, problem) for name, t in
                dict(q=q, k=k, v=v, out=out, dout=dout, dq=dq, dk=dk, dv=dv).items()}
@@ -860,8 +1057,8 @@ def _triton_bwd_one_pass(dout, q, k, v, out, lse, problem: _Problem, opts: _Opti
         HEAD_DIM=flags["HEAD_DIM"], IS_VARLEN=flags["IS_VARLEN"], BLOCK_D=flags["BLOCK_D"],
     )
     if k.numel() > 0:  # no keys: dq stays 0 and dk, dv are empty (a grid of 0 programs is not launched)
-        launch(
-            _spec("bwd", q.dtype, flags),
+        _launch_with_scratch(
+            spec,
             lambda meta: (triton.cdiv(problem.seqlen_k, meta["BLOCK_N"]), problem.batch * problem.num_kv_heads),
             q, k, v, dout, lse, delta, dk, dv, dq, *_mask_pointers(problem, q),
             *strides["q"], *strides["k"], *strides["v"], *strides["dout"], *strides["dk"], *strides["dv"],
@@ -875,6 +1072,9 @@ def _triton_bwd_two_pass(dout, q, k, v, out, lse, problem: _Problem, opts: _Opti
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     scalars, flags = _shared_args(problem, opts, seed, q)
+    dkdv_spec = _spec("dkdv", q.dtype, flags)
+    if _reads_by_tma(dkdv_spec):
+        q, dout = _tma_ready(q), _tma_ready(dout)
     lse_strides = _lse_strides(problem, lse)
     strides = {name: _bhm_strides(t, problem) for name, t in
                dict(q=q, k=k, v=v, out=out, dout=dout, dq=dq, dk=dk, dv=dv).items()}
@@ -887,8 +1087,8 @@ def _triton_bwd_two_pass(dout, q, k, v, out, lse, problem: _Problem, opts: _Opti
     )
     if k.numel() == 0:  # no keys: dk and dv are empty, and a grid of 0 programs is not launched
         return dq, dk, dv
-    launch(
-        _spec("dkdv", q.dtype, flags),
+    _launch_with_scratch(
+        dkdv_spec,
         lambda meta: (triton.cdiv(problem.seqlen_k, meta["BLOCK_N"]), problem.batch * problem.num_kv_heads),
         q, k, v, dout, lse, delta, dk, dv, dk, *_mask_pointers(problem, q),  # dk: a dq_ptr it never reads
         *strides["q"], *strides["k"], *strides["v"], *strides["dout"], *strides["dk"], *strides["dv"],

@@ -421,12 +421,16 @@ def _linear_cases(kernel, dtypes, **constexprs):
     ]
 
 
-def _register_linear(name, kernel, configs_16bit, configs_fp32, key, reset_to_zero=(), constexprs=None):
+def _register_linear(name, kernel, configs_16bit, configs_fp32, key, reset_to_zero=(), constexprs=None,
+                     hopper_only_16bit=()):
     """Register a linear-CE kernel twice: {False: 16-bit spec, True: fp32 spec}.
 
-    The 16-bit spec's Hopper config (the one CI's gate subset compiles for sm_90) is its last, 128x128:
-    one 64x128 wgmma per warpgroup. The fp32 spec takes exact fp32 dots, no tensor cores."""
-    variants = ((False, configs_16bit, (torch.bfloat16, torch.float16)), (True, configs_fp32, (torch.float32,)))
+    The 16-bit spec's Hopper config (the one CI's gate subset compiles for sm_90) is the last of
+    ``configs_16bit``, 128x128: one 64x128 wgmma per warpgroup, on every architecture. The tiles of
+    ``hopper_only_16bit`` follow it, for sm_90 only (``KernelSpec.hopper_only``): they spill as
+    sm_80's mma. The fp32 spec takes exact fp32 dots, no tensor cores."""
+    variants = ((False, [*configs_16bit, *hopper_only_16bit], (torch.bfloat16, torch.float16)),
+                (True, configs_fp32, (torch.float32,)))
     return {
         is_fp32: register(KernelSpec(
             name=name + ("_fp32" if is_fp32 else ""),
@@ -435,20 +439,23 @@ def _register_linear(name, kernel, configs_16bit, configs_fp32, key, reset_to_ze
             key=key,
             compile_cases=_linear_cases(kernel, dtypes, **(constexprs or {})),
             reset_to_zero=reset_to_zero,
-            hopper_config=None if is_fp32 else len(configs) - 1,
+            hopper_config=None if is_fp32 else len(configs_16bit) - 1,
+            hopper_only=() if is_fp32 else tuple(range(len(configs_16bit), len(configs))),
         ))
         for is_fp32, configs, dtypes in variants
     }
 
 
-# Every config passes the compile gate (no spills) on sm_80 and sm_90; configs[0]
-# is the one the interpreter runs. 128x128x32 on 8 warps is the largest 16-bit
-# tile that does (one 64x128 wgmma per warpgroup on sm_90, 1.0 work per tile).
-# Larger tiles spill on sm_80 as launched, where ptxas has 255 registers: the
-# online softmax's and the gradient's tile-sized temporaries come on top of the
-# accumulator (128x128x64: forward 8 bytes, backward 160; 256x128x32, Cut
-# Cross-Entropy's: forward 544 bytes and also 376 on sm_90). BLOCK_H 64 with 4
-# warps spills as well.
+# Every config passes the compile gate (no spills) on sm_80 and sm_90, except the
+# hopper_only ones, which pass it on sm_90; configs[0] is the one the interpreter
+# runs. 128x128x32 on 8 warps is the largest 16-bit tile that passes on both (one
+# 64x128 wgmma per warpgroup on sm_90, 1.0 work per tile). Larger tiles spill on
+# sm_80 as launched, where ptxas has 255 registers: the online softmax's and the
+# gradient's tile-sized temporaries come on top of the accumulator (128x128x64:
+# forward 8 bytes, backward 160; 256x128x32, Cut Cross-Entropy's: forward 544
+# bytes and also 376 on sm_90). BLOCK_H 64 with 4 warps spills as well. On sm_90
+# the forward's 128x128x64 fits (about 220 registers, 96 KB of shared memory at
+# 3 stages, 24 cp.async): a hopper_only tile, twice the K step of 128x128x32.
 _FP32_FWD_TILES = [(32, 64, 16, 4, 2), (16, 64, 32, 4, 2)]  # BLOCK_N, _V, _H, warps, stages
 _FP32_BWD_TILES = [(32, 64, 32, 8, 2), (32, 32, 32, 4, 2)]
 
@@ -461,6 +468,7 @@ _LINEAR_CE_FWD = _register_linear(
     ],
     configs_fp32=[_matmul_config(n, v, h, warps=w, stages=s) for n, v, h, w, s in _FP32_FWD_TILES],
     key=["V", "H", "HAS_BIAS", "HAS_SOFTCAP"],
+    hopper_only_16bit=[_matmul_config(128, 128, 64, warps=8, stages=3)],
 )
 
 _LINEAR_CE_BWD = _register_linear(

@@ -561,23 +561,47 @@ def test_backward_masks_only_the_boundary_tiles_varlen(dtype, backward, device, 
     )
 
 
-# The Hopper tiles: a spec's hopper_only config runs on sm_90 only, and the
+# The Hopper tiles: a spec's hopper_only configs run on sm_90 only, and the
 # interpreter runs configs[0], so without this these tiles (and the transposed
 # dq product of the one-pass backward) would be proven only to compile. Each
 # runs here as its spec's only config: in the interpreter, and on any GPU (on
 # sm_80 it spills, slowly but correctly) instead of whatever the autotuner picks.
-HOPPER_TILES = [key for key, spec in attention_module._SPECS.items() if spec.hopper_only]
+HOPPER_TILES = [(kernel, variant, index) for (kernel, variant), spec in attention_module._SPECS.items()
+                for index in spec.hopper_only]
 
 
-@pytest.mark.parametrize("kernel,variant", HOPPER_TILES, ids=["_".join(key) for key in HOPPER_TILES])
-def test_hopper_tiles_match_reference(kernel, variant, device, monkeypatch, assert_within_tolerance):
+def _tile_id(key):
+    kernel, variant, index = key
+    config = attention_module._SPECS[kernel, variant].configs[index]
+    tile = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
+    return f"{kernel}_{variant}_{tile}_w{config.num_warps}_s{config.num_stages}"
+
+
+def _only_config(monkeypatch, kernel, variant, index):
+    """Make configs[index] its spec's only config for this test; returns that config."""
+    spec = attention_module._SPECS[kernel, variant]
+    config = spec.configs[index]
+    monkeypatch.setitem(attention_module._SPECS, (kernel, variant),
+                        dataclasses.replace(spec, configs=[config], hopper_config=None, hopper_only=()))
+    monkeypatch.setattr(launch_module, "_autotuned", {})  # no autotuner cached over the spec's full list
+    return config
+
+
+def _skip_a_tile_the_interpreter_already_ran(device, kernel, variant, index):
+    # The interpreter ignores num_warps and num_stages: a variant of an earlier tile that differs only
+    # there (a num_stages 2 copy of it, for cp.async) would repeat the same run. A GPU runs each.
+    spec = attention_module._SPECS[kernel, variant]
+    earlier = [i for i in spec.hopper_only if i < index and spec.configs[i].kwargs == spec.configs[index].kwargs]
+    if earlier and device == "cpu":
+        pytest.skip(f"the interpreter ran this tile as configs[{earlier[0]}]: it ignores num_warps and num_stages")
+
+
+@pytest.mark.parametrize("kernel,variant,index", HOPPER_TILES, ids=[_tile_id(key) for key in HOPPER_TILES])
+def test_hopper_tiles_match_reference(kernel, variant, index, device, monkeypatch, assert_within_tolerance):
     if backend_for(torch.empty(0, device=device)) != "triton":
         pytest.skip("the PyTorch path has no tiles")
-    spec = attention_module._SPECS[kernel, variant]
-    hopper = spec.configs[spec.hopper_config]
-    monkeypatch.setitem(attention_module._SPECS, (kernel, variant),
-                        dataclasses.replace(spec, configs=[hopper], hopper_config=None, hopper_only=()))
-    monkeypatch.setattr(launch_module, "_autotuned", {})  # no autotuner cached over the spec's full list
+    _skip_a_tile_the_interpreter_already_ran(device, kernel, variant, index)
+    _only_config(monkeypatch, kernel, variant, index)
     dtype = torch.float32 if variant == "fp32" else torch.float16
     head_dim = {"fp32": 64, "d128": 128, "d256": 256}[variant.removesuffix("_dropout")]
     # Lengths past one tile of either side, and a partial last tile; "bwd" is the one-pass backward.
@@ -594,4 +618,46 @@ def test_hopper_tiles_match_reference(kernel, variant, device, monkeypatch, asse
         lambda *t: flash_attention(*t, **options),
         lambda *t: attention_ref(*t, causal=True, dropout_p=dropout_p, dropout_mask=keep),
         q, k, v, dout, dtype, assert_within_tolerance,
+    )
+
+
+# The forward's Hopper tiles (128x128: FA3's at head dim 128) on what the test above leaves out: a
+# head dim that is not a power of two (96, padded to 128 in registers), keys longer than queries,
+# a window, a softcap and padding with a fully padded row; then packed sequences of lengths 1 to 150.
+FORWARD_HOPPER_TILES = [key for key in HOPPER_TILES if key[0] == "fwd"]
+
+
+@pytest.mark.parametrize("kernel,variant,index", FORWARD_HOPPER_TILES,
+                         ids=[_tile_id(key) for key in FORWARD_HOPPER_TILES])
+def test_forward_hopper_tiles_on_awkward_shapes(kernel, variant, index, device, monkeypatch,
+                                                assert_within_tolerance):
+    if backend_for(torch.empty(0, device=device)) != "triton":
+        pytest.skip("the PyTorch path has no tiles")
+    _skip_a_tile_the_interpreter_already_ran(device, kernel, variant, index)
+    _only_config(monkeypatch, kernel, variant, index)
+    dtype = torch.float16
+    q, k, v, dout = _make_case(2, 4, 2, 140, 200, 96, dtype, device, seed=23)  # GQA 2
+    options = dict(window=(70, 20), softcap=4.0,
+                   key_padding_mask=_padding_mask(2, 200, torch.Generator().manual_seed(24)))
+    on_device = dict(options, key_padding_mask=options["key_padding_mask"].to(device))
+    out, *_ = _check_against_reference(
+        lambda *t: flash_attention(*t, **on_device), lambda *t: attention_ref(*t, **options),
+        q, k, v, dout, dtype, assert_within_tolerance,
+    )
+    assert out[-1].abs().max() == 0  # the fully padded row
+
+    lengths = torch.tensor([1, 150, 20])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).to(torch.int32)])
+    generator = torch.Generator().manual_seed(25)
+    packed = [torch.randn(int(cu[-1]), heads, 96, generator=generator).to(dtype) for heads in (4, 2, 2, 4)]
+
+    def per_sequence_reference(q, k, v):
+        as_batch = lambda t: t.transpose(0, 1)[None]  # noqa: E731
+        return torch.cat([attention_ref(as_batch(q[a:b]), as_batch(k[a:b]), as_batch(v[a:b]), causal=True)[0]
+                          .transpose(0, 1) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+
+    _check_against_reference(
+        lambda *t: flash_attention_varlen(*t, cu.to(device), cu.to(device), 150, 150, causal=True),
+        per_sequence_reference, *(t.to(device) for t in packed[:3]), packed[3].to(device), dtype,
+        assert_within_tolerance,
     )

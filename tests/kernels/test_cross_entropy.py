@@ -7,6 +7,7 @@ against stock PyTorch in the same dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
@@ -17,7 +18,8 @@ from hypothesis import strategies as st
 
 from ember.bench.memory import TensorSizeTracker
 from ember.kernels import cross_entropy, linear_cross_entropy
-from ember.kernels.backend import forced_backend, interpreting
+from ember.kernels import launch as launch_module
+from ember.kernels.backend import backend_for, forced_backend, interpreting
 from ember.kernels.cross_entropy import cross_entropy_ref, linear_cross_entropy_ref
 
 # The module, not the function of the same name that ember.kernels exports.
@@ -119,6 +121,33 @@ def test_linear_cross_entropy_real_vocabularies(device, strategy, vocab, assert_
     hidden, weight, bias, target, kwargs = _make_case(5, 16, vocab, torch.float16, device,
                                                       dict(bias=True, label_smoothing=0.1), seed=vocab)
     loss = linear_cross_entropy(hidden, weight, target, bias=bias, strategy=strategy, **kwargs)
+    grads = _grads(loss, [hidden, weight, bias])
+    (loss64, grads64), (stock, stock_grads) = _reference_pair(
+        lambda h, w, b: linear_cross_entropy_ref(h, w, target.cpu(), bias=b, **kwargs), [hidden, weight, bias], kwargs
+    )
+    assert_within_tolerance("loss", loss, loss64, stock, torch.float16)
+    for name, grad, grad64, stock_grad in zip(("d_hidden", "d_weight", "d_bias"), grads, grads64, stock_grads):
+        assert_within_tolerance(name, grad, grad64, stock_grad, torch.float16)
+
+
+# The 16-bit forward's Hopper tiles (hopper_only: sm_90 only; the interpreter runs configs[0]) run
+# here as the spec's only config, in the interpreter and on any GPU: rows, hidden size and
+# vocabulary each past one tile with a partial last one, vocabulary splits, bias, softcap and
+# ignored rows.
+FWD_16BIT = module._LINEAR_CE_FWD[False]
+
+
+@pytest.mark.parametrize("index", FWD_16BIT.hopper_only,
+                         ids=lambda i: "{BLOCK_N}x{BLOCK_V}x{BLOCK_H}".format(**FWD_16BIT.configs[i].kwargs))
+def test_linear_cross_entropy_hopper_tiles_match_reference(device, index, assert_within_tolerance, monkeypatch):
+    if backend_for(torch.empty(0, device=device)) != "triton":
+        pytest.skip("the PyTorch path has no tiles")
+    tile = dataclasses.replace(FWD_16BIT, configs=[FWD_16BIT.configs[index]], hopper_config=None, hopper_only=())
+    monkeypatch.setitem(module._LINEAR_CE_FWD, False, tile)
+    monkeypatch.setattr(launch_module, "_autotuned", {})  # no autotuner cached over the spec's full list
+    options = dict(label_smoothing=0.1, z_loss=1e-4, softcap=20.0, bias=True, ignore_rows=True)
+    hidden, weight, bias, target, kwargs = _make_case(150, 100, 600, torch.float16, device, options, seed=16)
+    loss = linear_cross_entropy(hidden, weight, target, bias=bias, strategy="atomic", **kwargs)
     grads = _grads(loss, [hidden, weight, bias])
     (loss64, grads64), (stock, stock_grads) = _reference_pair(
         lambda h, w, b: linear_cross_entropy_ref(h, w, target.cpu(), bias=b, **kwargs), [hidden, weight, bias], kwargs
