@@ -35,8 +35,14 @@ Extra memory is O(B * H * S): the log-sum-exp and delta, fp32; the fast
 backward also holds dq in fp32 (B * Hq * Sq * D) while it adds up.
 
 Cost and where it stops being fast: forward plus fast backward spend 7
-GEMM-equivalents, the minimum (the deterministic backward: 9). The key-side
-masks are applied on every tile rather than only on the diagonal ones. fp32
+GEMM-equivalents, the minimum (the deterministic backward: 9). The forward
+masks by position only the key blocks that cross the band's edges (the
+diagonal) or the sequence's end, by a branch in its one key loop; the key
+padding mask is data and applies to every block. Separate loops for the two
+kinds of block, as Triton's fused-attention tutorial has, each software-
+pipelined, cost 60 to 90 more registers a thread in Triton 3.9 and spill on
+sm_80 and sm_90 (the compile gate). The backward applies the key-side masks
+on every tile. fp32
 inputs take three TF32 tensor-core passes per dot (tf32x3, close to fp32
 accuracy) with small tiles: correct, slow; train in 16-bit.
 Head dims that are not powers of two (80, 96) are padded to the next one in
@@ -301,6 +307,26 @@ def _key_range(start_m, q_len, k_len, window_left, window_right, BLOCK_M: tl.con
 
 
 @triton.jit
+def _fwd_unmasked_key_range(start_m, lo, hi, q_len, k_len, window_left, window_right, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, HAS_BAND: tl.constexpr):
+    # [full_lo, full_hi): the key blocks of [lo, hi) that every query start_m..start_m + BLOCK_M - 1 may
+    # see by position (inside the band, below k_len), so they need no position mask. Aligned to BLOCK_N
+    # as lo is, and lo <= full_lo <= full_hi <= max(lo, hi): [lo, full_lo) and [full_hi, hi) cross the
+    # band's edges or k_len and stay masked. Rows past q_len count as real: fewer unmasked blocks, never wrong.
+    full_hi = k_len
+    full_lo = lo
+    if HAS_BAND:
+        # Key j is seen by query i when -left <= j - (i + k_len - q_len) <= right: the last query bounds the
+        # first key of a full block from below, the first query bounds its last key from above.
+        first_key = tl.maximum(start_m + BLOCK_M - 1 + (k_len - q_len) - window_left, 0)
+        full_lo = tl.maximum(lo, tl.cdiv(first_key, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum(tl.minimum(full_hi, start_m + (k_len - q_len) + window_right + 1), 0)
+    full_lo = tl.maximum(tl.minimum(full_lo, hi), lo)  # hi < lo where no key is seen (causal, Sq > Sk)
+    full_hi = tl.maximum(full_lo, full_hi // BLOCK_N * BLOCK_N)
+    return full_lo, full_hi
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kpm_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km, stride_vb, stride_vh, stride_vm,
@@ -326,15 +352,24 @@ def _attn_fwd_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Only the key blocks that cross the band's edges (the diagonal, under causal) or the sequence's
+    # end are masked by position; [full_lo, full_hi), most blocks at long lengths, are not. One loop
+    # with a branch that goes the same way for the whole program (see the design note for why not
+    # separate loops per kind of block, as Triton's fused-attention tutorial has).
     lo, hi = _key_range(start_m, q_len, k_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_BAND)
+    full_lo, full_hi = _fwd_unmasked_key_range(start_m, lo, hi, q_len, k_len, window_left, window_right, BLOCK_M,
+                                               BLOCK_N, HAS_BAND)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         scores, _ = _scores(qk, softmax_scale, softcap, HAS_SOFTCAP)
-        allowed = _allowed(offs_m[:, None], offs_n[None, :], q_len, k_len, window_left, window_right, kpm_row_ptr,
-                           HAS_BAND, HAS_KPM)
-        scores = tl.where(allowed, scores, float("-inf"))
+        if (start_n < full_lo) | (start_n >= full_hi):
+            allowed = _allowed(offs_m[:, None], offs_n[None, :], q_len, k_len, window_left, window_right,
+                               kpm_row_ptr, HAS_BAND, HAS_KPM)
+            scores = tl.where(allowed, scores, float("-inf"))
+        elif HAS_KPM:  # data, not position: every block reads its keys' mask
+            scores = tl.where(tl.load(kpm_row_ptr + offs_n)[None, :] != 0, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         # Rows that have seen no key yet keep max -inf; exponentiate against 0 so they stay 0, not NaN.
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
