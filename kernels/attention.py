@@ -68,6 +68,7 @@ loop; splitting them would give near-identical kernels.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -75,6 +76,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from .autocast import autocast_dtype, autocast_off, cast_for_autocast
 from .backend import use_triton
@@ -334,10 +336,13 @@ def _attn_fwd_kernel(
     seqlen_q, seqlen_k, num_heads, group_size,
     softmax_scale, softcap, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: the output and log-sum-exp of BLOCK_M queries of one (sequence, query head).
+    # USE_TMA (the launcher's choice: sm_90 and 16-byte aligned rows): q, k and v come in through
+    # tensor descriptors, one per (sequence, head) whose shape ends at the sequence's last row, so
+    # the copy engine (TMA) fills rows past it, and a padded head dim, with zeros as _load_rows does.
     start_m, bh, b, h, q_start, q_len, k_start, k_len = _query_block(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q,
                                                                      seqlen_k, num_heads, BLOCK_M, IS_VARLEN)
     if start_m >= q_len:
@@ -347,7 +352,12 @@ def _attn_fwd_kernel(
     q_base = _head_base(q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm)
     k_base, v_base, kpm_row_ptr = _kv_bases(k_ptr, v_ptr, kpm_ptr, b, kv_head, k_start, stride_kb, stride_kh,
                                             stride_km, stride_vb, stride_vh, stride_vm, stride_kpm_b)
-    q = _load_rows(q_base, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+    if USE_TMA:
+        q = tl.make_tensor_descriptor(q_base, [q_len, HEAD_DIM], [stride_qm, 1], [BLOCK_M, BLOCK_D]).load([start_m, 0])
+        k_desc = tl.make_tensor_descriptor(k_base, [k_len, HEAD_DIM], [stride_km, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, [k_len, HEAD_DIM], [stride_vm, 1], [BLOCK_N, BLOCK_D])
+    else:
+        q = _load_rows(q_base, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -361,7 +371,10 @@ def _attn_fwd_kernel(
                                                BLOCK_N, HAS_BAND)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+        if USE_TMA:
+            k = k_desc.load([start_n, 0])
+        else:
+            k = _load_rows(k_base, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         scores, _ = _scores(qk, softmax_scale, softcap, HAS_SOFTCAP)
         if (start_n < full_lo) | (start_n >= full_hi):
@@ -379,7 +392,10 @@ def _attn_fwd_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p)
             probs = tl.where(keep, probs, 0.0)
-        v = _load_rows(v_base, k_len, stride_vm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+        if USE_TMA:
+            v = v_desc.load([start_n, 0])
+        else:
+            v = _load_rows(v_base, k_len, stride_vm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
         acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
         row_max = new_max
 
@@ -594,9 +610,11 @@ def _case(kernel: str, dtype: torch.dtype, head_dim: int, **flags: bool) -> Comp
                       IS_VARLEN=False, HAS_BAND=False, HAS_KPM=False, HAS_SOFTCAP=False, HAS_DROPOUT=False)
     if kernel in ("dkdv", "bwd"):
         constexprs["ATOMIC_DQ"] = kernel == "bwd"
+    if kernel == "fwd":
+        constexprs["USE_TMA"] = False
     constexprs.update({name.upper(): value for name, value in flags.items()})
     label = ",".join([TRITON_DTYPE[dtype], f"d{head_dim}"]
-                     + [name.removeprefix("has_") for name, value in flags.items() if value])
+                     + [name.removeprefix("has_").removeprefix("use_") for name, value in flags.items() if value])
     # The one-pass backward adds dq up in an fp32 buffer; the dq pass writes it in the inputs' dtype.
     types = dict(_ARG_TYPES, dq_ptr="*fp32") if kernel == "bwd" else _ARG_TYPES
     return compile_case(_KERNELS[kernel], label, dtype=dtype, types=types, constexprs=constexprs,
@@ -607,7 +625,7 @@ def _cases(kernel: str, variant: str) -> list[CompileCase]:
     # The plainest and the heaviest specializations of each variant.
     masks = dict(has_band=True, has_kpm=True, has_softcap=True)
     case = functools.partial(_case, kernel)
-    return {
+    cases = {
         "d128": [case(torch.bfloat16, 128, has_band=True), case(torch.float16, 128, **masks),
                  case(torch.bfloat16, 96, is_varlen=True, has_band=True)],
         "d128_dropout": [case(torch.float16, 128, **masks, has_dropout=True),
@@ -616,6 +634,16 @@ def _cases(kernel: str, variant: str) -> list[CompileCase]:
         "d256_dropout": [case(torch.float16, 256, **masks, has_dropout=True)],
         "fp32": [case(torch.float32, 64, **masks, has_dropout=True), case(torch.float32, 32, has_band=True)],
     }[variant]
+    if kernel == "fwd":  # the forward's TMA loads, which its launcher picks for aligned 16-bit inputs on sm_90
+        cases += {
+            "d128": [case(torch.bfloat16, 128, has_band=True, use_tma=True),
+                     case(torch.bfloat16, 96, is_varlen=True, has_band=True, use_tma=True)],
+            "d128_dropout": [case(torch.float16, 128, **masks, has_dropout=True, use_tma=True)],
+            "d256": [case(torch.bfloat16, 256, has_band=True, use_tma=True)],
+            "d256_dropout": [case(torch.float16, 256, **masks, has_dropout=True, use_tma=True)],
+            "fp32": [],
+        }[variant]
+    return cases
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int, **knobs) -> triton.Config:
@@ -675,7 +703,7 @@ def _register(kernel: str, variant: str) -> KernelSpec:
         name=f"attention_{kernel}_{variant}",
         kernel=_KERNELS[kernel],
         configs=configs + [hopper] if hopper else configs,
-        key=_AUTOTUNE_KEY,
+        key=_AUTOTUNE_KEY + ["USE_TMA"] if kernel == "fwd" else _AUTOTUNE_KEY,
         compile_cases=_cases(kernel, variant),
         # The one-pass backward adds dq into a buffer: autotuning trials must each start from zeros.
         reset_to_zero=("dq_ptr",) if kernel == "bwd" else (),
@@ -757,18 +785,56 @@ def _mask_pointers(problem: _Problem, q: torch.Tensor) -> list[torch.Tensor]:
     return [kpm, problem.cu_seqlens_q if problem.varlen else q, problem.cu_seqlens_k if problem.varlen else q]
 
 
+def _tma_aligned(tensors, problem: _Problem) -> bool:
+    """Whether a TMA descriptor may read each (sequence, head) of these tensors: its first row 16-byte
+    aligned (the base, and every batch, head and position stride, in bytes), its rows apart by a
+    nonzero multiple of 16 bytes, its D elements contiguous."""
+    for t in tensors:
+        strides = _bhm_strides(t, problem)
+        if t.stride(-1) != 1 or strides[2] <= 0 or t.data_ptr() % 16:
+            return False
+        if any(stride * t.element_size() % 16 for stride in strides):
+            return False
+    return True
+
+
+def _use_tma(q, k, v, problem: _Problem) -> bool:
+    """The forward loads q, k, v through TMA descriptors: 16-bit inputs on sm_90 and newer, aligned as
+    TMA needs. Everything else (sm_80, fp32, other layouts, the interpreter) takes the pointer path."""
+    if not q.is_cuda or q.dtype == torch.float32 or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    return _tma_aligned((q, k, v), problem)
+
+
+@contextlib.contextmanager
+def _tma_scratch(device: torch.device):
+    """Descriptors built in a kernel need global scratch at launch, from triton.set_allocator's
+    allocator. When the caller has set none, torch's caching allocator serves this launch alone."""
+    current = _allocation._allocator  # a ContextVar: set here, reset after, nothing leaks to the caller
+    if not isinstance(current.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = current.set(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+    try:
+        yield
+    finally:
+        current.reset(token)
+
+
 def _triton_fwd(q, k, v, problem: _Problem, opts: _Options, seed: int):
     out = torch.empty_like(q)  # keeps q's memory layout: HF's (B, S, H, D) transposed views stay free
     lse = torch.empty(_lse_shape(problem, q), dtype=torch.float32, device=q.device)
     scalars, flags = _shared_args(problem, opts, seed, q)
-    launch(
-        _spec("fwd", q.dtype, flags),
-        lambda meta: (triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), problem.batch * problem.num_heads),
-        q, k, v, out, lse, *_mask_pointers(problem, q),
-        *_bhm_strides(q, problem), *_bhm_strides(k, problem), *_bhm_strides(v, problem),
-        *_bhm_strides(out, problem), *_lse_strides(problem, lse),
-        *scalars, **flags,
-    )
+    use_tma = _use_tma(q, k, v, problem)
+    with _tma_scratch(q.device) if use_tma else contextlib.nullcontext():
+        launch(
+            _spec("fwd", q.dtype, flags),
+            lambda meta: (triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), problem.batch * problem.num_heads),
+            q, k, v, out, lse, *_mask_pointers(problem, q),
+            *_bhm_strides(q, problem), *_bhm_strides(k, problem), *_bhm_strides(v, problem),
+            *_bhm_strides(out, problem), *_lse_strides(problem, lse),
+            *scalars, **flags, USE_TMA=use_tma,
+        )
     return out, lse
 
 

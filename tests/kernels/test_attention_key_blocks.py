@@ -13,6 +13,11 @@ out and the log-sum-exp against float64.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -21,7 +26,7 @@ import triton
 from ember.kernels import attention as attention_module
 from ember.kernels import launch as launch_module
 from ember.kernels import flash_attention, flash_attention_varlen
-from ember.kernels.attention import _allowed_ref, _band, attention_ref
+from ember.kernels.attention import _allowed_ref, _band, _tma_aligned, attention_ref
 from ember.kernels.backend import backend_for
 
 DTYPES = [torch.float32, torch.float16]
@@ -161,3 +166,63 @@ def test_dropout_on_whole_and_masked_blocks(dtype, small_tiles, device):
     torch.testing.assert_close(dropped, torch.where(kept, probs / (1 - dropout_p), 0.0), rtol=rtol, atol=1e-6)
     keep_rate = kept[allowed.expand_as(kept)].double().mean().item()
     assert abs(keep_rate - (1 - dropout_p)) < 0.05  # ~3000 draws: 6 standard deviations
+
+
+# ----------------------------------------------------------------------------
+# TMA: on sm_90 the launcher loads q, k, v of aligned 16-bit inputs through tensor descriptors, one per
+# (sequence, head) bounded by the sequence's length. The interpreter runs descriptors (as masked loads,
+# asserting TMA's alignment rules), so the same edge cases prove that path here with it forced on.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tma_loads_match_reference_at_every_block_edge(case, small_tiles, device, monkeypatch,
+                                                        assert_within_tolerance):
+    monkeypatch.setattr(attention_module, "_use_tma", lambda *tensors_and_problem: True)
+    test_forward_matches_reference_at_every_block_edge(case, torch.float16, small_tiles, device,
+                                                       assert_within_tolerance)
+
+
+def test_tma_varlen_loads_match_reference(small_tiles, device, monkeypatch, assert_within_tolerance):
+    # Each sequence's descriptor ends at its last token: the next sequence's rows must read as zeros.
+    monkeypatch.setattr(attention_module, "_use_tma", lambda *tensors_and_problem: True)
+    test_varlen_forward_matches_reference_at_every_block_edge(dict(window=(9, 20)), torch.float16, small_tiles,
+                                                              device, assert_within_tolerance)
+
+
+def test_tma_only_where_every_row_is_16_byte_aligned():
+    def problem(head_dim):
+        return attention_module._Problem(batch=2, num_heads=2, num_kv_heads=2, head_dim=head_dim, seqlen_q=8,
+                                          seqlen_k=8)
+
+    q = torch.randn(2, 2, 8, 40, dtype=torch.float16)  # rows of 80 bytes
+    assert _tma_aligned([q], problem(40))
+    assert _tma_aligned([q.transpose(1, 2).contiguous().transpose(1, 2)], problem(40))  # (B, S, H, D) as HF has it
+    assert not _tma_aligned([torch.randn(2, 2, 8, 36, dtype=torch.float16)], problem(36))  # rows of 72 bytes
+    shifted = torch.randn(q.numel() + 1, dtype=torch.float16)[1:].view(q.shape)  # base 2 bytes off
+    assert not _tma_aligned([shifted], problem(40))
+    assert not _tma_aligned([q[:, :, :1].expand(2, 2, 8, 40)], problem(40))  # every position the same row
+    assert not _tma_aligned([q, torch.randn(2, 2, 40, 8, dtype=torch.float16).transpose(-1, -2)], problem(40))
+
+
+def test_tma_case_compiles_to_tma_loads_and_wgmma_on_sm_90():
+    # CI's gate subset compiles each spec's first case only: this compiles the forward's TMA case as
+    # launched (the gate's own compile, outside the interpreter) for sm_90, and for sm_80, where Triton
+    # turns descriptors back into pointer loads.
+    script = textwrap.dedent("""
+        import json
+        from ember.kernels import compile_check
+        from ember.kernels.launch import REGISTRY
+        compile_check._import_kernel_families()
+        spec = REGISTRY["attention_fwd_d128"]
+        case, = [c for c in spec.compile_cases if c.name == "bf16,d128,band,tma"]
+        rows = [compile_check.check_kernel(spec, case, spec.configs[0], arch) for arch in (80, 90)]
+        print(json.dumps([dict(arch=r.arch, tma=r.tma, hgmma=r.hgmma, hmma=r.hmma, local=r.local_bytes,
+                               problems=r.problems) for r in rows]))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    sm80, sm90 = json.loads(result.stdout.splitlines()[-1])
+    assert sm90["tma"] > 0 and sm90["hgmma"] > 0 and sm90["local"] == 0 and not sm90["problems"], sm90
+    assert sm80["tma"] == 0 and sm80["hmma"] > 0 and sm80["local"] == 0 and not sm80["problems"], sm80
