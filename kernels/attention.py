@@ -42,8 +42,14 @@ padding mask is data and applies to every block. Separate loops for the two
 kinds of block, as Triton's fused-attention tutorial has, each software-
 pipelined, cost 60 to 90 more registers a thread in Triton 3.9 and spill on
 sm_80 and sm_90 (the compile gate). The backward applies the key-side masks
-on every tile. fp32
-inputs take three TF32 tensor-core passes per dot (tf32x3, close to fp32
+on every tile. On sm_90 the forward loads q, k and v through TMA tensor
+descriptors (the copy engine; fewer registers than pointer loads) built in
+the kernel, one per (sequence, head) and bounded by its length, so rows past
+it and a padded head dim read as zeros, as the pointer loads' masks give: the
+launcher picks them (USE_TMA) for 16-bit inputs whose rows all start on 16
+bytes, TMA's rule. The descriptors take global scratch at launch from
+triton.set_allocator's allocator, or torch's for that launch when none is set.
+fp32 inputs take three TF32 tensor-core passes per dot (tf32x3, close to fp32
 accuracy) with small tiles: correct, slow; train in 16-bit.
 Head dims that are not powers of two (80, 96) are padded to the next one in
 registers, so they cost as much as 128.
