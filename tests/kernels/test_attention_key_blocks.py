@@ -203,6 +203,7 @@ def test_tma_only_where_every_row_is_16_byte_aligned():
     assert not _tma_aligned([shifted], problem(40))
     assert not _tma_aligned([q[:, :, :1].expand(2, 2, 8, 40)], problem(40))  # every position the same row
     assert not _tma_aligned([q, torch.randn(2, 2, 40, 8, dtype=torch.float16).transpose(-1, -2)], problem(40))
+    assert not attention_module._use_tma(q, q, q, problem(40))  # CPU tensors (the interpreter): pointer loads
 
 
 def test_tma_case_compiles_to_tma_loads_and_wgmma_on_sm_90():
@@ -226,3 +227,22 @@ def test_tma_case_compiles_to_tma_loads_and_wgmma_on_sm_90():
     sm80, sm90 = json.loads(result.stdout.splitlines()[-1])
     assert sm90["tma"] > 0 and sm90["hgmma"] > 0 and sm90["local"] == 0 and not sm90["problems"], sm90
     assert sm80["tma"] == 0 and sm80["hmma"] > 0 and sm80["local"] == 0 and not sm80["problems"], sm80
+
+
+def test_tma_scratch_lends_torch_allocator_only_when_none_is_set():
+    from triton.runtime import _allocation
+
+    def own(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    for callers in (_allocation.NullAllocator(), own):  # none set, then the caller's own
+        token = _allocation._allocator.set(callers)
+        try:
+            with attention_module._tma_scratch(torch.device("cpu")):
+                lent = _allocation._allocator.get()
+                assert lent is own if callers is own else not isinstance(lent, _allocation.NullAllocator)
+                scratch = lent(256, 128, None)
+                assert isinstance(scratch, torch.Tensor) and scratch.numel() == 256
+            assert _allocation._allocator.get() is callers  # nothing leaks to the caller
+        finally:
+            _allocation._allocator.reset(token)
