@@ -36,15 +36,25 @@ backward also holds dq in fp32 (B * Hq * Sq * D) while it adds up.
 
 Cost and where it stops being fast: forward plus fast backward spend 7
 GEMM-equivalents, the minimum (the deterministic backward: 9). The forward
-applies the position masks (band, sequence ends) on every tile. The backward
-tests positions only on the tiles that straddle the band's edge or a
-sequence's end: the dq pass's key blocks and the dk/dv pass's query blocks
-that the band covers whole, inside the sequence, skip the mask by a branch
-uniform over the program (the key padding mask is data: every tile applies
-it). Configs already at the register limit keep masking every tile
-(``SPLIT_MASKS`` off): there the branch spills; so do head dim 256's
-head-major tiles. fp32
-inputs take three TF32 tensor-core passes per dot (tf32x3, close to fp32
+masks by position only the key blocks that cross the band's edges (the
+diagonal) or the sequence's end, by a branch in its one key loop; the key
+padding mask is data and applies to every block. Separate loops for the two
+kinds of block, as Triton's fused-attention tutorial has, each software-
+pipelined, cost 60 to 90 more registers a thread in Triton 3.9 and spill on
+sm_80 and sm_90 (the compile gate). The backward, likewise, tests positions
+only on the tiles that straddle the band's edge or a sequence's end: the dq
+pass's key blocks and the dk/dv pass's query blocks that the band covers
+whole, inside the sequence, skip the mask by a branch uniform over the
+program. Its configs already at the register limit keep masking every tile
+(``SPLIT_MASKS`` off: there the branch spills), as do head dim 256's
+head-major tiles. On sm_90 the forward loads q, k and v through TMA tensor
+descriptors (the copy engine; fewer registers than pointer loads) built in
+the kernel, one per (sequence, head) and bounded by its length, so rows past
+it and a padded head dim read as zeros, as the pointer loads' masks give: the
+launcher picks them (USE_TMA) for 16-bit inputs whose rows all start on 16
+bytes, TMA's rule. The descriptors take global scratch at launch from
+triton.set_allocator's allocator, or torch's for that launch when none is set.
+fp32 inputs take three TF32 tensor-core passes per dot (tf32x3, close to fp32
 accuracy) with small tiles: correct, slow; train in 16-bit.
 Head dims that are not powers of two (80, 96) are padded to the next one in
 registers, so they cost as much as 128.
@@ -81,7 +91,7 @@ loop; splitting them would give near-identical kernels.
 
 from __future__ import annotations
 
-import contextvars
+import contextlib
 import dataclasses
 import functools
 import math
@@ -89,11 +99,12 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from .autocast import autocast_dtype, autocast_off, cast_for_autocast
 from .backend import use_triton
 from .checks import check_int, check_number, check_tensor, check_values
-from .launch import TRITON_DTYPE, CompileCase, KernelSpec, compile_case, launch, register
+from .launch import TRITON_DTYPE, CompileCase, KernelSpec, candidate_configs, compile_case, launch, register
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MAX_FP32_HEAD_DIM = 64
@@ -336,6 +347,26 @@ def _key_kept(kpm_row_ptr, k_pos, k_len):
 
 
 @triton.jit
+def _fwd_unmasked_key_range(start_m, lo, hi, q_len, k_len, window_left, window_right, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, HAS_BAND: tl.constexpr):
+    # [full_lo, full_hi): the key blocks of [lo, hi) that every query start_m..start_m + BLOCK_M - 1 may
+    # see by position (inside the band, below k_len), so they need no position mask. Aligned to BLOCK_N
+    # as lo is, and lo <= full_lo <= full_hi <= max(lo, hi): [lo, full_lo) and [full_hi, hi) cross the
+    # band's edges or k_len and stay masked. Rows past q_len count as real: fewer unmasked blocks, never wrong.
+    full_hi = k_len
+    full_lo = lo
+    if HAS_BAND:
+        # Key j is seen by query i when -left <= j - (i + k_len - q_len) <= right: the last query bounds the
+        # first key of a full block from below, the first query bounds its last key from above.
+        first_key = tl.maximum(start_m + BLOCK_M - 1 + (k_len - q_len) - window_left, 0)
+        full_lo = tl.maximum(lo, tl.cdiv(first_key, BLOCK_N) * BLOCK_N)
+        full_hi = tl.maximum(tl.minimum(full_hi, start_m + (k_len - q_len) + window_right + 1), 0)
+    full_lo = tl.maximum(tl.minimum(full_lo, hi), lo)  # hi < lo where no key is seen (causal, Sq > Sk)
+    full_hi = tl.maximum(full_lo, full_hi // BLOCK_N * BLOCK_N)
+    return full_lo, full_hi
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kpm_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km, stride_vb, stride_vh, stride_vm,
@@ -343,10 +374,13 @@ def _attn_fwd_kernel(
     seqlen_q, seqlen_k, num_heads, group_size,
     softmax_scale, softcap, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: the output and log-sum-exp of BLOCK_M queries of one (sequence, query head).
+    # USE_TMA (the launcher's choice: sm_90 and 16-byte aligned rows): q, k and v come in through
+    # tensor descriptors, one per (sequence, head) whose shape ends at the sequence's last row, so
+    # the copy engine (TMA) fills rows past it, and a padded head dim, with zeros as _load_rows does.
     start_m, bh, b, h, q_start, q_len, k_start, k_len = _query_block(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q,
                                                                      seqlen_k, num_heads, BLOCK_M, IS_VARLEN)
     if start_m >= q_len:
@@ -356,20 +390,37 @@ def _attn_fwd_kernel(
     q_base = _head_base(q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm)
     k_base, v_base, kpm_row_ptr = _kv_bases(k_ptr, v_ptr, kpm_ptr, b, kv_head, k_start, stride_kb, stride_kh,
                                             stride_km, stride_vb, stride_vh, stride_vm, stride_kpm_b)
-    q = _load_rows(q_base, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+    if USE_TMA:
+        q = tl.make_tensor_descriptor(q_base, [q_len, HEAD_DIM], [stride_qm, 1], [BLOCK_M, BLOCK_D]).load([start_m, 0])
+        k_desc = tl.make_tensor_descriptor(k_base, [k_len, HEAD_DIM], [stride_km, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, [k_len, HEAD_DIM], [stride_vm, 1], [BLOCK_N, BLOCK_D])
+    else:
+        q = _load_rows(q_base, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Only the key blocks that cross the band's edges (the diagonal, under causal) or the sequence's
+    # end are masked by position; [full_lo, full_hi), most blocks at long lengths, are not. One loop
+    # with a branch that goes the same way for the whole program (see the design note for why not
+    # separate loops per kind of block, as Triton's fused-attention tutorial has).
     lo, hi = _key_range(start_m, q_len, k_len, window_left, window_right, BLOCK_M, BLOCK_N, HAS_BAND)
+    full_lo, full_hi = _fwd_unmasked_key_range(start_m, lo, hi, q_len, k_len, window_left, window_right, BLOCK_M,
+                                               BLOCK_N, HAS_BAND)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+        if USE_TMA:
+            k = k_desc.load([start_n, 0])
+        else:
+            k = _load_rows(k_base, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         scores, _ = _scores(qk, softmax_scale, softcap, HAS_SOFTCAP)
-        allowed = _allowed(offs_m[:, None], offs_n[None, :], q_len, k_len, window_left, window_right, kpm_row_ptr,
-                           HAS_BAND, HAS_KPM)
-        scores = tl.where(allowed, scores, float("-inf"))
+        if (start_n < full_lo) | (start_n >= full_hi):
+            allowed = _allowed(offs_m[:, None], offs_n[None, :], q_len, k_len, window_left, window_right,
+                               kpm_row_ptr, HAS_BAND, HAS_KPM)
+            scores = tl.where(allowed, scores, float("-inf"))
+        elif HAS_KPM:  # data, not position: every block reads its keys' mask
+            scores = tl.where(tl.load(kpm_row_ptr + offs_n)[None, :] != 0, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         # Rows that have seen no key yet keep max -inf; exponentiate against 0 so they stay 0, not NaN.
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -379,7 +430,10 @@ def _attn_fwd_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p)
             probs = tl.where(keep, probs, 0.0)
-        v = _load_rows(v_base, k_len, stride_vm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+        if USE_TMA:
+            v = v_desc.load([start_n, 0])
+        else:
+            v = _load_rows(v_base, k_len, stride_vm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
         acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
         row_max = new_max
 
@@ -790,9 +844,11 @@ def _case(kernel: str, dtype: torch.dtype, head_dim: int, **flags: bool) -> Comp
                       IS_VARLEN=False, HAS_BAND=False, HAS_KPM=False, HAS_SOFTCAP=False, HAS_DROPOUT=False)
     if kernel in ("dkdv", "bwd"):
         constexprs["ATOMIC_DQ"] = kernel == "bwd"
+    if kernel == "fwd":
+        constexprs["USE_TMA"] = False
     constexprs.update({name.upper(): value for name, value in flags.items()})
     label = ",".join([TRITON_DTYPE[dtype], f"d{head_dim}"]
-                     + [name.removeprefix("has_") for name, value in flags.items() if value])
+                     + [name.removeprefix("has_").removeprefix("use_") for name, value in flags.items() if value])
     # The one-pass backward adds dq up in an fp32 buffer; the dq pass writes it in the inputs' dtype.
     types = dict(_ARG_TYPES, dq_ptr="*fp32") if kernel == "bwd" else _ARG_TYPES
     return compile_case(_KERNELS[kernel], label, dtype=dtype, types=types, constexprs=constexprs,
@@ -803,7 +859,7 @@ def _cases(kernel: str, variant: str) -> list[CompileCase]:
     # The plainest and the heaviest specializations of each variant.
     masks = dict(has_band=True, has_kpm=True, has_softcap=True)
     case = functools.partial(_case, kernel)
-    return {
+    cases = {
         "d128": [case(torch.bfloat16, 128, has_band=True), case(torch.float16, 128, **masks),
                  case(torch.bfloat16, 96, is_varlen=True, has_band=True)],
         "d128_dropout": [case(torch.float16, 128, **masks, has_dropout=True),
@@ -812,6 +868,16 @@ def _cases(kernel: str, variant: str) -> list[CompileCase]:
         "d256_dropout": [case(torch.float16, 256, **masks, has_dropout=True)],
         "fp32": [case(torch.float32, 64, **masks, has_dropout=True), case(torch.float32, 32, has_band=True)],
     }[variant]
+    if kernel == "fwd":  # the forward's TMA loads, which its launcher picks for aligned 16-bit inputs on sm_90
+        cases += {
+            "d128": [case(torch.bfloat16, 128, has_band=True, use_tma=True),
+                     case(torch.bfloat16, 96, is_varlen=True, has_band=True, use_tma=True)],
+            "d128_dropout": [case(torch.float16, 128, **masks, has_dropout=True, use_tma=True)],
+            "d256": [case(torch.bfloat16, 256, has_band=True, use_tma=True)],
+            "d256_dropout": [case(torch.float16, 256, **masks, has_dropout=True, use_tma=True)],
+            "fp32": [],
+        }[variant]
+    return cases
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int, **knobs) -> triton.Config:
@@ -899,7 +965,7 @@ def _register(kernel: str, variant: str) -> KernelSpec:
         name=f"attention_{kernel}_{variant}",
         kernel=_KERNELS[kernel],
         configs=configs + hopper,
-        key=_AUTOTUNE_KEY,
+        key=_AUTOTUNE_KEY + ["USE_TMA"] if kernel == "fwd" else _AUTOTUNE_KEY,
         compile_cases=_cases(kernel, variant),
         # The one-pass backward adds dq into a buffer: autotuning trials must each start from zeros.
         reset_to_zero=("dq_ptr",) if kernel == "bwd" else (),
@@ -958,38 +1024,17 @@ def _lse_shape(problem: _Problem, q: torch.Tensor) -> tuple[int, ...]:
 
 
 def _reads_by_tma(spec: KernelSpec) -> bool:
-    """Whether some config of ``spec`` runs the head-major dk/dv tiles, which read q and dO by TMA."""
-    return any(config.kwargs.get("HEAD_MAJOR") for config in spec.configs)
+    """Whether a config ``launch`` may run ``spec`` at here is a head-major dk/dv tile, which reads q and dO by TMA."""
+    return any(config.kwargs.get("HEAD_MAJOR") for config in candidate_configs(spec))
 
 
-def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or a contiguous copy where TMA could not read it.
+def _tma_ready(t: torch.Tensor, problem: _Problem) -> torch.Tensor:
+    """``t``, or a contiguous copy where TMA could not read it (see _tma_aligned).
 
-    A tensor descriptor needs a 16-byte aligned start and strides (all but the
-    last) of a multiple of 16 bytes; PyTorch's allocations and any layout of
-    head dims that are multiples of 8 have both, a view at an odd offset may not.
+    PyTorch's allocations and any layout of head dims that are multiples of 8
+    are aligned; a view at an odd offset may not be.
     """
-    aligned = t.data_ptr() % 16 == 0 and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
-    return t if aligned else t.clone(memory_format=torch.contiguous_format)
-
-
-def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    # Global memory a launch asks for: where the kernel writes the TMA descriptors it builds
-    # (the caching allocator's blocks are 512-byte aligned, past any alignment asked).
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _launch_with_scratch(spec: KernelSpec, grid, *args, **kwargs) -> None:
-    """``launch`` with Triton's scratch allocator set for this launch only.
-
-    Kernels that build tensor descriptors on the device need one; Triton's is a
-    context variable, so a copy of the context leaves the caller's own setting alone.
-    """
-    def run() -> None:
-        triton.set_allocator(_scratch)
-        launch(spec, grid, *args, **kwargs)
-
-    contextvars.copy_context().run(run)
+    return t if _tma_aligned((t,), problem) else t.clone(memory_format=torch.contiguous_format)
 
 
 def _shared_args(problem: _Problem, opts: _Options, seed: int, q: torch.Tensor) -> tuple[list, dict]:
@@ -1016,18 +1061,56 @@ def _mask_pointers(problem: _Problem, q: torch.Tensor) -> list[torch.Tensor]:
     return [kpm, problem.cu_seqlens_q if problem.varlen else q, problem.cu_seqlens_k if problem.varlen else q]
 
 
+def _tma_aligned(tensors, problem: _Problem) -> bool:
+    """Whether a TMA descriptor may read each (sequence, head) of these tensors: its first row 16-byte
+    aligned (the base, and every batch, head and position stride, in bytes), its rows apart by a
+    nonzero multiple of 16 bytes, its D elements contiguous."""
+    for t in tensors:
+        strides = _bhm_strides(t, problem)
+        if t.stride(-1) != 1 or strides[2] <= 0 or t.data_ptr() % 16:
+            return False
+        if any(stride * t.element_size() % 16 for stride in strides):
+            return False
+    return True
+
+
+def _use_tma(q, k, v, problem: _Problem) -> bool:
+    """The forward loads q, k, v through TMA descriptors: 16-bit inputs on sm_90 and newer, aligned as
+    TMA needs. Everything else (sm_80, fp32, other layouts, the interpreter) takes the pointer path."""
+    if not q.is_cuda or q.dtype == torch.float32 or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    return _tma_aligned((q, k, v), problem)
+
+
+@contextlib.contextmanager
+def _tma_scratch(device: torch.device):
+    """Descriptors built in a kernel need global scratch at launch, from triton.set_allocator's
+    allocator. When the caller has set none, torch's caching allocator serves this launch alone."""
+    current = _allocation._allocator  # a ContextVar: set here, reset after, nothing leaks to the caller
+    if not isinstance(current.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = current.set(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+    try:
+        yield
+    finally:
+        current.reset(token)
+
+
 def _triton_fwd(q, k, v, problem: _Problem, opts: _Options, seed: int):
     out = torch.empty_like(q)  # keeps q's memory layout: HF's (B, S, H, D) transposed views stay free
     lse = torch.empty(_lse_shape(problem, q), dtype=torch.float32, device=q.device)
     scalars, flags = _shared_args(problem, opts, seed, q)
-    launch(
-        _spec("fwd", q.dtype, flags),
-        lambda meta: (triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), problem.batch * problem.num_heads),
-        q, k, v, out, lse, *_mask_pointers(problem, q),
-        *_bhm_strides(q, problem), *_bhm_strides(k, problem), *_bhm_strides(v, problem),
-        *_bhm_strides(out, problem), *_lse_strides(problem, lse),
-        *scalars, **flags,
-    )
+    use_tma = _use_tma(q, k, v, problem)
+    with _tma_scratch(q.device) if use_tma else contextlib.nullcontext():
+        launch(
+            _spec("fwd", q.dtype, flags),
+            lambda meta: (triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), problem.batch * problem.num_heads),
+            q, k, v, out, lse, *_mask_pointers(problem, q),
+            *_bhm_strides(q, problem), *_bhm_strides(k, problem), *_bhm_strides(v, problem),
+            *_bhm_strides(out, problem), *_lse_strides(problem, lse),
+            *scalars, **flags, USE_TMA=use_tma,
+        )
     return out, lse
 
 
@@ -1045,7 +1128,7 @@ def _triton_bwd_one_pass(dout, q, k, v, out, lse, problem: _Problem, opts: _Opti
     scalars, flags = _shared_args(problem, opts, seed, q)
     spec = _spec("bwd", q.dtype, flags)
     if _reads_by_tma(spec):
-        q, dout = _tma_ready(q), _tma_ready(dout)
+        q, dout = _tma_ready(q, problem), _tma_ready(dout, problem)
     lse_strides = _lse_strides(problem, lse)
     strides = {name: _bhm_strides(t, problem) for name, t in
                dict(q=q, k=k, v=v, out=out, dout=dout, dq=dq, dk=dk, dv=dv).items()}
@@ -1057,13 +1140,14 @@ def _triton_bwd_one_pass(dout, q, k, v, out, lse, problem: _Problem, opts: _Opti
         HEAD_DIM=flags["HEAD_DIM"], IS_VARLEN=flags["IS_VARLEN"], BLOCK_D=flags["BLOCK_D"],
     )
     if k.numel() > 0:  # no keys: dq stays 0 and dk, dv are empty (a grid of 0 programs is not launched)
-        _launch_with_scratch(
-            spec,
-            lambda meta: (triton.cdiv(problem.seqlen_k, meta["BLOCK_N"]), problem.batch * problem.num_kv_heads),
-            q, k, v, dout, lse, delta, dk, dv, dq, *_mask_pointers(problem, q),
-            *strides["q"], *strides["k"], *strides["v"], *strides["dout"], *strides["dk"], *strides["dv"],
-            *strides["dq"], *lse_strides, *scalars, **flags, ATOMIC_DQ=True,
-        )
+        with _tma_scratch(q.device) if _reads_by_tma(spec) else contextlib.nullcontext():
+            launch(
+                spec,
+                lambda meta: (triton.cdiv(problem.seqlen_k, meta["BLOCK_N"]), problem.batch * problem.num_kv_heads),
+                q, k, v, dout, lse, delta, dk, dv, dq, *_mask_pointers(problem, q),
+                *strides["q"], *strides["k"], *strides["v"], *strides["dout"], *strides["dk"], *strides["dv"],
+                *strides["dq"], *lse_strides, *scalars, **flags, ATOMIC_DQ=True,
+            )
     return dq.to(q.dtype), dk, dv
 
 
@@ -1074,7 +1158,7 @@ def _triton_bwd_two_pass(dout, q, k, v, out, lse, problem: _Problem, opts: _Opti
     scalars, flags = _shared_args(problem, opts, seed, q)
     dkdv_spec = _spec("dkdv", q.dtype, flags)
     if _reads_by_tma(dkdv_spec):
-        q, dout = _tma_ready(q), _tma_ready(dout)
+        q, dout = _tma_ready(q, problem), _tma_ready(dout, problem)
     lse_strides = _lse_strides(problem, lse)
     strides = {name: _bhm_strides(t, problem) for name, t in
                dict(q=q, k=k, v=v, out=out, dout=dout, dq=dq, dk=dk, dv=dv).items()}
@@ -1087,13 +1171,14 @@ def _triton_bwd_two_pass(dout, q, k, v, out, lse, problem: _Problem, opts: _Opti
     )
     if k.numel() == 0:  # no keys: dk and dv are empty, and a grid of 0 programs is not launched
         return dq, dk, dv
-    _launch_with_scratch(
-        dkdv_spec,
-        lambda meta: (triton.cdiv(problem.seqlen_k, meta["BLOCK_N"]), problem.batch * problem.num_kv_heads),
-        q, k, v, dout, lse, delta, dk, dv, dk, *_mask_pointers(problem, q),  # dk: a dq_ptr it never reads
-        *strides["q"], *strides["k"], *strides["v"], *strides["dout"], *strides["dk"], *strides["dv"],
-        0, 0, 0, *lse_strides, *scalars, **flags, ATOMIC_DQ=False,
-    )
+    with _tma_scratch(q.device) if _reads_by_tma(dkdv_spec) else contextlib.nullcontext():
+        launch(
+            dkdv_spec,
+            lambda meta: (triton.cdiv(problem.seqlen_k, meta["BLOCK_N"]), problem.batch * problem.num_kv_heads),
+            q, k, v, dout, lse, delta, dk, dv, dk, *_mask_pointers(problem, q),  # dk: a dq_ptr it never reads
+            *strides["q"], *strides["k"], *strides["v"], *strides["dout"], *strides["dk"], *strides["dv"],
+            0, 0, 0, *lse_strides, *scalars, **flags, ATOMIC_DQ=False,
+        )
     return dq, dk, dv
 
 

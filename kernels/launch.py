@@ -245,6 +245,14 @@ def register(spec: KernelSpec) -> KernelSpec:
     return spec
 
 
+def candidate_configs(spec: KernelSpec) -> list[triton.Config]:
+    """The configs ``launch`` may run ``spec`` at here: the interpreter's one, or the autotuner's for this GPU."""
+    if interpreting():
+        return spec.configs[:1]
+    major, minor = torch.cuda.get_device_capability()
+    return spec.configs_for(10 * major + minor)
+
+
 def launch(spec: KernelSpec, grid: Callable[[dict], tuple], *args: Any, **kwargs: Any) -> None:
     """Launch ``spec.kernel`` over ``grid(meta)``, choosing its block sizes.
 

@@ -28,12 +28,13 @@ BACKWARDS = {"one-pass": False, "two-pass": True}
 
 @pytest.fixture
 def head_major_tiles(device, monkeypatch):
-    """Every head-major tile as its spec's only config (skips where there are no tiles)."""
+    """Each spec's declared head-major tile as its only config (skips where there are no tiles);
+    test_hopper_tiles_match_reference runs the others."""
     if backend_for(torch.empty(0, device=device)) != "triton":
         pytest.skip("the PyTorch path has no tiles")
     for key in HEAD_MAJOR_SPECS:
         spec = attention_module._SPECS[key]
-        tile, = [config for config in spec.configs if config.kwargs.get("HEAD_MAJOR")]
+        tile = spec.configs[spec.hopper_config]
         monkeypatch.setitem(attention_module._SPECS, key,
                             dataclasses.replace(spec, configs=[tile], hopper_config=None, hopper_only=()))
     monkeypatch.setattr(launch_module, "_autotuned", {})  # no autotuner cached over a spec's full list
@@ -153,14 +154,15 @@ def test_head_major_tiles_match_reference_with_dropout(backward, device, head_ma
 
 
 def test_tma_ready_copies_only_what_a_tensor_descriptor_cannot_read():
+    problem = attention_module._Problem(batch=2, num_heads=3, num_kv_heads=3, head_dim=256, seqlen_q=5, seqlen_k=5)
     aligned = torch.randn(2, 3, 5, 256, dtype=torch.float16)
     hf_layout = torch.randn(2, 5, 3, 256, dtype=torch.float16).transpose(1, 2)  # (B, S, H, D) storage
     for t in (aligned, hf_layout):
-        assert attention_module._tma_ready(t) is t
+        assert attention_module._tma_ready(t, problem) is t
     odd_start = torch.randn(2 * 3 * 5 * 256 + 1, dtype=torch.float16)[1:].view(2, 3, 5, 256)  # 2 bytes in
     odd_rows = torch.randn(2, 3, 5, 260, dtype=torch.float16)[..., :256]  # rows 520 bytes apart
     for t in (odd_start, odd_rows):
-        copy = attention_module._tma_ready(t)
+        copy = attention_module._tma_ready(t, problem)
         assert copy.is_contiguous() and copy.data_ptr() % 16 == 0 and torch.equal(copy, t)
 
 
