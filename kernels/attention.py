@@ -434,10 +434,11 @@ def _attn_fwd_kernel(
     v_desc, v_desc_tail = v_base, v_base
     if USE_TMA:
         q_desc, q_desc_tail = _fwd_descriptors(q_base, q_len, stride_qm, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D_TAIL)
-        k_desc, k_desc_tail = _fwd_descriptors(k_base, k_len, stride_km, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D_TAIL)
-        v_desc, v_desc_tail = _fwd_descriptors(v_base, k_len, stride_vm, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D_TAIL)
     q, q_tail = _fwd_rows(q_base, q_desc, q_desc_tail, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D,
                           BLOCK_D_TAIL, USE_TMA)  # (BLOCK_M, BLOCK_D), (BLOCK_M, BLOCK_D_TAIL)
+    if USE_TMA:
+        k_desc, k_desc_tail = _fwd_descriptors(k_base, k_len, stride_km, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D_TAIL)
+        v_desc, v_desc_tail = _fwd_descriptors(v_base, k_len, stride_vm, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D_TAIL)
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -484,12 +485,12 @@ def _attn_fwd_kernel(
     # A row that sees no key at all (padding, or causal with Sq > Sk) gives 0 and lse -inf.
     seen = row_sum > 0.0
     safe_sum = tl.where(seen, row_sum, 1.0)
+    lse = tl.where(seen, (row_max + tl.log2(safe_sum)) * _LN2, float("-inf"))
     out_base = _head_base(out_ptr, b, h, q_start, stride_ob, stride_oh, stride_om)
     _fwd_store(out_base, acc, safe_sum, dropout_p, q_len, stride_om, start_m, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT)
     if BLOCK_D_TAIL > 0:
         _fwd_store(out_base + BLOCK_D, acc_tail, safe_sum, dropout_p, q_len, stride_om, start_m, BLOCK_M,
                    HEAD_DIM - BLOCK_D, BLOCK_D_TAIL, HAS_DROPOUT)
-    lse = tl.where(seen, (row_max + tl.log2(safe_sum)) * _LN2, float("-inf"))
     lse_base = lse_ptr + tl.cast(b, tl.int64) * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start
     tl.store(lse_base + offs_m, lse, mask=offs_m < q_len)
 
