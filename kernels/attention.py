@@ -432,6 +432,8 @@ def _attn_fwd_kernel(
     q_desc, q_desc_tail = q_base, q_base  # pointer loads: no descriptors
     k_desc, k_desc_tail = k_base, k_base
     v_desc, v_desc_tail = v_base, v_base
+    # q's descriptors and load before k's and v's descriptors, and below the log-sum-exp before the
+    # stores: the order the kernel had before its head-dim pieces, which kept its register counts.
     if USE_TMA:
         q_desc, q_desc_tail = _fwd_descriptors(q_base, q_len, stride_qm, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D_TAIL)
     q, q_tail = _fwd_rows(q_base, q_desc, q_desc_tail, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D,
