@@ -68,8 +68,9 @@ leading dimension gives every warpgroup 64 rows of its own, as a wgmma needs
 (e.g. 128 queries on 8 warps, 64 on 4); the autotuner picks per GPU. Some
 Hopper tiles spill as sm_80's mma: those are for sm_90 only
 (``KernelSpec.hopper_only``). The backward's Hopper tiles take 64 keys per
-warpgroup and 16 queries, which leaves room for dk and dv (64 rows in fp32
-each) and Philox's state; the one-pass backward computes dq transposed,
+warpgroup and 16 queries (8 for fp32's one-pass backward, whose tf32x3
+operands take more), which leaves room for dk and dv (64 rows in fp32 each)
+and Philox's state; the one-pass backward computes dq transposed,
 dq^T = K^T dS^T, so that its rows (the head dim) are 64 per warpgroup too.
 Head dim 256's dk and dv with the keys on the rows would take 64 keys x 256
 x 2 in fp32 per warpgroup, 256 registers a thread: its Hopper tiles turn them
@@ -81,8 +82,6 @@ descriptors and copies the rare q or dO view TMA cannot read), and add the
 one-pass dq 32 columns at a time. One kernel carries both orientations (the
 HEAD_MAJOR constexpr picks the body), so a spec keeps one kernel and the
 autotuner chooses among all its tiles.
-Where no wgmma tile fits the registers, sm_80-style tiles run on Hopper: the
-fp32 one-pass backward (see the compile gate).
 Hopper tiles also come at num_stages 2 or 3 where they fit: their next blocks
 load by cp.async (or, for TMA, double-buffered) while the dots run. The
 forward's largest is FA3's 128x128.
@@ -780,14 +779,16 @@ def _attn_bwd_dkdv_kernel(
             if HAS_DROPOUT:
                 dprobs_t = tl.where(keep_t, dprobs_t * (1.0 / (1.0 - dropout_p)), 0.0)
             dscores_t = (probs_t * (dprobs_t - delta[None, :])).to(q.dtype)
-            dk += tl.dot(dscores_t, q, input_precision=DOT_PRECISION)
             if ATOMIC_DQ and DQ_TRANSPOSED:
                 # dq^T = K^T dS^T: its rows are the head dim, 64 per warpgroup whatever
                 # BLOCK_M is, so on sm_90 it is a wgmma (K^T a view of k in shared memory).
+                # Before dk's product: fp32's 8x64 Hopper tile (tf32x3) fits in registers in
+                # this order only; after it, it spills 40 bytes under dropout (compile gate).
                 dq_t = tl.dot(tl.trans(k), dscores_t, input_precision=DOT_PRECISION) * softmax_scale  # (D, M)
                 tl.atomic_add(dq_base + offs_m[None, :] * stride_dqm + cols[:, None], dq_t,
                               mask=(offs_m[None, :] < q_len) & (cols[:, None] < HEAD_DIM), sem="relaxed")
-            elif ATOMIC_DQ:
+            dk += tl.dot(dscores_t, q, input_precision=DOT_PRECISION)
+            if ATOMIC_DQ and not DQ_TRANSPOSED:
                 dq = tl.dot(tl.trans(dscores_t), k, input_precision=DOT_PRECISION) * softmax_scale  # (M, D)
                 tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + cols[None, :], dq,
                               mask=(offs_m[:, None] < q_len) & (cols[None, :] < HEAD_DIM), sem="relaxed")
@@ -944,6 +945,10 @@ _HOPPER_CONFIGS: dict[tuple[str, str], list[triton.Config]] = {
     ("bwd", "d128"): [_bwd_config(16, 128, 8, 1, dq_transposed=True), _bwd_config(16, 128, 8, 2, dq_transposed=True)],
     # dq's product stays (BLOCK_M, D), sm_80-style HMMA: transposed, it spills with Philox's state.
     ("bwd", "d128_dropout"): [_bwd_config(16, 128, 8, 1)],
+    # fp32 (tf32x3) keeps 64 keys x 64 of dk and dv a warpgroup beside the triple products' operands:
+    # 8 queries (S^T 64x8, dq^T a 64-row wgmma) is what leaves room for Philox's state; 16 spill
+    # (72-88 bytes). At head dims under 64 dq^T's rows are half used (work 2.0 at d32).
+    ("bwd", "fp32"): [_bwd_config(8, 64, 4, 1, dq_transposed=True), _bwd_config(8, 64, 4, 2, dq_transposed=True)],
     # Head dim 256, head-major instead (_attn_bwd_dkdv_head_major): S = Q K^T and dP = dO V^T with
     # 64 queries per warpgroup, dV^T += dO^T P and dK^T += Q^T dS with 128 head-dim rows per
     # warpgroup, dq = dS K in 32-column pieces. 32 keys spill with the masks and softcap (24 bytes;

@@ -555,3 +555,57 @@ def test_forward_hopper_tiles_on_awkward_shapes(kernel, variant, index, device, 
         per_sequence_reference, *(t.to(device) for t in packed[:3]), packed[3].to(device), dtype,
         assert_within_tolerance,
     )
+
+
+# The fp32 one-pass backward's Hopper tiles (8 queries x 64 keys, dq^T = K^T dS^T) on what the test
+# above them leaves out: a head dim under 64 and not a power of two (40: dq^T's rows half padding),
+# GQA, keys longer than queries, a window, a softcap and padding with a fully padded row; then
+# dropout with the mask read off the forward, and packed sequences of lengths 1, 70 and 9.
+FP32_BACKWARD_HOPPER_TILES = [key for key in HOPPER_TILES if key[:2] == ("bwd", "fp32")]
+
+
+@pytest.mark.parametrize("kernel,variant,index", FP32_BACKWARD_HOPPER_TILES,
+                         ids=[_tile_id(key) for key in FP32_BACKWARD_HOPPER_TILES])
+def test_fp32_one_pass_backward_hopper_tiles_on_awkward_shapes(kernel, variant, index, device, monkeypatch,
+                                                               assert_within_tolerance):
+    if backend_for(torch.empty(0, device=device)) != "triton":
+        pytest.skip("the PyTorch path has no tiles")
+    _skip_a_tile_the_interpreter_already_ran(device, kernel, variant, index)
+    _only_config(monkeypatch, kernel, variant, index)
+    dtype = torch.float32
+    q, k, v, dout = _make_case(2, 4, 2, 70, 90, 40, dtype, device, seed=26)  # GQA 2
+    options = dict(window=(30, 10), softcap=4.0,
+                   key_padding_mask=_padding_mask(2, 90, torch.Generator().manual_seed(27)))
+    on_device = dict(options, key_padding_mask=options["key_padding_mask"].to(device), deterministic=False)
+    out, dq, *_ = _check_against_reference(
+        lambda *t: flash_attention(*t, **on_device), lambda *t: attention_ref(*t, **options),
+        q, k, v, dout, dtype, assert_within_tolerance,
+    )
+    assert out[-1].abs().max() == 0 and dq[-1].abs().max() == 0  # the fully padded row
+
+    shape, dropout_p = (1, 2, 40, 40), 0.3  # the mask read off the forward: the sequence fits in the head dim
+    keep = _dropout_mask(device, dtype, shape, dropout_p, seed=28, causal=True).cpu()
+    q, k, v, dout = _make_case(1, 2, 1, 40, 40, 40, dtype, device, seed=29)
+    torch.manual_seed(28)
+    _check_against_reference(
+        lambda *t: flash_attention(*t, causal=True, dropout_p=dropout_p, deterministic=False),
+        lambda *t: attention_ref(*t, causal=True, dropout_p=dropout_p, dropout_mask=keep),
+        q, k, v, dout, dtype, assert_within_tolerance,
+    )
+
+    lengths = torch.tensor([1, 70, 9])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).to(torch.int32)])
+    generator = torch.Generator().manual_seed(30)
+    packed = [torch.randn(int(cu[-1]), heads, 40, generator=generator).to(dtype) for heads in (4, 2, 2, 4)]
+
+    def per_sequence_reference(q, k, v):
+        as_batch = lambda t: t.transpose(0, 1)[None]  # noqa: E731
+        return torch.cat([attention_ref(as_batch(q[a:b]), as_batch(k[a:b]), as_batch(v[a:b]), causal=True)[0]
+                          .transpose(0, 1) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+
+    _check_against_reference(
+        lambda *t: flash_attention_varlen(*t, cu.to(device), cu.to(device), 70, 70, causal=True,
+                                          deterministic=False),
+        per_sequence_reference, *(t.to(device) for t in packed[:3]), packed[3].to(device), dtype,
+        assert_within_tolerance,
+    )

@@ -26,11 +26,7 @@ def _run(args, script=None):
 # The tensor-core specs that issue no HGMMA on sm_90 yet (issue 16 is open for them): the gate
 # fails them (exit 1); this test tolerates that failure for these specs only, and only that
 # failure. Remove a name once its spec passes; the list must not grow.
-_NOT_YET_HOPPER = frozenset({
-    # fp32 does reach HGMMA (tf32x3: three tf32 wgmmas, k=8; attention_dkdv_fp32 is ready), but the one-pass
-    # backward's 64-key tiles spill with the dq product beside dk and dv (16x64 on 4 warps: 56 bytes).
-    "attention_bwd_fp32",
-})
+_NOT_YET_HOPPER: frozenset[str] = frozenset()
 
 
 @pytest.mark.slow
