@@ -56,8 +56,16 @@ bytes, TMA's rule. The descriptors take global scratch at launch from
 triton.set_allocator's allocator, or torch's for that launch when none is set.
 fp32 inputs take three TF32 tensor-core passes per dot (tf32x3, close to fp32
 accuracy) with small tiles: correct, slow; train in 16-bit.
-Head dims that are not powers of two (80, 96) are padded to the next one in
-registers, so they cost as much as 128.
+Head dims that are not powers of two: Triton's tensor shapes are powers of
+two, so the forward splits such a head dim under 128 into the largest power
+of two below it and a tail, when the tail is a power of two of at least 16 (a
+dot's shortest reduction): 80 = 64 + 16, 96 = 64 + 32, 48 = 32 + 16. The
+scores are Q0 K0^T + Q1 K1^T and the output has one accumulator per piece,
+stored as two column ranges (on TMA, two descriptors per tensor), so the
+forward's two products spend 80/80 and 96/96 of the useful FLOPs, not 128/80
+and 128/96. Other head dims (72, 112, and any over 128: see _fwd_head_split)
+are padded to the next power of two in registers, and so is every head dim
+in the backward: there 80 and 96 still cost as much as 128.
 
 Tiles: each kernel's configs hold sm_80-sized tiles (warps along rows, so the
 softmax row statistics stay within a warp) and Hopper ones, where each dot's
@@ -366,6 +374,54 @@ def _fwd_unmasked_key_range(start_m, lo, hi, q_len, k_len, window_left, window_r
 
 
 @triton.jit
+def _fwd_rows(base, desc, desc_tail, num_rows, stride_row, first_row, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr, USE_TMA: tl.constexpr):
+    # Rows first_row.. of one head's (num_rows, HEAD_DIM) matrix in the forward's two head-dim pieces:
+    # columns [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D_TAIL), zero outside. Without a tail
+    # (BLOCK_D_TAIL 0) the second is the first again, never used: no code runs for it.
+    if USE_TMA:
+        head = desc.load([first_row, 0])
+    else:
+        head = _load_rows(base, num_rows, stride_row, first_row, BLOCK_ROWS, HEAD_DIM, BLOCK_D)
+    tail = head
+    if BLOCK_D_TAIL > 0:
+        if USE_TMA:
+            tail = desc_tail.load([first_row, BLOCK_D])
+        else:
+            tail = _load_rows(base + BLOCK_D, num_rows, stride_row, first_row, BLOCK_ROWS, HEAD_DIM - BLOCK_D,
+                              BLOCK_D_TAIL)
+    return head, tail
+
+
+@triton.jit
+def _fwd_descriptors(base, num_rows, stride_row, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr):
+    # TMA descriptors of one head's (num_rows, HEAD_DIM) matrix for _fwd_rows: blocks of BLOCK_D columns,
+    # and of BLOCK_D_TAIL columns read at column BLOCK_D (the first again when there is no tail).
+    desc = tl.make_tensor_descriptor(base, [num_rows, HEAD_DIM], [stride_row, 1], [BLOCK_ROWS, BLOCK_D])
+    desc_tail = desc
+    if BLOCK_D_TAIL > 0:
+        desc_tail = tl.make_tensor_descriptor(base, [num_rows, HEAD_DIM], [stride_row, 1], [BLOCK_ROWS, BLOCK_D_TAIL])
+    return desc, desc_tail
+
+
+@triton.jit
+def _fwd_accumulate(acc, rescale, probs, v, DOT_PRECISION: tl.constexpr):
+    # The online softmax's output update for one piece of the head dim: acc * rescale + P V.
+    return acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _fwd_store(out_base, acc, safe_sum, dropout_p, q_len, stride_om, start_m, BLOCK_M: tl.constexpr,
+               NUM_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    # One piece of the output: the accumulator over the softmax's sum, scaled up for dropout's drops.
+    out = acc / safe_sum[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    _store_rows(out_base, out, q_len, stride_om, start_m, BLOCK_M, NUM_COLS, BLOCK_COLS)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kpm_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km, stride_vb, stride_vh, stride_vm,
@@ -374,12 +430,15 @@ def _attn_fwd_kernel(
     softmax_scale, softcap, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: the output and log-sum-exp of BLOCK_M queries of one (sequence, query head).
     # USE_TMA (the launcher's choice: sm_90 and 16-byte aligned rows): q, k and v come in through
     # tensor descriptors, one per (sequence, head) whose shape ends at the sequence's last row, so
     # the copy engine (TMA) fills rows past it, and a padded head dim, with zeros as _load_rows does.
+    # The head dim comes in two power-of-two pieces, BLOCK_D and BLOCK_D_TAIL (80 = 64 + 16,
+    # 96 = 64 + 32; 0: one piece, padded to BLOCK_D, see _fwd_head_split): S = Q0 K0^T + Q1 K1^T, and
+    # the output in one accumulator per piece, so no product runs over padding columns.
     start_m, bh, b, h, q_start, q_len, k_start, k_len = _query_block(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q,
                                                                      seqlen_k, num_heads, BLOCK_M, IS_VARLEN)
     if start_m >= q_len:
@@ -389,16 +448,24 @@ def _attn_fwd_kernel(
     q_base = _head_base(q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm)
     k_base, v_base, kpm_row_ptr = _kv_bases(k_ptr, v_ptr, kpm_ptr, b, kv_head, k_start, stride_kb, stride_kh,
                                             stride_km, stride_vb, stride_vh, stride_vm, stride_kpm_b)
+    q_desc, q_desc_tail = q_base, q_base  # pointer loads: no descriptors
+    k_desc, k_desc_tail = k_base, k_base
+    v_desc, v_desc_tail = v_base, v_base
+    # q's descriptors and load before k's and v's descriptors, and below the log-sum-exp before the
+    # stores: the order the kernel had before its head-dim pieces, which kept its register counts.
     if USE_TMA:
-        q = tl.make_tensor_descriptor(q_base, [q_len, HEAD_DIM], [stride_qm, 1], [BLOCK_M, BLOCK_D]).load([start_m, 0])
-        k_desc = tl.make_tensor_descriptor(k_base, [k_len, HEAD_DIM], [stride_km, 1], [BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_base, [k_len, HEAD_DIM], [stride_vm, 1], [BLOCK_N, BLOCK_D])
-    else:
-        q = _load_rows(q_base, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+        q_desc, q_desc_tail = _fwd_descriptors(q_base, q_len, stride_qm, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D_TAIL)
+    q, q_tail = _fwd_rows(q_base, q_desc, q_desc_tail, q_len, stride_qm, start_m, BLOCK_M, HEAD_DIM, BLOCK_D,
+                          BLOCK_D_TAIL, USE_TMA)  # (BLOCK_M, BLOCK_D), (BLOCK_M, BLOCK_D_TAIL)
+    if USE_TMA:
+        k_desc, k_desc_tail = _fwd_descriptors(k_base, k_len, stride_km, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D_TAIL)
+        v_desc, v_desc_tail = _fwd_descriptors(v_base, k_len, stride_vm, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D_TAIL)
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if BLOCK_D_TAIL > 0:
+        acc_tail = tl.zeros([BLOCK_M, BLOCK_D_TAIL], tl.float32)
     # Only the key blocks that cross the band's edges (the diagonal, under causal) or the sequence's
     # end are masked by position; [full_lo, full_hi), most blocks at long lengths, are not. One loop
     # with a branch that goes the same way for the whole program (see the design note for why not
@@ -408,11 +475,11 @@ def _attn_fwd_kernel(
                                                BLOCK_N, HAS_BAND)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if USE_TMA:
-            k = k_desc.load([start_n, 0])
-        else:
-            k = _load_rows(k_base, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+        k, k_tail = _fwd_rows(k_base, k_desc, k_desc_tail, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D,
+                              BLOCK_D_TAIL, USE_TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if BLOCK_D_TAIL > 0:
+            qk = tl.dot(q_tail, tl.trans(k_tail), qk, input_precision=DOT_PRECISION)
         scores, _ = _scores(qk, softmax_scale, softcap, HAS_SOFTCAP)
         if (start_n < full_lo) | (start_n >= full_hi):
             allowed = _allowed(offs_m[:, None], offs_n[None, :], q_len, k_len, window_left, window_right,
@@ -429,22 +496,22 @@ def _attn_fwd_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p)
             probs = tl.where(keep, probs, 0.0)
-        if USE_TMA:
-            v = v_desc.load([start_n, 0])
-        else:
-            v = _load_rows(v_base, k_len, stride_vm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
-        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+        v, v_tail = _fwd_rows(v_base, v_desc, v_desc_tail, k_len, stride_vm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D,
+                              BLOCK_D_TAIL, USE_TMA)
+        acc = _fwd_accumulate(acc, rescale, probs, v, DOT_PRECISION)
+        if BLOCK_D_TAIL > 0:
+            acc_tail = _fwd_accumulate(acc_tail, rescale, probs, v_tail, DOT_PRECISION)
         row_max = new_max
 
     # A row that sees no key at all (padding, or causal with Sq > Sk) gives 0 and lse -inf.
     seen = row_sum > 0.0
     safe_sum = tl.where(seen, row_sum, 1.0)
-    out = acc / safe_sum[:, None]
-    if HAS_DROPOUT:
-        out = out * (1.0 / (1.0 - dropout_p))
     lse = tl.where(seen, (row_max + tl.log2(safe_sum)) * _LN2, float("-inf"))
     out_base = _head_base(out_ptr, b, h, q_start, stride_ob, stride_oh, stride_om)
-    _store_rows(out_base, out, q_len, stride_om, start_m, BLOCK_M, HEAD_DIM, BLOCK_D)
+    _fwd_store(out_base, acc, safe_sum, dropout_p, q_len, stride_om, start_m, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT)
+    if BLOCK_D_TAIL > 0:
+        _fwd_store(out_base + BLOCK_D, acc_tail, safe_sum, dropout_p, q_len, stride_om, start_m, BLOCK_M,
+                   HEAD_DIM - BLOCK_D, BLOCK_D_TAIL, HAS_DROPOUT)
     lse_base = lse_ptr + tl.cast(b, tl.int64) * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start
     tl.store(lse_base + offs_m, lse, mask=offs_m < q_len)
 
@@ -840,6 +907,25 @@ _ARG_TYPES = dict(lse_ptr="*fp32", delta_ptr="*fp32", kpm_ptr="*i8", cu_seqlens_
                   cu_seqlens_k_ptr="*i32", softmax_scale="fp32", softcap="fp32", dropout_p="fp32", seed="i64")
 
 
+def _fwd_head_split(head_dim: int) -> dict[str, int]:
+    """The forward's head-dim pieces: BLOCK_D and BLOCK_D_TAIL, both powers of two (Triton's tensor shapes).
+
+    A head dim under 128 that is not a power of two splits into the largest power of two below it
+    and a tail when the tail is a power of two of at least 16, a dot's shortest reduction:
+    80 = 64 + 16, 96 = 64 + 32, 48 = 32 + 16. The score product then reduces over the head dim
+    exactly and P V is exactly as wide. Any other (72 = 64 + 8, 112 = 64 + 48) is padded to the next
+    power of two, one piece (tail 0), as powers of two are. So are head dims over 128: the d256
+    specs' tiles are sized for one piece, and 192 = 128 + 64 spills on sm_80 at their 64x32 tile
+    (the compile gate, 8 bytes). The backward pads always.
+    """
+    padded = triton.next_power_of_2(head_dim)
+    head = padded // 2
+    tail = head_dim - head
+    if head_dim == padded or padded > 128 or tail < 16 or tail & (tail - 1):
+        return dict(BLOCK_D=padded, BLOCK_D_TAIL=0)
+    return dict(BLOCK_D=head, BLOCK_D_TAIL=tail)
+
+
 def _case(kernel: str, dtype: torch.dtype, head_dim: int, **flags: bool) -> CompileCase:
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), DOT_PRECISION=_DOT_PRECISION[dtype],
                       IS_VARLEN=False, HAS_BAND=False, HAS_KPM=False, HAS_SOFTCAP=False, HAS_DROPOUT=False)
@@ -847,6 +933,7 @@ def _case(kernel: str, dtype: torch.dtype, head_dim: int, **flags: bool) -> Comp
         constexprs["ATOMIC_DQ"] = kernel == "bwd"
     if kernel == "fwd":
         constexprs["USE_TMA"] = False
+        constexprs.update(_fwd_head_split(head_dim))
     constexprs.update({name.upper(): value for name, value in flags.items()})
     label = ",".join([TRITON_DTYPE[dtype], f"d{head_dim}"]
                      + [name.removeprefix("has_").removeprefix("use_") for name, value in flags.items() if value])
@@ -877,6 +964,15 @@ def _cases(kernel: str, variant: str) -> list[CompileCase]:
             "d256": [case(torch.bfloat16, 256, has_band=True, use_tma=True)],
             "d256_dropout": [case(torch.float16, 256, **masks, has_dropout=True, use_tma=True)],
             "fp32": [],
+        }[variant]
+        # Head dims the forward splits in two pieces (_fwd_head_split; d128's d96 cases above are 64 + 32).
+        cases += {
+            "d128": [],
+            "d128_dropout": [case(torch.float16, 80, **masks, has_dropout=True),
+                             case(torch.float16, 80, **masks, has_dropout=True, use_tma=True)],
+            "d256": [],
+            "d256_dropout": [],
+            "fp32": [case(torch.float32, 48, **masks, has_dropout=True)],
         }[variant]
     return cases
 
@@ -1114,7 +1210,7 @@ def _triton_fwd(q, k, v, problem: _Problem, opts: _Options, seed: int):
             q, k, v, out, lse, *_mask_pointers(problem, q),
             *_bhm_strides(q, problem), *_bhm_strides(k, problem), *_bhm_strides(v, problem),
             *_bhm_strides(out, problem), *_lse_strides(problem, lse),
-            *scalars, **flags, USE_TMA=use_tma,
+            *scalars, **dict(flags, **_fwd_head_split(problem.head_dim)), USE_TMA=use_tma,
         )
     return out, lse
 
