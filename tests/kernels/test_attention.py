@@ -596,12 +596,17 @@ def _skip_a_tile_the_interpreter_already_ran(device, kernel, variant, index):
         pytest.skip(f"the interpreter ran this tile as configs[{earlier[0]}]: it ignores num_warps and num_stages")
 
 
-@pytest.mark.parametrize("kernel,variant,index", HOPPER_TILES, ids=[_tile_id(key) for key in HOPPER_TILES])
-def test_hopper_tiles_match_reference(kernel, variant, index, device, monkeypatch, assert_within_tolerance):
+def _hopper_tile_alone(device, monkeypatch, kernel, variant, index):
+    """Run configs[index] as its spec's only config, where there are tiles and the interpreter has not run it."""
     if backend_for(torch.empty(0, device=device)) != "triton":
         pytest.skip("the PyTorch path has no tiles")
     _skip_a_tile_the_interpreter_already_ran(device, kernel, variant, index)
     _only_config(monkeypatch, kernel, variant, index)
+
+
+@pytest.mark.parametrize("kernel,variant,index", HOPPER_TILES, ids=[_tile_id(key) for key in HOPPER_TILES])
+def test_hopper_tiles_match_reference(kernel, variant, index, device, monkeypatch, assert_within_tolerance):
+    _hopper_tile_alone(device, monkeypatch, kernel, variant, index)
     dtype = torch.float32 if variant == "fp32" else torch.float16
     head_dim = {"fp32": 64, "d128": 128, "d256": 256}[variant.removesuffix("_dropout")]
     # Lengths past one tile of either side, and a partial last tile; "bwd" is the one-pass backward.
@@ -631,10 +636,7 @@ FORWARD_HOPPER_TILES = [key for key in HOPPER_TILES if key[0] == "fwd"]
                          ids=[_tile_id(key) for key in FORWARD_HOPPER_TILES])
 def test_forward_hopper_tiles_on_awkward_shapes(kernel, variant, index, device, monkeypatch,
                                                 assert_within_tolerance):
-    if backend_for(torch.empty(0, device=device)) != "triton":
-        pytest.skip("the PyTorch path has no tiles")
-    _skip_a_tile_the_interpreter_already_ran(device, kernel, variant, index)
-    _only_config(monkeypatch, kernel, variant, index)
+    _hopper_tile_alone(device, monkeypatch, kernel, variant, index)
     dtype = torch.float16
     q, k, v, dout = _make_case(2, 4, 2, 140, 200, 96, dtype, device, seed=23)  # GQA 2
     options = dict(window=(70, 20), softcap=4.0,
@@ -674,10 +676,7 @@ FP32_BACKWARD_HOPPER_TILES = [key for key in HOPPER_TILES if key[:2] == ("bwd", 
                          ids=[_tile_id(key) for key in FP32_BACKWARD_HOPPER_TILES])
 def test_fp32_one_pass_backward_hopper_tiles_on_awkward_shapes(kernel, variant, index, device, monkeypatch,
                                                                assert_within_tolerance):
-    if backend_for(torch.empty(0, device=device)) != "triton":
-        pytest.skip("the PyTorch path has no tiles")
-    _skip_a_tile_the_interpreter_already_ran(device, kernel, variant, index)
-    _only_config(monkeypatch, kernel, variant, index)
+    _hopper_tile_alone(device, monkeypatch, kernel, variant, index)
     dtype = torch.float32
     q, k, v, dout = _make_case(2, 4, 2, 70, 90, 40, dtype, device, seed=26)  # GQA 2
     options = dict(window=(30, 10), softcap=4.0,
