@@ -85,7 +85,7 @@ TMA straight into shared memory (through registers they spill the
 accumulators; the launcher lends Triton a scratch allocator for the
 descriptors and copies the rare q or dO view TMA cannot read), and add the
 one-pass dq 32 columns at a time. One kernel carries both orientations (the
-HEAD_MAJOR constexpr picks the body), so a spec keeps one kernel and the
+HEAD_MAJOR constexpr picks the query loop), so a spec keeps one kernel and the
 autotuner chooses among all its tiles.
 Hopper tiles also come at num_stages 2 or 3 where they fit: their next blocks
 load by cp.async (or, for TMA, double-buffered) while the dots run. The
@@ -699,50 +699,29 @@ def _add_dq_columns(dq_base, dscores, k_columns, offs_m, q_len, stride_dqm, soft
 
 @triton.jit
 def _attn_bwd_dkdv_head_major(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, kpm_ptr, cu_seqlens_q_ptr,
-    cu_seqlens_k_ptr,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km, stride_vb, stride_vh, stride_vm,
-    stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkm, stride_dvb, stride_dvh, stride_dvm,
-    stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh, stride_kpm_b,
-    seqlen_q, seqlen_k, num_heads, group_size,
+    q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, k, v, k_base, kpm_row_ptr,
+    stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
+    stride_lb, stride_lh, stride_km,
+    b, kv_head, q_start, q_len, k_len, start_n, offs_n, lo, hi, num_heads, group_size, seqlen_k,
     softmax_scale, softcap, window_left, window_right, dropout_p, seed,
-    HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_BAND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program of _attn_bwd_dkdv_kernel (same arguments, same result) with
-    # head-dim-major accumulators, as FlashAttention-3 does at head dim 256:
-    # dk^T and dv^T, (BLOCK_D, BLOCK_N) fp32, whose rows are the head dim. A
+    # The query loop of _attn_bwd_dkdv_kernel with head-dim-major accumulators,
+    # as FlashAttention-3 does at head dim 256: dk^T and dv^T, (BLOCK_D, BLOCK_N)
+    # fp32, whose rows are the head dim; returned unscaled, as the keys-major loop leaves dk and dv. A
     # wgmma gives each warpgroup 64 rows of its own; with the keys on the rows,
-    # as _attn_bwd_dkdv_kernel has them, 64 keys x 256 x 2 accumulators are 256
+    # as the keys-major loop has them, 64 keys x 256 x 2 accumulators are 256
     # registers a thread. Here 256 head-dim rows split over two warpgroups, so
     # BLOCK_N can be small. The score tiles are query-major, (BLOCK_M, BLOCK_N),
     # BLOCK_M = 64 per warpgroup: S = Q K^T, dP = dO V^T, then dV^T += dO^T P and
     # dK^T += Q^T dS, with dO^T and Q^T views of the tiles in shared memory.
     # ATOMIC_DQ: dq = dS K, (BLOCK_M, 256) fp32, is too big for one accumulator
     # beside them, so it is formed and added DQ_COLS columns of the head dim at a time.
-    start_n = tl.program_id(0) * BLOCK_N
-    bkv = tl.program_id(1)
-    num_kv_heads = num_heads // group_size
-    b = bkv // num_kv_heads
-    kv_head = bkv % num_kv_heads
-    q_start, q_len, k_start, k_len = _sequence(cu_seqlens_q_ptr, cu_seqlens_k_ptr, b, seqlen_q, seqlen_k, IS_VARLEN)
-    if start_n >= k_len:
-        return
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_base, v_base, kpm_row_ptr = _kv_bases(k_ptr, v_ptr, kpm_ptr, b, kv_head, k_start, stride_kb, stride_kh,
-                                            stride_km, stride_vb, stride_vh, stride_vm, stride_kpm_b)
-    k = _load_rows(k_base, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
-    v = _load_rows(v_base, k_len, stride_vm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
     DQ_COLS: tl.constexpr = 32  # 64 compiles too, with 34 registers fewer to spare under dropout
-
     dk_t = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
     dv_t = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
-    lo = 0
-    hi = q_len
-    if HAS_BAND:  # only the query blocks whose band reaches these keys
-        lo = tl.maximum(start_n - (k_len - q_len) - window_right, 0) // BLOCK_M * BLOCK_M
-        hi = tl.minimum(start_n + BLOCK_N - (k_len - q_len) + window_left, q_len)
     for g in range(group_size):
         h = kv_head * group_size + g
         q_base = _head_base(q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm)
@@ -790,12 +769,7 @@ def _attn_bwd_dkdv_head_major(
                                             HEAD_DIM - piece * DQ_COLS, DQ_COLS)  # (BLOCK_N, DQ_COLS)
                         _add_dq_columns(dq_base + piece * DQ_COLS, dscores, k_cols, offs_m, q_len, stride_dqm,
                                         softmax_scale, HEAD_DIM - piece * DQ_COLS, DQ_COLS, DOT_PRECISION)
-    # Stored transposed: the keys back on the rows.
-    dk = tl.trans(dk_t * softmax_scale)  # (BLOCK_N, BLOCK_D)
-    _store_rows(_head_base(dk_ptr, b, kv_head, k_start, stride_dkb, stride_dkh, stride_dkm), dk, k_len, stride_dkm,
-                start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
-    _store_rows(_head_base(dv_ptr, b, kv_head, k_start, stride_dvb, stride_dvh, stride_dvm), tl.trans(dv_t), k_len,
-                stride_dvm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+    return dk_t, dv_t
 
 
 @triton.jit
@@ -820,19 +794,6 @@ def _attn_bwd_dkdv_kernel(
     # atomics. The order of the adds varies from run to run: not bitwise repeatable.
     # HEAD_MAJOR (head dim 256's Hopper tiles): the same result from dk^T and dv^T
     # accumulators, see _attn_bwd_dkdv_head_major.
-    if HEAD_MAJOR:
-        _attn_bwd_dkdv_head_major(
-            q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, kpm_ptr, cu_seqlens_q_ptr,
-            cu_seqlens_k_ptr,
-            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_km, stride_vb, stride_vh, stride_vm,
-            stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkm, stride_dvb, stride_dvh,
-            stride_dvm, stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh, stride_kpm_b,
-            seqlen_q, seqlen_k, num_heads, group_size,
-            softmax_scale, softcap, window_left, window_right, dropout_p, seed,
-            HEAD_DIM, IS_VARLEN, HAS_BAND, HAS_KPM, HAS_SOFTCAP, HAS_DROPOUT, DOT_PRECISION, ATOMIC_DQ,
-            BLOCK_D, BLOCK_M, BLOCK_N,
-        )
-        return
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
     num_kv_heads = num_heads // group_size
@@ -842,44 +803,56 @@ def _attn_bwd_dkdv_kernel(
     if start_n >= k_len:
         return
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(_head_base(k_ptr, b, kv_head, k_start, stride_kb, stride_kh, stride_km), k_len, stride_km,
-                   start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
-    v = _load_rows(_head_base(v_ptr, b, kv_head, k_start, stride_vb, stride_vh, stride_vm), k_len, stride_vm,
-                   start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
-    kpm_row_ptr = kpm_ptr + tl.cast(b, tl.int64) * stride_kpm_b
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # [lo, hi): the queries whose band reaches these keys. Of their blocks, those whose band
-    # covers every key here (queries first_full.. up to last_end) and below q_len need no
-    # position mask, unless the key block itself crosses k_len: then every tile needs the key boundary.
+    k_base, v_base, kpm_row_ptr = _kv_bases(k_ptr, v_ptr, kpm_ptr, b, kv_head, k_start, stride_kb, stride_kh,
+                                            stride_km, stride_vb, stride_vh, stride_vm, stride_kpm_b)
+    k = _load_rows(k_base, k_len, stride_km, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+    v = _load_rows(v_base, k_len, stride_vm, start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
+    # [lo, hi): the queries whose band reaches these keys.
     lo = 0
     hi = q_len
-    first_full = 0
-    last_end = q_len
     if HAS_BAND:
         lo = tl.maximum(start_n - (k_len - q_len) - window_right, 0) // BLOCK_M * BLOCK_M
         hi = tl.minimum(start_n + BLOCK_N - (k_len - q_len) + window_left, q_len)
-        first_full = start_n + BLOCK_N - 1 - (k_len - q_len) - window_right
-        last_end = tl.minimum(start_n - (k_len - q_len) + window_left + 1, q_len)
-    last_end = tl.where(start_n + BLOCK_N <= k_len, last_end, 0)
-    full_lo, full_hi = _unmasked_blocks(lo, hi, first_full, last_end, BLOCK_M)
-    for g in range(group_size):
-        h = kv_head * group_size + g
-        q_base = _head_base(q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm)
-        dout_base = _head_base(dout_ptr, b, h, q_start, stride_dob, stride_doh, stride_dom)
-        row_offset = tl.cast(b, tl.int64) * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start
-        dq_base = _head_base(dq_ptr, b, h, q_start, stride_dqb, stride_dqh, stride_dqm)
-        for start_m in range(lo, hi, BLOCK_M):
-            masked = True
-            if SPLIT_MASKS:
-                masked = (start_m < full_lo) | (start_m >= full_hi)
-            dk, dv = _attn_bwd_dkdv_tile(
-                dk, dv, k, v, q_base, dout_base, lse_ptr + row_offset, delta_ptr + row_offset, dq_base, kpm_row_ptr,
-                offs_n, start_m, masked, q_len, k_len, stride_qm, stride_dom, stride_dqm, b * num_heads + h,
-                seqlen_k, softmax_scale, softcap, window_left, window_right, dropout_p, seed,
-                HEAD_DIM, HAS_BAND, HAS_KPM, HAS_SOFTCAP, HAS_DROPOUT, DOT_PRECISION, ATOMIC_DQ, BLOCK_D, BLOCK_M,
-                DQ_TRANSPOSED)
+
+    if HEAD_MAJOR:
+        dk_t, dv_t = _attn_bwd_dkdv_head_major(
+            q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, k, v, k_base, kpm_row_ptr,
+            stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
+            stride_lb, stride_lh, stride_km,
+            b, kv_head, q_start, q_len, k_len, start_n, offs_n, lo, hi, num_heads, group_size, seqlen_k,
+            softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+            HEAD_DIM, HAS_BAND, HAS_KPM, HAS_SOFTCAP, HAS_DROPOUT, DOT_PRECISION, ATOMIC_DQ, BLOCK_D, BLOCK_M, BLOCK_N,
+        )
+        dk, dv = tl.trans(dk_t), tl.trans(dv_t)  # the keys back on the rows
+    else:
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        # Of the query blocks, those whose band covers every key here (queries first_full.. up to
+        # last_end) and below q_len need no position mask, unless the key block itself crosses k_len:
+        # then every tile needs the key boundary.
+        first_full = 0
+        last_end = q_len
+        if HAS_BAND:
+            first_full = start_n + BLOCK_N - 1 - (k_len - q_len) - window_right
+            last_end = tl.minimum(start_n - (k_len - q_len) + window_left + 1, q_len)
+        last_end = tl.where(start_n + BLOCK_N <= k_len, last_end, 0)
+        full_lo, full_hi = _unmasked_blocks(lo, hi, first_full, last_end, BLOCK_M)
+        for g in range(group_size):
+            h = kv_head * group_size + g
+            q_base = _head_base(q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm)
+            dout_base = _head_base(dout_ptr, b, h, q_start, stride_dob, stride_doh, stride_dom)
+            row_offset = tl.cast(b, tl.int64) * stride_lb + tl.cast(h, tl.int64) * stride_lh + q_start
+            dq_base = _head_base(dq_ptr, b, h, q_start, stride_dqb, stride_dqh, stride_dqm)
+            for start_m in range(lo, hi, BLOCK_M):
+                masked = True
+                if SPLIT_MASKS:
+                    masked = (start_m < full_lo) | (start_m >= full_hi)
+                dk, dv = _attn_bwd_dkdv_tile(
+                    dk, dv, k, v, q_base, dout_base, lse_ptr + row_offset, delta_ptr + row_offset, dq_base,
+                    kpm_row_ptr, offs_n, start_m, masked, q_len, k_len, stride_qm, stride_dom, stride_dqm,
+                    b * num_heads + h, seqlen_k, softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+                    HEAD_DIM, HAS_BAND, HAS_KPM, HAS_SOFTCAP, HAS_DROPOUT, DOT_PRECISION, ATOMIC_DQ, BLOCK_D,
+                    BLOCK_M, DQ_TRANSPOSED)
     dk = dk * softmax_scale
     _store_rows(_head_base(dk_ptr, b, kv_head, k_start, stride_dkb, stride_dkh, stride_dkm), dk, k_len, stride_dkm,
                 start_n, BLOCK_N, HEAD_DIM, BLOCK_D)
