@@ -179,3 +179,24 @@ def test_head_major_tiles_take_views_tma_cannot_read(backward, device, head_majo
         lambda *t: attention_ref(*t, causal=True),
         [q, k, v], dout, assert_within_tolerance,
     )
+
+
+@pytest.mark.parametrize("backward", list(BACKWARDS))
+def test_head_major_tiles_read_expanded_inputs(backward, device, head_major_tiles, assert_within_tolerance):
+    # Stride 0 where broadcasting leaves it: q and dO shared by the batch (TMA reads the same rows for
+    # each sequence), k and v shared by the batch and by the kv heads, and dO the same at every position.
+    # Rows 0 bytes apart are what TMA cannot read and the launcher copies (_tma_aligned refuses them, see
+    # test_attention_key_blocks.py); the interpreter reads any stride, so here only the results show.
+    generator = torch.Generator().manual_seed(37)
+    cast = lambda t: t.to(device=device, dtype=torch.float16)  # noqa: E731
+    q = cast(_randn(generator, 1, 4, 20, 256)).expand(2, 4, 20, 256)
+    k, v = (cast(_randn(generator, 1, 1, 24, 256)).expand(2, 2, 24, 256) for _ in range(2))  # GQA 2
+    douts = {"batch": cast(_randn(generator, 1, 4, 20, 256)).expand(2, 4, 20, 256),
+             "positions": cast(_randn(generator, 2, 4, 1, 256)).expand(2, 4, 20, 256)}
+    assert q.stride(0) == k.stride(0) == k.stride(1) == douts["positions"].stride(2) == 0
+    for dout in douts.values():
+        _grads_against_reference(
+            lambda *t: flash_attention(*t, causal=True, deterministic=BACKWARDS[backward]),
+            lambda *t: attention_ref(*t, causal=True),
+            [q, k, v], dout, assert_within_tolerance,
+        )
